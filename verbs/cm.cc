@@ -110,7 +110,6 @@ std::string Event::describe() const {
 }
 
 void Id::Destroy::operator()(rdma_cm_id* id) const noexcept {
-  if (id->qp) rdma_destroy_qp(id);
   if (rdma_destroy_id(id) != 0)
     log::warn(std::string("destroying an rdma_cm id failed: ") + std::strerror(errno));
 }
@@ -157,8 +156,8 @@ void Id::resolve_route(EventChannel& channel, std::chrono::milliseconds timeout)
   channel.expect(RDMA_CM_EVENT_ROUTE_RESOLVED, timeout * 2, where());
 }
 
-void Id::create_qp(const ProtectionDomain& pd, CompletionQueue& send_cq, CompletionQueue& recv_cq,
-                   const QueueCaps& caps) {
+QueuePair::QueuePair(Id& id, const ProtectionDomain& pd, CompletionQueue& send_cq,
+                     CompletionQueue& recv_cq, const QueueCaps& caps) {
   ibv_qp_init_attr attr{};
   attr.send_cq = send_cq.get();
   attr.recv_cq = recv_cq.get();
@@ -168,11 +167,12 @@ void Id::create_qp(const ProtectionDomain& pd, CompletionQueue& send_cq, Complet
   attr.cap.max_send_sge = caps.max_send_sge;
   attr.cap.max_recv_sge = caps.max_recv_sge;
   attr.cap.max_inline_data = caps.max_inline_data;
-  if (rdma_create_qp(get(), pd.get(), &attr) != 0) {
+  if (rdma_create_qp(id.get(), pd.get(), &attr) != 0) {
     int err = errno;
-    throw Error(err, "creating the QP of an rdma_cm id (rdma_create_qp)", where(),
+    throw Error(err, "creating the QP of an rdma_cm id (rdma_create_qp)", device_name(pd.context()),
                 memlock_fix(err, 0));
   }
+  id_.reset(id.get());
 }
 
 namespace {

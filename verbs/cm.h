@@ -91,7 +91,6 @@ class Id {
   rdma_cm_id* get() const noexcept { return id_.get(); }
   // The device the id is bound to, once an address is bound or resolved.
   ibv_context* verbs() const noexcept { return id_->verbs; }
-  ibv_qp* qp() const noexcept { return id_->qp; }
   uint16_t local_port() const noexcept;
 
   void bind(const SocketAddress& address);
@@ -100,9 +99,6 @@ class Id {
   void resolve_address(EventChannel& channel, const SocketAddress& destination,
                        std::chrono::milliseconds timeout, const SocketAddress* source = nullptr);
   void resolve_route(EventChannel& channel, std::chrono::milliseconds timeout);
-  // The QP rdma_cm drives through its states on connect and accept.
-  void create_qp(const ProtectionDomain& pd, CompletionQueue& send_cq, CompletionQueue& recv_cq,
-                 const QueueCaps& caps);
   // Starts connecting; ESTABLISHED, REJECTED or UNREACHABLE follows on the channel.
   void connect(const ConnectParams& params);
   void accept(const ConnectParams& params);
@@ -116,6 +112,25 @@ class Id {
   };
   std::string where() const;
 
+  std::unique_ptr<rdma_cm_id, Destroy> id_;
+};
+
+// The RC QP of an id, which rdma_cm drives through its states on connect and accept.
+// Destroy it before its Id, and before the PD and CQs it was made from (declare it
+// after them).
+class QueuePair {
+ public:
+  QueuePair(Id& id, const ProtectionDomain& pd, CompletionQueue& send_cq, CompletionQueue& recv_cq,
+            const QueueCaps& caps);
+
+  ibv_qp* get() const noexcept { return id_->qp; }
+  int post_send(ibv_send_wr* wr, ibv_send_wr** bad) noexcept { return ibv_post_send(get(), wr, bad); }
+  int post_recv(ibv_recv_wr* wr, ibv_recv_wr** bad) noexcept { return ibv_post_recv(get(), wr, bad); }
+
+ private:
+  struct Destroy {
+    void operator()(rdma_cm_id* id) const noexcept { rdma_destroy_qp(id); }
+  };
   std::unique_ptr<rdma_cm_id, Destroy> id_;
 };
 

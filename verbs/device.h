@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace rxio::verbs {
@@ -18,6 +19,13 @@ namespace rxio::verbs {
 class DeviceList {
  public:
   DeviceList();
+  DeviceList(DeviceList&& other) noexcept
+      : devices_(std::move(other.devices_)), size_(std::exchange(other.size_, 0)) {}
+  DeviceList& operator=(DeviceList&& other) noexcept {
+    devices_ = std::move(other.devices_);
+    size_ = std::exchange(other.size_, 0);
+    return *this;
+  }
 
   std::size_t size() const noexcept { return size_; }
   bool empty() const noexcept { return size_ == 0; }
