@@ -51,15 +51,15 @@ TEST(RdmaCm, ConnectAcceptWithPrivateDataAcrossTheVethPair) {
   listener.listen(8);
   ASSERT_NE(listener.local_port(), 0);
   auto server_address = verbs::cm::SocketAddress::parse(cm_address_a(), listener.local_port());
+  auto client_source = verbs::cm::SocketAddress::parse(cm_address_b(), 0);
 
   verbs::cm::EventChannel client_events;
   verbs::cm::Id client(client_events);
-  client.resolve_address(client_events, server_address, kTimeout);
+  // Bound to B's address, the client goes out through B's device: two "hosts".
+  client.resolve_address(client_events, server_address, kTimeout, &client_source);
   client.resolve_route(client_events, kTimeout);
   ASSERT_NE(client.verbs(), nullptr);
-  // Both addresses are local to the guest, so the route, and with it the device, is the
-  // one that owns the destination address.
-  EXPECT_EQ(verbs::device_name(client.verbs()), cm_device_a());
+  EXPECT_EQ(verbs::device_name(client.verbs()), cm_device_b());
   CmSide client_side(client);
   client.connect({.private_data = bytes("hello from the client")});
 
@@ -121,7 +121,9 @@ TEST(RdmaCm, ConnectingWhereNobodyListensIsRefused) {
   }
   verbs::cm::EventChannel events;
   verbs::cm::Id client(events);
-  client.resolve_address(events, verbs::cm::SocketAddress::parse(cm_address_a(), port), kTimeout);
+  auto source = verbs::cm::SocketAddress::parse(cm_address_b(), 0);
+  client.resolve_address(events, verbs::cm::SocketAddress::parse(cm_address_a(), port), kTimeout,
+                         &source);
   client.resolve_route(events, kTimeout);
   CmSide side(client);
   client.connect({});
@@ -144,15 +146,18 @@ TEST(RdmaCm, RejectCarriesPrivateData) {
 
   verbs::cm::EventChannel client_events;
   verbs::cm::Id client(client_events);
+  auto source = verbs::cm::SocketAddress::parse(cm_address_a(), 0);
   client.resolve_address(client_events,
                          verbs::cm::SocketAddress::parse(cm_address_b(), listener.local_port()),
-                         kTimeout);
+                         kTimeout, &source);
   client.resolve_route(client_events, kTimeout);
   CmSide side(client);
   client.connect({.private_data = bytes("may I?")});
 
   verbs::cm::Event request = server_events.expect(RDMA_CM_EVENT_CONNECT_REQUEST, kTimeout, "client");
   verbs::cm::Id refused = verbs::cm::Id::adopt(request.id());
+  EXPECT_EQ(verbs::device_name(refused.verbs()), cm_device_b());
+  EXPECT_EQ(verbs::device_name(client.verbs()), cm_device_a());
   refused.reject(bytes("policy says no"));
 
   auto answer = client_events.next(kTimeout);

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Run one command inside a QEMU guest (Debian's kernel, TCG) that has Soft-RoCE
 # (rdma_rxe) devices, with the host's root filesystem shared over 9p.
-# See /work/shared/notes/softroce-vm.md (the recipe) and usage() below.
+# See docs/testing.md (the guest and why it exists) and usage() below.
 set -euo pipefail
 
 usage() {
@@ -219,6 +219,10 @@ if [[ ! -s $initrd ]]; then
 	fi
 	# Atomic: concurrent runs each build their own and the last rename wins.
 	mv -f "$tmp_initrd" "$initrd"
+	# Prune builds for old inputs; only old ones, as a concurrent run may be about
+	# to boot from one.
+	find "$cache" -maxdepth 1 \( -name 'initramfs-*.cpio.gz' -o -name 'stage.*' \) \
+		! -name "${initrd##*/}" -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
 fi
 
 # --- run --------------------------------------------------------------------------
@@ -289,7 +293,9 @@ qemu=(
 
 print_console() {
 	echo "$prog: ---- guest console ($1) ----" >&2
-	tail -n 200 "$run/console.log" >&2 2>/dev/null || true
+	# Without SeaBIOS's terminal resets and clears (ESC c, ESC [2J), and CRs.
+	tail -n 200 "$run/console.log" 2>/dev/null |
+		sed -e $'s/\e\\[[0-9;?]*[A-Za-z]//g' -e $'s/\ec//g' -e $'s/\r//g' >&2 || true
 	echo "$prog: ---- end of guest console ----" >&2
 }
 

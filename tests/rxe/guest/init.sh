@@ -29,8 +29,11 @@ finish() {
 }
 
 step() {
-	local name=$1 out
+	local name=$1 out up
 	shift
+	# Progress with guest uptime on the serial console (shown when something fails).
+	read -r up _ </proc/uptime
+	echo "rxio-guest: [$up] $name" >/dev/console
 	if ! out=$("$@" 2>&1); then
 		echo "$name" >"$run/setup-failed"
 		printf 'rxio-guest: set-up step failed: %s\n  command: %s\n%s\n' \
@@ -56,6 +59,7 @@ wait_active() {
 	done
 }
 
+hostname rxio-guest 2>/dev/null
 step "load the RDMA modules" modprobe -a rdma_rxe ib_uverbs rdma_ucm
 ulimit -l unlimited
 step "bring lo up" ip link set lo up
@@ -67,6 +71,22 @@ step "address v1" ip addr add 192.0.2.1/24 dev v1
 step "address v2" ip addr add 198.51.100.1/24 dev v2
 step "bring v1 up" ip link set v1 up
 step "bring v2 up" ip link set v2 up
+# Both addresses are local, so by default traffic between them goes through lo and
+# rdma_cm keeps both ends on one device, or (client bound to the other address)
+# fails: ARP drops local sources (ADDR_ERROR -110) and the passive side's route
+# check (oif v1 back to 198.51.100.1) finds no route (REJ, consumer defined). Route
+# device-bound lookups between the two addresses over the veth, accept the local
+# sources, and leave unbound traffic (TCP) on lo.
+veth_routes() {
+	sysctl -qw net.ipv4.conf.all.accept_local=1 &&
+		ip rule add pref 1000 lookup local &&
+		ip rule del pref 0 &&
+		ip rule add pref 100 from 192.0.2.1 to 198.51.100.1 oif v1 lookup 100 &&
+		ip rule add pref 101 from 198.51.100.1 to 192.0.2.1 oif v2 lookup 100 &&
+		ip route add 198.51.100.1 dev v1 table 100 &&
+		ip route add 192.0.2.1 dev v2 table 100
+}
+step "route between the veth addresses over the veth" veth_routes
 step "add rxe1 on v1" rdma link add rxe1 type rxe netdev v1
 step "add rxe2 on v2" rdma link add rxe2 type rxe netdev v2
 step "wait for the rxe ports to be ACTIVE" wait_active rxe0 rxe1 rxe2
@@ -76,6 +96,8 @@ export RXIO_RXE_DEV=rxe0
 export RXIO_RXE_CM_DEV_A=rxe1 RXIO_RXE_CM_ADDR_A=192.0.2.1
 export RXIO_RXE_CM_DEV_B=rxe2 RXIO_RXE_CM_ADDR_B=198.51.100.1
 
+read -r up _ </proc/uptime
+echo "rxio-guest: [$up] set-up done, running the command" >/dev/console
 if [[ $mode == shell ]]; then
 	# A real tty (not /dev/console) so that the shell gets job control and ^C.
 	setsid -c -w bash "$run/cmd.sh" <>/dev/ttyS0 >&0 2>&0
