@@ -49,6 +49,8 @@ class Listener {
   ~Listener();
 
   uint16_t port() const noexcept;
+  // The listening socket, for polling: readable means accept() will not wait.
+  int native_fd() const noexcept;
   // The next connection, within `timeout`.
   Channel accept(std::chrono::milliseconds timeout);
 
