@@ -1,0 +1,103 @@
+#include "base/config.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cstdlib>
+
+#include "base/error.h"
+
+namespace rxio::config {
+namespace {
+
+// Kept sorted by name.
+const std::vector<Knob> kKnobs = {
+    {"RXIO_CONNECT_TIMEOUT_MS", "milliseconds", "10000",
+     "How long connecting (bootstrap and the link's set-up) may take before it fails."},
+    {"RXIO_EAGER_LIMIT", "bytes", "0",
+     "Largest message sent through the ring; larger ones go by rendezvous (RDMA READ "
+     "straight into the receiver's buffer). 0: the slot payload (RXIO_SLOT_SIZE - 16)."},
+    {"RXIO_PEER_TIMEOUT_MS", "milliseconds", "10000",
+     "How long a blocking call waits without any progress before it fails with ETIMEDOUT."},
+    {"RXIO_POLL_US", "microseconds", "50",
+     "Busy-poll this long before blocking on the completion channel."},
+    {"RXIO_QP_RETRY_COUNT", "count", "7",
+     "RC retries before a silent peer fails the link (with RXIO_QP_TIMEOUT)."},
+    {"RXIO_QP_TIMEOUT", "count", "14",
+     "RC ack timeout exponent: 4.096 us * 2^N per try (14 is about 67 ms)."},
+    {"RXIO_RING_SLOTS", "count", "16",
+     "Slots in each connection's receive ring: the credits a sender starts with."},
+    {"RXIO_SLOT_SIZE", "bytes", "8K",
+     "Bytes per ring slot, 16-byte header included."},
+};
+
+const Knob* find(std::string_view name) {
+  for (const auto& knob : kKnobs)
+    if (knob.name == name) return &knob;
+  return nullptr;
+}
+
+const Knob& require(std::string_view name) {
+  if (const Knob* knob = find(name)) return *knob;
+  throw Error(EINVAL, "reading unknown setting " + std::string(name));
+}
+
+[[noreturn]] void bad_value(const Knob& knob, const std::string& text) {
+  throw Error(EINVAL, "reading " + std::string(knob.name) + "='" + text + "'", {},
+              "expected " + std::string(knob.type) + "; unset it for the default " +
+                  std::string(knob.default_text));
+}
+
+}  // namespace
+
+const std::vector<Knob>& knobs() { return kKnobs; }
+
+Setting setting(std::string_view name) {
+  const Knob& knob = require(name);
+  const char* value = std::getenv(std::string(name).c_str());
+  if (value && *value) return {value, "environment"};
+  return {std::string(knob.default_text), "default"};
+}
+
+bool parse_count(std::string_view text, uint64_t& out) {
+  if (text.empty()) return false;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), out);
+  return ec == std::errc() && end == text.data() + text.size();
+}
+
+bool parse_bytes(std::string_view text, uint64_t& out) {
+  std::size_t digits = 0;
+  while (digits < text.size() && text[digits] >= '0' && text[digits] <= '9') ++digits;
+  uint64_t number = 0;
+  if (!parse_count(text.substr(0, digits), number)) return false;
+  std::string_view unit = text.substr(digits);
+  int shift = 0;
+  if (unit.empty() || unit == "B") shift = 0;
+  else if (unit == "K" || unit == "KiB" || unit == "k") shift = 10;
+  else if (unit == "M" || unit == "MiB") shift = 20;
+  else if (unit == "G" || unit == "GiB") shift = 30;
+  else return false;
+  if (number > (UINT64_MAX >> shift)) return false;
+  out = number << shift;
+  return true;
+}
+
+uint64_t get_count(std::string_view name) {
+  const Knob& knob = require(name);
+  Setting s = setting(name);
+  uint64_t value = 0;
+  if (!parse_count(s.text, value)) bad_value(knob, s.text);
+  return value;
+}
+
+uint64_t get_bytes(std::string_view name) {
+  const Knob& knob = require(name);
+  Setting s = setting(name);
+  uint64_t value = 0;
+  if (!parse_bytes(s.text, value)) bad_value(knob, s.text);
+  return value;
+}
+
+std::string get_string(std::string_view name) { return setting(name).text; }
+
+}  // namespace rxio::config

@@ -1,0 +1,554 @@
+// The data path: slots, credits, tag matching, rendezvous, one-sided operations and
+// progress. Nothing here allocates, locks or throws; failures become statuses.
+#include <arpa/inet.h>
+#include <poll.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "transport/link.h"
+
+namespace rxio::transport {
+namespace {
+
+bool matches(uint64_t wanted, uint64_t tag) { return wanted == kAnyTag || wanted == tag; }
+
+// Sends stay below this many outstanding work requests, so that credit returns, reads
+// and writes always find room.
+constexpr uint32_t kSendQueueReserve = 16;
+
+}  // namespace
+
+// ---- posting -----------------------------------------------------------------------
+
+void Link::push(RequestList& list, Request& r) noexcept {
+  r.next_ = nullptr;
+  if (list.tail) list.tail->next_ = &r;
+  else list.head = &r;
+  list.tail = &r;
+}
+
+Request* Link::pop(RequestList& list) noexcept {
+  Request* r = list.head;
+  if (r) {
+    list.head = r->next_;
+    if (!list.head) list.tail = nullptr;
+    r->next_ = nullptr;
+  }
+  return r;
+}
+
+void Link::complete(Request& r, Status status, std::size_t bytes) noexcept {
+  r.bytes_ = bytes;
+  r.status_ = status;
+}
+
+
+uint32_t Link::eager_limit(const Connection::Ring& r, uint32_t configured) noexcept {
+  return std::min<uint32_t>(configured, r.peer.slot_size - wire::kSlotHeaderSize);
+}
+
+bool Link::can_post_slot(Connection& c) const noexcept {
+  return !error && c.established_ && c.ring_->send.credits() > 0 &&
+         sq_used + kSendQueueReserve < sq_depth && staging_next - staging_done < staging_slots;
+}
+
+void Link::post_slot(Connection& c, wire::SlotKind kind, uint64_t tag,
+                     std::span<const std::byte> payload) noexcept {
+  Connection::Ring& r = *c.ring_;
+  const uint32_t stage_size = engine.options.slot_size;
+  std::byte* stage = staging.data() + std::size_t(staging_next % staging_slots) * stage_size;
+  wire::encode(wire::SlotHeader{kind, static_cast<uint32_t>(payload.size()), tag}, stage);
+  if (!payload.empty()) std::memcpy(stage + wire::kSlotHeaderSize, payload.data(), payload.size());
+  const uint32_t length = static_cast<uint32_t>(wire::kSlotHeaderSize + payload.size());
+  const uint32_t slot = r.send.take();
+
+  ibv_sge sge{reinterpret_cast<uint64_t>(stage), length, staging_mr->lkey()};
+  ibv_send_wr wr{};
+  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrSlot;
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+  wr.send_flags = IBV_SEND_SIGNALED | (length <= max_inline ? IBV_SEND_INLINE : 0);
+  wr.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::slot, c.peer_id_, 0}));
+  wr.wr.rdma.remote_addr = r.peer.address + uint64_t(slot) * r.peer.slot_size;
+  wr.wr.rdma.rkey = r.peer.rkey;
+  ibv_send_wr* bad = nullptr;
+  if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
+    fail(rc, std::string("posting a write failed: ") + std::strerror(rc));
+    return;
+  }
+  ++sq_used;
+  ++staging_next;
+}
+
+void Link::return_credits(Connection& c, bool force) noexcept {
+  Connection::Ring& r = *c.ring_;
+  uint32_t threshold = std::max<uint32_t>(1, r.recv.slots() / 2);
+  if (error || r.recv.unreturned() == 0 || (!force && r.recv.unreturned() < threshold)) return;
+  if (sq_used >= sq_depth) {
+    mark_waiting(c);  // retried when the send queue drains
+    return;
+  }
+  uint32_t count = r.recv.take_unreturned(255);
+  ibv_send_wr wr{};
+  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrCredit;
+  wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+  wr.send_flags = IBV_SEND_SIGNALED;
+  wr.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::credit, c.peer_id_, static_cast<uint8_t>(count)}));
+  wr.wr.rdma.remote_addr = r.peer.address;
+  wr.wr.rdma.rkey = r.peer.rkey;
+  ibv_send_wr* bad = nullptr;
+  if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
+    fail(rc, std::string("returning credits failed: ") + std::strerror(rc));
+    return;
+  }
+  ++sq_used;
+}
+
+void Link::post_request(Request& q) noexcept {
+  if (error) {
+    Link::complete(q, Status::failed, 0);
+    return;
+  }
+  if (sq_used >= sq_depth) {
+    Link::push(deferred, q);
+    return;
+  }
+  try {
+    const auto& mr = engine.cache->get(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE);
+    ibv_sge sge{reinterpret_cast<uint64_t>(q.buffer_), static_cast<uint32_t>(q.capacity_), mr.lkey()};
+    ibv_send_wr wr{};
+    wr.wr_id = reinterpret_cast<uint64_t>(&q) | kWrRequest;
+    wr.sg_list = &sge;
+    wr.num_sge = q.capacity_ ? 1 : 0;
+    wr.opcode = q.op_ == Request::Op::write ? IBV_WR_RDMA_WRITE : IBV_WR_RDMA_READ;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    wr.wr.rdma.remote_addr = q.rndv_.address;
+    wr.wr.rdma.rkey = q.rndv_.rkey;
+    ibv_send_wr* bad = nullptr;
+    if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
+      fail(rc, std::string("posting an RDMA operation failed: ") + std::strerror(rc));
+      Link::complete(q, Status::failed, 0);
+      return;
+    }
+    ++sq_used;
+  } catch (const std::exception& e) {
+    // Registration failed (the message says why, e.g. the memlock limit).
+    q.connection_->error_text_ = e.what();
+    Link::complete(q, Status::failed, 0);
+    if (q.op_ == Request::Op::recv) {  // the sender still waits for its answer
+      q.connection_->ring_->done_to_send.push(q.rndv_id_ | 0x80000000u);
+      mark_waiting(*q.connection_);
+    }
+  }
+}
+
+void Link::mark_waiting(Connection& c) noexcept {
+  if (c.ring_->waiting) return;
+  c.ring_->waiting = true;
+  waiting.push_back(&c);
+}
+
+void Link::drain(Connection& c) noexcept {
+  Connection::Ring& r = *c.ring_;
+  if (c.id_ == 0) {
+    while (!replies_to_send.empty() && can_post_slot(c)) {
+      std::array<std::byte, wire::kConnectReplySize> payload;
+      wire::encode(replies_to_send.back(), payload.data());
+      replies_to_send.pop_back();
+      post_slot(c, wire::SlotKind::accept, 0, payload);
+    }
+  }
+  while (!r.done_to_send.empty() && can_post_slot(c)) {
+    uint32_t raw = r.done_to_send.front();
+    r.done_to_send.pop();
+    std::array<std::byte, wire::kRndvDoneSize> payload;
+    wire::encode(wire::RndvDone{raw & 0x7fffffffu, raw >> 31}, payload.data());
+    post_slot(c, wire::SlotKind::rndv_done, 0, payload);
+  }
+  const uint32_t limit = eager_limit(r, engine.options.eager_limit);
+  while (!r.sends.empty() && can_post_slot(c)) {
+    Request& q = *r.sends.head;
+    if (q.capacity_ <= limit) {
+      post_slot(c, wire::SlotKind::eager, q.tag_, {q.buffer_, q.capacity_});
+      Link::pop(r.sends);
+      Link::complete(q, Status::ok, q.capacity_);
+      continue;
+    }
+    auto free_id = std::find(r.rndv_sends.begin(), r.rndv_sends.end(), nullptr);
+    if (free_id == r.rndv_sends.end()) break;  // as many rendezvous in flight as slots
+    uint32_t id = static_cast<uint32_t>(free_id - r.rndv_sends.begin());
+    try {
+      const auto& mr = engine.cache->get(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ);
+      std::array<std::byte, wire::kRndvRequestSize> payload;
+      wire::encode(wire::RndvRequest{reinterpret_cast<uint64_t>(q.buffer_), q.capacity_, mr.rkey(), id},
+                   payload.data());
+      Link::pop(r.sends);
+      *free_id = &q;
+      post_slot(c, wire::SlotKind::rndv_request, q.tag_, payload);
+    } catch (const std::exception& e) {
+      Link::pop(r.sends);
+      c.error_text_ = e.what();
+      Link::complete(q, Status::failed, 0);
+    }
+  }
+  if (r.close_to_send && r.sends.empty() && r.done_to_send.empty() && can_post_slot(c)) {
+    r.close_to_send = false;
+    post_slot(c, wire::SlotKind::close, 0, {});
+  }
+  return_credits(c, false);
+  bool more = !r.sends.empty() || !r.done_to_send.empty() || r.close_to_send ||
+              (c.id_ == 0 && !replies_to_send.empty());
+  if (more && !error) mark_waiting(c);
+}
+
+void Link::drain_waiting() noexcept {
+  while (Request* q = (sq_used < sq_depth ? Link::pop(deferred) : nullptr)) post_request(*q);
+  // Connections drained now may list themselves again; take the current list only.
+  std::size_t n = waiting.size();
+  for (std::size_t i = 0; i < n; ++i) waiting[i]->ring_->waiting = false;
+  for (std::size_t i = 0; i < n; ++i) drain(*waiting[i]);
+  waiting.erase(waiting.begin(), waiting.begin() + static_cast<std::ptrdiff_t>(n));
+}
+
+// ---- arrivals ----------------------------------------------------------------------
+
+void Link::deliver(Connection& c, uint64_t seq, const wire::SlotHeader& header, Request& q) noexcept {
+  Connection::Ring& r = *c.ring_;
+  const std::byte* payload = r.slot(seq) + wire::kSlotHeaderSize;
+  q.tag_ = header.tag;
+  if (header.kind == wire::SlotKind::eager) {
+    std::size_t n = std::min<std::size_t>(header.length, q.capacity_);
+    std::memcpy(q.buffer_, payload, n);
+    r.recv.release(seq);
+    Link::complete(q, header.length > q.capacity_ ? Status::truncated : Status::ok, header.length);
+    return;
+  }
+  wire::Fault fault{};
+  auto rndv = wire::decode_rndv_request({payload, header.length}, fault);
+  r.recv.release(seq);
+  if (!rndv) {
+    Link::complete(q, Status::failed, 0);
+    count_fault(fault, "a rendezvous request");
+    return;
+  }
+  q.rndv_ = *rndv;
+  q.rndv_id_ = rndv->id;
+  q.bytes_ = rndv->size;
+  // Read what fits; a larger message leaves the buffer holding its start (truncated).
+  q.capacity_ = std::min<std::size_t>(q.capacity_, rndv->size);
+  post_request(q);
+}
+
+void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte> payload) noexcept {
+  wire::Fault fault{};
+  if (header.kind == wire::SlotKind::connect) {
+    auto request = wire::decode_connect_request(payload, fault);
+    if (!request) return count_fault(fault, "a connect request");
+    try {
+      Connection& c = add_connection();
+      c.peer_id_ = request->connection;
+      c.ring_->peer = request->ring;
+      c.ring_->send = SendRing(request->ring.slots);
+      c.established_ = true;
+      replies_to_send.push_back({c.id_, request->connection, c.ring_->info()});
+      engine.accepted.push_back(&c);
+      mark_waiting(control());
+    } catch (const std::exception& e) {
+      fail(ENOMEM, std::string("accepting a connection: ") + e.what());
+    }
+    return;
+  }
+  if (header.kind == wire::SlotKind::accept) {
+    auto reply = wire::decode_connect_reply(payload, fault);
+    if (!reply) return count_fault(fault, "a connect reply");
+    if (reply->peer_connection == 0 || reply->peer_connection >= connections.size() ||
+        connections[reply->peer_connection]->established_)
+      return count_fault(wire::Fault::bad_connection, "a connect reply");
+    Connection& c = *connections[reply->peer_connection];
+    c.peer_id_ = reply->connection;
+    c.ring_->peer = reply->ring;
+    c.ring_->send = SendRing(reply->ring.slots);
+    c.established_ = true;
+    return;
+  }
+  count_fault(wire::Fault::bad_kind, "the control connection");
+}
+
+void Link::on_arrival(const ibv_wc& wc) noexcept {
+  ibv_recv_wr wr{};
+  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrReceive;
+  ibv_recv_wr* bad = nullptr;
+  if (int rc = ibv_post_recv(raw_qp, &wr, &bad); rc != 0)
+    return fail(rc, std::string("re-posting a receive failed: ") + std::strerror(rc));
+
+  wire::Fault fault{};
+  auto imm = wire::decode_imm(ntohl(wc.imm_data), fault);
+  if (!imm) return count_fault(fault, "immediate data");
+  if (imm->connection >= connections.size()) return count_fault(wire::Fault::bad_connection, "immediate data");
+  Connection& c = *connections[imm->connection];
+  Connection::Ring& r = *c.ring_;
+  if (imm->type == wire::ImmType::credit) {
+    if (!r.send.give_back(imm->count)) return count_fault(wire::Fault::credit_overflow, "a credit return");
+    mark_waiting(c);
+    return;
+  }
+  uint64_t seq = 0;
+  if (!r.recv.arrive(seq)) return count_fault(wire::Fault::ring_overflow, "a slot write");
+  auto header = wire::decode_slot_header({r.slot(seq), r.slot_size}, r.slot_size - wire::kSlotHeaderSize, fault);
+  if (!header) return count_fault(fault, "a slot header");
+  std::span<const std::byte> payload{r.slot(seq) + wire::kSlotHeaderSize, header->length};
+
+  if (c.id_ == 0) {
+    on_control(*header, payload);
+    r.recv.release(seq);
+    return_credits(c, false);
+    return;
+  }
+  switch (header->kind) {
+    case wire::SlotKind::eager:
+    case wire::SlotKind::rndv_request: {
+      Request* prev = nullptr;
+      for (Request* q = r.posted.head; q; prev = q, q = q->next_) {
+        if (!matches(q->tag_, header->tag)) continue;
+        if (prev) prev->next_ = q->next_;
+        else r.posted.head = q->next_;
+        if (r.posted.tail == q) r.posted.tail = prev;
+        q->next_ = nullptr;
+        deliver(c, seq, *header, *q);
+        return_credits(c, false);
+        return;
+      }
+      r.unexpected.push(seq);
+      return;
+    }
+    case wire::SlotKind::stream:
+      r.stream.push(seq);
+      return;
+    case wire::SlotKind::rndv_done: {
+      auto done = wire::decode_rndv_done(payload, fault);
+      r.recv.release(seq);
+      if (!done) return count_fault(fault, "a rendezvous answer");
+      if (done->id >= r.rndv_sends.size() || !r.rndv_sends[done->id])
+        return count_fault(wire::Fault::bad_rendezvous, "a rendezvous answer");
+      Request& q = *std::exchange(r.rndv_sends[done->id], nullptr);
+      Link::complete(q, done->status == 0 ? Status::ok : Status::failed, q.capacity_);
+      mark_waiting(c);  // a rendezvous id is free again
+      return_credits(c, false);
+      return;
+    }
+    case wire::SlotKind::close:
+      r.recv.release(seq);
+      c.peer_closed_ = true;
+      // Anything sent before the close has been matched already: what still waits
+      // will never be matched.
+      while (Request* q = Link::pop(r.posted)) Link::complete(*q, Status::closed, 0);
+      return_credits(c, false);
+      return;
+    default:
+      count_fault(wire::Fault::bad_kind, "a data connection");
+  }
+}
+
+void Link::on_send_completion(const ibv_wc& wc) noexcept {
+  --sq_used;
+  if ((wc.wr_id & kWrKindMask) == kWrSlot) ++staging_done;
+}
+
+void Link::on_request_completion(Request& request) noexcept {
+  --sq_used;
+  Connection& c = *request.connection_;
+  if (request.op_ == Request::Op::recv) {  // a rendezvous read finished
+    c.ring_->done_to_send.push(request.rndv_id_);
+    mark_waiting(c);
+    Link::complete(request, request.bytes_ > request.capacity_ ? Status::truncated : Status::ok, request.bytes_);
+  } else {
+    Link::complete(request, Status::ok, request.capacity_);
+  }
+}
+
+void Link::on_failed_completion(const ibv_wc& wc, Request* request) noexcept {
+  if ((wc.wr_id & kWrKindMask) != kWrReceive) --sq_used;
+  if (request) Link::complete(*request, Status::failed, 0);
+  fail(EIO, std::string("a work request completed with ") + ibv_wc_status_str(wc.status) + " (vendor error " +
+                std::to_string(wc.vendor_err) + ")");
+}
+
+// ---- progress ----------------------------------------------------------------------
+
+int Engine::Impl::progress() noexcept {
+  ibv_wc wcs[32];
+  int n = cq->poll(wcs);
+  if (n < 0) n = 0;
+  for (int i = 0; i < n; ++i) {
+    const ibv_wc& wc = wcs[i];
+    const uint64_t kind = wc.wr_id & kWrKindMask;
+    Request* request = kind == kWrRequest ? reinterpret_cast<Request*>(wc.wr_id) : nullptr;
+    Link& link = request ? Link::of(*request) : *reinterpret_cast<Link*>(wc.wr_id & ~kWrKindMask);
+    if (wc.status != IBV_WC_SUCCESS) {
+      link.on_failed_completion(wc, request);
+      continue;
+    }
+    if (kind == kWrReceive) link.on_arrival(wc);
+    else if (request) link.on_request_completion(*request);
+    else link.on_send_completion(wc);
+  }
+  for (auto& link : links)
+    if (!link->waiting.empty() || !link->deferred.empty()) link->drain_waiting();
+  return n;
+}
+
+void Engine::Impl::block(std::chrono::milliseconds timeout) noexcept {
+  if (cq->arm() != 0 || progress() > 0) return;
+  int ready = ::poll(poll_fds.data(), poll_fds.size(), static_cast<int>(timeout.count()));
+  if (ready <= 0) return;
+  if (poll_fds[0].revents) cq->wait(std::chrono::milliseconds(0));
+  for (std::size_t i = 1; i < poll_fds.size(); ++i)
+    if (poll_fds[i].revents) links[i - 1]->check_liveness();
+}
+
+int Engine::progress() noexcept { return impl_->progress(); }
+
+Status Engine::wait(Request& request, std::chrono::milliseconds timeout) noexcept {
+  Impl& e = *impl_;
+  auto start = std::chrono::steady_clock::now();
+  auto deadline = start + timeout;
+  auto spin_until = start + e.options.poll_time;
+  while (!request.done()) {
+    if (e.progress() > 0) {
+      spin_until = std::chrono::steady_clock::now() + e.options.poll_time;
+      continue;
+    }
+    auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) return Status::timed_out;
+    if (now < spin_until) continue;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now);
+    e.block(std::clamp(left, std::chrono::milliseconds(1), std::chrono::milliseconds(100)));
+  }
+  return request.status();
+}
+
+// ---- the connection API ------------------------------------------------------------
+
+Status Connection::send(std::span<const std::byte> data, uint64_t tag, Request& q) noexcept {
+  q = Request{};
+  if (error_) return q.status_ = Status::failed;
+  if (closed_) return q.status_ = Status::closed;
+  q.op_ = Request::Op::send;
+  q.tag_ = tag;
+  q.buffer_ = const_cast<std::byte*>(data.data());  // only read from
+  q.capacity_ = data.size();
+  q.connection_ = this;
+  q.status_ = Status::pending;
+  Ring& r = *ring_;
+  if (r.sends.empty() && data.size() <= Link::eager_limit(r, link_->engine.options.eager_limit) &&
+      link_->can_post_slot(*this)) {
+    link_->post_slot(*this, wire::SlotKind::eager, tag, data);
+    Link::complete(q, error_ ? Status::failed : Status::ok, data.size());
+    return q.status_;
+  }
+  Link::push(r.sends, q);
+  link_->drain(*this);
+  return q.status_;
+}
+
+Status Connection::recv(std::span<std::byte> buffer, uint64_t tag, Request& q) noexcept {
+  q = Request{};
+  if (error_) return q.status_ = Status::failed;
+  q.op_ = Request::Op::recv;
+  q.tag_ = tag;
+  q.buffer_ = buffer.data();
+  q.capacity_ = buffer.size();
+  q.connection_ = this;
+  q.status_ = Status::pending;
+  Ring& r = *ring_;
+  for (std::size_t i = 0; i < r.unexpected.size(); ++i) {
+    uint64_t seq = r.unexpected.at(i);
+    wire::Fault fault{};
+    auto header = wire::decode_slot_header({r.slot(seq), r.slot_size}, r.slot_size - wire::kSlotHeaderSize, fault);
+    if (!header || !matches(tag, header->tag)) continue;
+    r.unexpected.erase(i);
+    link_->deliver(*this, seq, *header, q);
+    link_->return_credits(*this, false);
+    return q.status_;
+  }
+  if (peer_closed_) return q.status_ = Status::closed;
+  Link::push(r.posted, q);
+  return q.status_;
+}
+
+std::size_t Connection::stream_write(std::span<const std::byte> data) noexcept {
+  if (error_ || closed_) return 0;
+  const uint32_t limit = Link::eager_limit(*ring_, link_->engine.options.eager_limit);
+  std::size_t sent = 0;
+  while (sent < data.size() && link_->can_post_slot(*this)) {
+    std::size_t n = std::min<std::size_t>(limit, data.size() - sent);
+    link_->post_slot(*this, wire::SlotKind::stream, 0, data.subspan(sent, n));
+    sent += n;
+  }
+  return sent;
+}
+
+std::size_t Connection::stream_read(std::span<std::byte> buffer) noexcept {
+  Ring& r = *ring_;
+  std::size_t copied = 0;
+  while (copied < buffer.size() && !r.stream.empty()) {
+    uint64_t seq = r.stream.front();
+    wire::Fault fault{};
+    auto header = wire::decode_slot_header({r.slot(seq), r.slot_size}, r.slot_size - wire::kSlotHeaderSize, fault);
+    std::size_t length = header ? header->length : 0;
+    std::size_t n = std::min(length - r.stream_offset, buffer.size() - copied);
+    std::memcpy(buffer.data() + copied, r.slot(seq) + wire::kSlotHeaderSize + r.stream_offset, n);
+    copied += n;
+    r.stream_offset += n;
+    if (r.stream_offset == length) {
+      r.stream.pop();
+      r.stream_offset = 0;
+      r.recv.release(seq);
+    }
+  }
+  if (copied) link_->return_credits(*this, false);
+  return copied;
+}
+
+bool Connection::stream_closed() const noexcept { return peer_closed_ && ring_->stream.empty(); }
+
+Status Connection::write(std::span<const std::byte> local, const RemoteRegion& remote, uint64_t offset,
+                         Request& q) noexcept {
+  q = Request{};
+  if (error_) return q.status_ = Status::failed;
+  if (offset > remote.length || local.size() > remote.length - offset) return q.status_ = Status::truncated;
+  q.op_ = Request::Op::write;
+  q.buffer_ = const_cast<std::byte*>(local.data());
+  q.capacity_ = local.size();
+  q.connection_ = this;
+  q.rndv_ = wire::RndvRequest{remote.address + offset, local.size(), remote.rkey, 0};
+  q.status_ = Status::pending;
+  link_->post_request(q);
+  return q.status_;
+}
+
+Status Connection::read(std::span<std::byte> local, const RemoteRegion& remote, uint64_t offset,
+                        Request& q) noexcept {
+  q = Request{};
+  if (error_) return q.status_ = Status::failed;
+  if (offset > remote.length || local.size() > remote.length - offset) return q.status_ = Status::truncated;
+  q.op_ = Request::Op::read;
+  q.buffer_ = local.data();
+  q.capacity_ = local.size();
+  q.connection_ = this;
+  q.rndv_ = wire::RndvRequest{remote.address + offset, local.size(), remote.rkey, 0};
+  q.status_ = Status::pending;
+  link_->post_request(q);
+  return q.status_;
+}
+
+void Connection::close() noexcept {
+  if (closed_ || error_) return;
+  closed_ = true;
+  ring_->close_to_send = true;
+  link_->drain(*this);
+}
+
+}  // namespace rxio::transport

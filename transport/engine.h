@@ -1,0 +1,198 @@
+// The transport engine: ordered, reliable connections between processes over RDMA.
+//
+// Threading model: an Engine and everything made from it belong to one thread at a
+// time (as a NCCL communicator does); nothing inside takes a lock. Progress happens
+// only inside calls on the engine (progress(), wait(), the blocking helpers): there is
+// no background thread, and never a thread per connection. Busy-polling lasts
+// RXIO_POLL_US, then a waiting call sleeps on the completion channel and on each
+// link's liveness fd, so an idle process costs nothing.
+//
+// Links, not QPs per connection: every connection between the same two engines shares
+// one RC QP (the link). Each connection has a receive ring in registered memory on
+// each side; the sender RDMA-writes a slot with immediate data and spends a credit, the
+// receiver returns credits as the application consumes slots. Messages over the eager
+// limit go by rendezvous: the receiver RDMA-READs them straight into the posted buffer.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "transport/wire.h"
+
+namespace rxio::transport {
+
+class Connection;
+class Link;
+
+// Outcome of an operation. Data paths return these instead of throwing.
+enum class Status : uint8_t {
+  ok,
+  pending,    // started; completes in progress()/wait()
+  truncated,  // the message was larger than the receive buffer (the buffer holds its start)
+  closed,     // the peer closed the connection: no more messages will come
+  failed,     // the link or connection failed; Connection::error() says why
+  timed_out,  // a blocking call's time ran out with nothing lost
+};
+const char* to_string(Status status);
+
+inline constexpr uint64_t kAnyTag = ~uint64_t{0};
+
+// One send, receive, read or write in flight. Owned by the caller and left in place
+// until done(): the engine links it into its queues instead of allocating.
+class Request {
+ public:
+  bool done() const noexcept { return status_ != Status::pending; }
+  Status status() const noexcept { return status_; }
+  std::size_t bytes() const noexcept { return bytes_; }  // received or sent
+  uint64_t tag() const noexcept { return tag_; }           // the matched message's tag
+
+ private:
+  friend class Connection;
+  friend class Link;
+  enum class Op : uint8_t { send, recv, read, write };
+  Status status_ = Status::ok;
+  Op op_ = Op::send;
+  uint64_t tag_ = 0;
+  std::size_t bytes_ = 0;
+  std::byte* buffer_ = nullptr;
+  std::size_t capacity_ = 0;
+  Connection* connection_ = nullptr;
+  Request* next_ = nullptr;
+  uint32_t rndv_id_ = 0;
+  wire::RndvRequest rndv_{};  // a matched rendezvous being read
+};
+
+// A region of this process's memory that a peer may read or write directly. Send the
+// encoded form to the peer in a message.
+struct RemoteRegion {
+  uint64_t address = 0;
+  uint64_t length = 0;
+  uint32_t rkey = 0;
+
+  static constexpr std::size_t kEncodedSize = 20;
+  std::array<std::byte, kEncodedSize> encode() const;
+  static std::optional<RemoteRegion> decode(std::span<const std::byte> bytes);
+};
+
+enum class Bootstrap { tcp, rdma_cm };
+
+struct Options {
+  Bootstrap bootstrap = Bootstrap::tcp;
+  std::string device;         // tcp bootstrap: RDMA device (empty: the first one)
+  std::string local_address;  // rdma_cm: this host's IP on the RDMA netdev (required)
+  // The rest default to their RXIO_* settings (see base/config.cc).
+  uint32_t ring_slots = 0;
+  uint32_t slot_size = 0;
+  uint32_t eager_limit = 0;
+  std::chrono::microseconds poll_time{-1};
+  std::chrono::milliseconds connect_timeout{-1};
+  std::chrono::milliseconds peer_timeout{-1};
+  uint8_t qp_timeout = 0;
+  uint8_t qp_retry_count = 0xff;
+};
+
+struct EngineStats {
+  std::size_t links = 0;
+  std::size_t connections = 0;
+  uint64_t registrations = 0;  // registration cache misses
+  uint64_t faults[static_cast<int>(wire::Fault::count_)] = {};
+};
+
+class Engine {
+ public:
+  explicit Engine(Options options = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Server side: listens on `port` (0: any; see listen_port()) at `address`.
+  void listen(const std::string& address, uint16_t port);
+  uint16_t listen_port() const;
+  // The next connection a peer opened; throws rxio::Error on timeout.
+  Connection& accept(std::chrono::milliseconds timeout);
+  // Opens a connection to an engine listening at host:port, over the existing link to
+  // it when there is one. Throws rxio::Error naming the peer on failure.
+  Connection& connect(const std::string& host, uint16_t port);
+
+  // Polls completions and handles what arrived; returns how many events were handled.
+  int progress() noexcept;
+  // Progresses until `request` is done or `timeout` passes (Status::timed_out).
+  Status wait(Request& request, std::chrono::milliseconds timeout) noexcept;
+
+  // Registers memory for one-sided access by peers.
+  RemoteRegion expose(void* address, std::size_t length);
+  // Drops cached registrations of a range; call before freeing memory rxio has used.
+  void forget(const void* address, std::size_t length);
+
+  EngineStats stats() const;
+  std::size_t qp_count() const;  // one per link
+  const std::string& device_name() const;
+
+ private:
+  friend class Connection;
+  friend class Link;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class Connection {
+ public:
+  // Messages, matched by tag in order (kAnyTag receives anything). The send buffer may
+  // be reused when the request is done; eager sends are done at once.
+  Status send(std::span<const std::byte> data, uint64_t tag, Request& request) noexcept;
+  Status recv(std::span<std::byte> buffer, uint64_t tag, Request& request) noexcept;
+
+  // The byte stream, beside the messages: non-blocking, like send(2)/recv(2) with
+  // MSG_DONTWAIT. write returns the bytes accepted (0: no credit now); read the bytes
+  // copied (0: nothing yet; check stream_closed() for the end).
+  std::size_t stream_write(std::span<const std::byte> data) noexcept;
+  std::size_t stream_read(std::span<std::byte> buffer) noexcept;
+  bool stream_closed() const noexcept;
+
+  // One-sided: moves bytes between local memory and a peer's exposed region.
+  Status write(std::span<const std::byte> local, const RemoteRegion& remote, uint64_t offset,
+               Request& request) noexcept;
+  Status read(std::span<std::byte> local, const RemoteRegion& remote, uint64_t offset,
+              Request& request) noexcept;
+
+  // Tells the peer no more will be sent; its receives end with Status::closed once
+  // everything sent before has been delivered.
+  void close() noexcept;
+
+  bool failed() const noexcept { return error_ != 0; }
+  // errno-style reason when failed(), and its text.
+  int error() const noexcept { return error_; }
+  const std::string& error_text() const noexcept { return error_text_; }
+  uint32_t id() const noexcept { return id_; }
+  Engine& engine() noexcept;
+
+ private:
+  friend class Engine;
+  friend class Link;
+  struct Ring;
+  Connection(Link& link, uint32_t id);
+
+ public:
+  ~Connection();
+
+ private:
+
+  Link* link_;
+  uint32_t id_;
+  uint32_t peer_id_ = 0;
+  bool established_ = false;
+  bool peer_closed_ = false;
+  bool closed_ = false;
+  int error_ = 0;
+  std::string error_text_;
+  std::unique_ptr<Ring> ring_;
+};
+
+}  // namespace rxio::transport

@@ -1,0 +1,199 @@
+// Internal: the engine's state, links and connection rings. Not installed.
+#pragma once
+
+#include <poll.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "transport/engine.h"
+#include "transport/oob.h"
+#include "transport/reg_cache.h"
+#include "transport/ring.h"
+#include "verbs/cm.h"
+#include "verbs/completion.h"
+#include "verbs/device.h"
+#include "verbs/gid.h"
+#include "verbs/memory.h"
+#include "verbs/queue_pair.h"
+
+namespace rxio::transport {
+
+// The low bits of a work request id say what it is; the rest is a pointer.
+inline constexpr uint64_t kWrRequest = 0;  // a Request (READ or WRITE)
+inline constexpr uint64_t kWrSlot = 1;     // a slot write (Link)
+inline constexpr uint64_t kWrCredit = 2;   // a credit return (Link)
+inline constexpr uint64_t kWrReceive = 3;  // a posted receive (Link)
+inline constexpr uint64_t kWrKindMask = 3;
+
+// A queue of fixed capacity, allocated once at set-up.
+template <typename T>
+class FixedQueue {
+ public:
+  explicit FixedQueue(std::size_t capacity = 0) : items_(capacity) {}
+  bool empty() const noexcept { return count_ == 0; }
+  std::size_t size() const noexcept { return count_; }
+  bool full() const noexcept { return count_ == items_.size(); }
+  T& at(std::size_t i) noexcept { return items_[(head_ + i) % items_.size()]; }
+  T& front() noexcept { return at(0); }
+  void push(const T& item) noexcept {
+    items_[(head_ + count_) % items_.size()] = item;
+    ++count_;
+  }
+  void pop() noexcept {
+    head_ = (head_ + 1) % items_.size();
+    --count_;
+  }
+  void erase(std::size_t i) noexcept {
+    for (; i + 1 < count_; ++i) at(i) = at(i + 1);
+    --count_;
+  }
+
+ private:
+  std::vector<T> items_;
+  std::size_t head_ = 0;
+  std::size_t count_ = 0;
+};
+
+// An intrusive FIFO of caller-owned requests.
+struct RequestList {
+  Request* head = nullptr;
+  Request* tail = nullptr;
+  bool empty() const noexcept { return head == nullptr; }
+};
+
+struct Connection::Ring {
+  Ring(verbs::ProtectionDomain& pd, uint32_t slots, uint32_t slot_size);
+
+  uint32_t slot_size;
+  std::vector<std::byte> memory;  // slots * slot_size, the peer writes here
+  verbs::MemoryRegion mr;
+  RecvRing recv;
+  SendRing send;
+  wire::RingInfo peer{};
+  RequestList posted;                 // receives waiting for a message
+  RequestList sends;                  // sends waiting for credits, in order
+  FixedQueue<uint64_t> unexpected;    // arrived messages nobody asked for yet (seqs)
+  FixedQueue<uint64_t> stream;        // arrived stream slots (seqs)
+  std::size_t stream_offset = 0;      // bytes of stream.front() already read
+  FixedQueue<uint32_t> done_to_send;  // rendezvous ids whose reads finished
+  std::vector<Request*> rndv_sends;   // by rendezvous id
+  bool close_to_send = false;
+  bool waiting = false;  // listed in Link::waiting
+
+  std::byte* slot(uint64_t seq) noexcept { return memory.data() + std::size_t(recv.index(seq)) * slot_size; }
+  wire::RingInfo info() const noexcept;
+};
+
+class Link {
+ public:
+  Link(Engine::Impl& engine, std::string peer);
+  ~Link();
+
+  Engine::Impl& engine;
+  std::string peer;
+  // The QP is either ours (tcp bootstrap) or rdma_cm's.
+  std::optional<verbs::QueuePair> qp;
+  std::optional<verbs::cm::EventChannel> cm_events;
+  std::optional<verbs::cm::Id> cm_id;
+  std::optional<verbs::cm::QueuePair> cm_qp;
+  std::optional<oob::Channel> channel;  // tcp bootstrap: stays open to tell peer death
+  ibv_qp* raw_qp = nullptr;
+  uint32_t max_inline = 0;
+
+  std::vector<std::byte> staging;  // copies of outgoing slots while their writes fly
+  std::optional<verbs::MemoryRegion> staging_mr;
+  uint32_t staging_slots = 0;
+  uint64_t staging_next = 0;
+  uint64_t staging_done = 0;
+  uint32_t sq_depth = 0;
+  uint32_t sq_used = 0;
+
+  std::vector<Connection*> connections;  // by our id; [0] is the control connection
+  std::vector<std::unique_ptr<Connection>> owned;
+  std::vector<Connection*> waiting;      // connections with queued work (each at most once)
+  RequestList deferred;                  // reads and writes waiting for send-queue room
+  std::vector<wire::ConnectReply> replies_to_send;  // accepted connections, not yet answered
+  int error = 0;
+  std::string error_text;
+
+  Connection& control() noexcept { return *connections[0]; }
+  Connection& add_connection();
+  int liveness_fd() const noexcept;
+  // Reads the liveness fd after poll() said it is readable.
+  void check_liveness() noexcept;
+  void fail(int err, const std::string& why) noexcept;
+  void post_receives(uint32_t count);
+
+  // Data path (datapath.cc).
+  bool can_post_slot(Connection& c) const noexcept;
+  void post_slot(Connection& c, wire::SlotKind kind, uint64_t tag, std::span<const std::byte> payload) noexcept;
+  void return_credits(Connection& c, bool force) noexcept;
+  void drain(Connection& c) noexcept;
+  void drain_waiting() noexcept;
+  void mark_waiting(Connection& c) noexcept;
+  void post_request(Request& request) noexcept;  // a READ or WRITE, or deferred
+  void on_send_completion(const ibv_wc& wc) noexcept;
+  void on_arrival(const ibv_wc& wc) noexcept;
+  void deliver(Connection& c, uint64_t seq, const wire::SlotHeader& header, Request& request) noexcept;
+  void on_control(const wire::SlotHeader& header, std::span<const std::byte> payload) noexcept;
+  void count_fault(wire::Fault fault, const char* where) noexcept;
+  void on_request_completion(Request& request) noexcept;
+  void on_failed_completion(const ibv_wc& wc, Request* request) noexcept;
+
+  static Link& of(Request& request) noexcept { return *request.connection_->link_; }
+  static void push(RequestList& list, Request& request) noexcept;
+  static Request* pop(RequestList& list) noexcept;
+  static void complete(Request& request, Status status, std::size_t bytes) noexcept;
+  static uint32_t eager_limit(const Connection::Ring& ring, uint32_t configured) noexcept;
+};
+
+struct Engine::Impl {
+  explicit Impl(Options options);
+
+  Engine* owner = nullptr;
+  Options options;
+  // tcp bootstrap: a device we open; rdma_cm: the context rdma_cm opened for the
+  // address we bound to.
+  std::optional<verbs::Context> context;
+  std::optional<verbs::cm::EventChannel> bind_events;
+  std::optional<verbs::cm::Id> bound_id;
+  ibv_context* device = nullptr;
+  std::string device_name;
+  verbs::Endpoint endpoint;
+  ibv_mtu mtu = IBV_MTU_1024;
+
+  std::optional<verbs::ProtectionDomain> pd;
+  std::optional<verbs::CompletionChannel> channel;
+  std::optional<verbs::CompletionQueue> cq;
+  std::optional<RegistrationCache> cache;
+
+  std::optional<oob::Listener> listener;
+  std::optional<verbs::cm::EventChannel> listen_events;
+  std::optional<verbs::cm::Id> cm_listener;
+  uint16_t port = 0;
+
+  std::vector<std::unique_ptr<Link>> links;
+  std::map<std::string, Link*> links_by_peer;
+  std::vector<Connection*> accepted;  // opened by peers, not yet returned by accept()
+  std::vector<pollfd> poll_fds;
+  uint64_t faults[static_cast<int>(wire::Fault::count_)] = {};
+
+  Link& link_to(const std::string& host, uint16_t peer_port);
+  Link& accept_tcp_link(oob::Channel channel);
+  Link& accept_cm_link(verbs::cm::Event& request);
+  void poll_listener(std::chrono::milliseconds timeout);
+  void prepare_link(Link& link);
+  void rebuild_poll_fds();
+  int progress() noexcept;
+  // Sleeps until a completion, a liveness event or `timeout`; what woke it is handled.
+  void block(std::chrono::milliseconds timeout) noexcept;
+  template <typename Done>
+  void wait_until(Done&& done, std::chrono::milliseconds timeout, const std::string& what,
+                  const std::string& peer);
+};
+
+}  // namespace rxio::transport

@@ -1,0 +1,224 @@
+#include "transport/wire.h"
+
+#include <endian.h>
+
+#include <cstring>
+
+namespace rxio::transport::wire {
+namespace {
+
+void put32(std::byte* out, uint32_t v) {
+  v = htole32(v);
+  std::memcpy(out, &v, 4);
+}
+void put16(std::byte* out, uint16_t v) {
+  v = htole16(v);
+  std::memcpy(out, &v, 2);
+}
+void put64(std::byte* out, uint64_t v) {
+  v = htole64(v);
+  std::memcpy(out, &v, 8);
+}
+uint32_t get32(const std::byte* in) {
+  uint32_t v;
+  std::memcpy(&v, in, 4);
+  return le32toh(v);
+}
+uint16_t get16(const std::byte* in) {
+  uint16_t v;
+  std::memcpy(&v, in, 2);
+  return le16toh(v);
+}
+uint64_t get64(const std::byte* in) {
+  uint64_t v;
+  std::memcpy(&v, in, 8);
+  return le64toh(v);
+}
+
+void put_ring(std::byte* out, const RingInfo& ring) {
+  put64(out, ring.address);
+  put32(out + 8, ring.rkey);
+  put32(out + 12, ring.slots);
+  put32(out + 16, ring.slot_size);
+}
+
+bool get_ring(const std::byte* in, RingInfo& ring, Fault& fault) {
+  ring = RingInfo{get64(in), get32(in + 8), get32(in + 12), get32(in + 16)};
+  if (ring.slots == 0 || ring.slots > kMaxRingSlots || ring.slot_size <= kSlotHeaderSize ||
+      ring.slot_size > kMaxSlotSize) {
+    fault = Fault::bad_length;
+    return false;
+  }
+  return true;
+}
+
+bool long_enough(std::span<const std::byte> in, std::size_t size, Fault& fault) {
+  if (in.size() >= size) return true;
+  fault = Fault::truncated;
+  return false;
+}
+
+}  // namespace
+
+std::string_view to_string(Fault fault) {
+  switch (fault) {
+    case Fault::truncated: return "truncated message";
+    case Fault::bad_magic: return "not an rxio peer (bad magic)";
+    case Fault::bad_version: return "unsupported protocol version";
+    case Fault::bad_kind: return "unknown message kind";
+    case Fault::bad_length: return "length out of range";
+    case Fault::bad_connection: return "unknown connection id";
+    case Fault::ring_overflow: return "peer wrote past its credits";
+    case Fault::credit_overflow: return "peer returned more credits than slots";
+    case Fault::bad_rendezvous: return "unknown rendezvous id";
+    case Fault::count_: break;
+  }
+  return "?";
+}
+
+uint32_t encode(const Imm& imm) {
+  return (uint32_t(imm.type) << 28) | ((imm.connection & (kMaxConnections - 1)) << 8) | imm.count;
+}
+
+std::optional<Imm> decode_imm(uint32_t raw, Fault& fault) {
+  auto type = static_cast<ImmType>(raw >> 28);
+  if (type != ImmType::slot && type != ImmType::credit) {
+    fault = Fault::bad_kind;
+    return std::nullopt;
+  }
+  return Imm{type, (raw >> 8) & (kMaxConnections - 1), static_cast<uint8_t>(raw & 0xff)};
+}
+
+void encode(const SlotHeader& header, std::byte* out) {
+  out[0] = static_cast<std::byte>(header.kind);
+  out[1] = out[2] = out[3] = std::byte{0};
+  put32(out + 4, header.length);
+  put64(out + 8, header.tag);
+}
+
+std::optional<SlotHeader> decode_slot_header(std::span<const std::byte> slot, uint32_t max_payload,
+                                             Fault& fault) {
+  if (!long_enough(slot, kSlotHeaderSize, fault)) return std::nullopt;
+  SlotHeader header{static_cast<SlotKind>(slot[0]), get32(slot.data() + 4), get64(slot.data() + 8)};
+  std::size_t fixed = 0;  // payload size the kind requires, 0 when it varies
+  switch (header.kind) {
+    case SlotKind::eager:
+    case SlotKind::stream: break;
+    case SlotKind::rndv_request: fixed = kRndvRequestSize; break;
+    case SlotKind::rndv_done: fixed = kRndvDoneSize; break;
+    case SlotKind::connect: fixed = kConnectRequestSize; break;
+    case SlotKind::accept: fixed = kConnectReplySize; break;
+    case SlotKind::close:
+      if (header.length != 0) {
+        fault = Fault::bad_length;
+        return std::nullopt;
+      }
+      break;
+    default: fault = Fault::bad_kind; return std::nullopt;
+  }
+  if (header.length > max_payload || header.length > slot.size() - kSlotHeaderSize ||
+      (fixed && header.length != fixed)) {
+    fault = Fault::bad_length;
+    return std::nullopt;
+  }
+  return header;
+}
+
+void encode(const RndvRequest& m, std::byte* out) {
+  put64(out, m.address);
+  put64(out + 8, m.size);
+  put32(out + 16, m.rkey);
+  put32(out + 20, m.id);
+}
+
+void encode(const RndvDone& m, std::byte* out) {
+  put32(out, m.id);
+  put32(out + 4, m.status);
+}
+
+void encode(const ConnectRequest& m, std::byte* out) {
+  put32(out, m.connection);
+  put_ring(out + 4, m.ring);
+}
+
+void encode(const ConnectReply& m, std::byte* out) {
+  put32(out, m.connection);
+  put32(out + 4, m.peer_connection);
+  put_ring(out + 8, m.ring);
+}
+
+std::array<std::byte, kHelloSize> encode(const Hello& m) {
+  std::array<std::byte, kHelloSize> out{};
+  put32(out.data(), kMagic);
+  put16(out.data() + 4, kVersion);
+  put32(out.data() + 8, m.qp_num);
+  put32(out.data() + 12, m.psn);
+  std::memcpy(out.data() + 16, m.gid.raw, 16);
+  put16(out.data() + 32, m.lid);
+  out[34] = static_cast<std::byte>(m.mtu);
+  put_ring(out.data() + 36, m.control);
+  return out;
+}
+
+std::optional<RndvRequest> decode_rndv_request(std::span<const std::byte> in, Fault& fault) {
+  if (!long_enough(in, kRndvRequestSize, fault)) return std::nullopt;
+  RndvRequest m{get64(in.data()), get64(in.data() + 8), get32(in.data() + 16), get32(in.data() + 20)};
+  if (m.size == 0 || m.address + m.size < m.address) {
+    fault = Fault::bad_length;
+    return std::nullopt;
+  }
+  return m;
+}
+
+std::optional<RndvDone> decode_rndv_done(std::span<const std::byte> in, Fault& fault) {
+  if (!long_enough(in, kRndvDoneSize, fault)) return std::nullopt;
+  return RndvDone{get32(in.data()), get32(in.data() + 4)};
+}
+
+std::optional<ConnectRequest> decode_connect_request(std::span<const std::byte> in, Fault& fault) {
+  if (!long_enough(in, kConnectRequestSize, fault)) return std::nullopt;
+  ConnectRequest m{get32(in.data()), {}};
+  if (m.connection >= kMaxConnections) {
+    fault = Fault::bad_connection;
+    return std::nullopt;
+  }
+  if (!get_ring(in.data() + 4, m.ring, fault)) return std::nullopt;
+  return m;
+}
+
+std::optional<ConnectReply> decode_connect_reply(std::span<const std::byte> in, Fault& fault) {
+  if (!long_enough(in, kConnectReplySize, fault)) return std::nullopt;
+  ConnectReply m{get32(in.data()), get32(in.data() + 4), {}};
+  if (m.connection >= kMaxConnections || m.peer_connection >= kMaxConnections) {
+    fault = Fault::bad_connection;
+    return std::nullopt;
+  }
+  if (!get_ring(in.data() + 8, m.ring, fault)) return std::nullopt;
+  return m;
+}
+
+std::optional<Hello> decode_hello(std::span<const std::byte> in, Fault& fault) {
+  if (!long_enough(in, kHelloSize, fault)) return std::nullopt;
+  if (get32(in.data()) != kMagic) {
+    fault = Fault::bad_magic;
+    return std::nullopt;
+  }
+  if (get16(in.data() + 4) != kVersion) {
+    fault = Fault::bad_version;
+    return std::nullopt;
+  }
+  Hello m;
+  m.qp_num = get32(in.data() + 8) & 0xffffff;
+  m.psn = get32(in.data() + 12) & 0xffffff;
+  std::memcpy(m.gid.raw, in.data() + 16, 16);
+  m.lid = get16(in.data() + 32);
+  m.mtu = static_cast<uint8_t>(in[34]);
+  if (m.mtu < IBV_MTU_256 || m.mtu > IBV_MTU_4096) {
+    fault = Fault::bad_length;
+    return std::nullopt;
+  }
+  if (!get_ring(in.data() + 36, m.control, fault)) return std::nullopt;
+  return m;
+}
+
+}  // namespace rxio::transport::wire
