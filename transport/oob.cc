@@ -245,6 +245,8 @@ uint16_t Listener::port() const noexcept {
   return state_ ? state_->acceptor.local_endpoint(ec).port() : 0;
 }
 
+int Listener::native_fd() const noexcept { return state_ ? state_->acceptor.native_handle() : -1; }
+
 Channel Listener::accept(std::chrono::milliseconds timeout) {
   if (!state_) throw Error(EBADF, "accepting on a moved-from out-of-band listener");
   auto channel = std::make_unique<Channel::State>();
