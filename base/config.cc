@@ -17,8 +17,6 @@ const std::vector<Knob> kKnobs = {
     {"RXIO_EAGER_LIMIT", "bytes", "0",
      "Largest message sent through the ring; larger ones go by rendezvous (RDMA READ "
      "straight into the receiver's buffer). 0: the slot payload (RXIO_SLOT_SIZE - 16)."},
-    {"RXIO_PEER_TIMEOUT_MS", "milliseconds", "10000",
-     "How long a blocking call waits without any progress before it fails with ETIMEDOUT."},
     {"RXIO_POLL_US", "microseconds", "50",
      "Busy-poll this long before blocking on the completion channel."},
     {"RXIO_QP_RETRY_COUNT", "count", "7",

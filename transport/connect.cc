@@ -1,6 +1,5 @@
 // The control path: engine set-up, links (bootstrap over TCP or rdma_cm), opening and
 // accepting connections, failure. The data path is in datapath.cc.
-#include <endian.h>
 #include <sys/socket.h>
 
 #include <cerrno>
@@ -37,7 +36,6 @@ Options resolve(Options o) {
   o.eager_limit = pick<uint32_t>(o.eager_limit, 0, "RXIO_EAGER_LIMIT", config::get_bytes);
   if (o.poll_time.count() < 0) o.poll_time = std::chrono::microseconds(config::get_count("RXIO_POLL_US"));
   if (o.connect_timeout.count() < 0) o.connect_timeout = milliseconds(config::get_count("RXIO_CONNECT_TIMEOUT_MS"));
-  if (o.peer_timeout.count() < 0) o.peer_timeout = milliseconds(config::get_count("RXIO_PEER_TIMEOUT_MS"));
   o.qp_timeout = pick<uint8_t>(o.qp_timeout, 0, "RXIO_QP_TIMEOUT", config::get_count);
   o.qp_retry_count = pick<uint8_t>(o.qp_retry_count, 0xff, "RXIO_QP_RETRY_COUNT", config::get_count);
   if (o.ring_slots < 2 || o.ring_slots > wire::kMaxRingSlots)
@@ -63,28 +61,6 @@ const char* to_string(Status status) {
     case Status::timed_out: return "timed out";
   }
   return "?";
-}
-
-std::array<std::byte, RemoteRegion::kEncodedSize> RemoteRegion::encode() const {
-  std::array<std::byte, kEncodedSize> out{};
-  uint64_t a = htole64(address), l = htole64(length);
-  uint32_t k = htole32(rkey);
-  std::memcpy(out.data(), &a, 8);
-  std::memcpy(out.data() + 8, &l, 8);
-  std::memcpy(out.data() + 16, &k, 4);
-  return out;
-}
-
-std::optional<RemoteRegion> RemoteRegion::decode(std::span<const std::byte> bytes) {
-  if (bytes.size() != kEncodedSize) return std::nullopt;
-  uint64_t a, l;
-  uint32_t k;
-  std::memcpy(&a, bytes.data(), 8);
-  std::memcpy(&l, bytes.data() + 8, 8);
-  std::memcpy(&k, bytes.data() + 16, 4);
-  RemoteRegion r{le64toh(a), le64toh(l), le32toh(k)};
-  if (r.length == 0 || r.address + r.length < r.address) return std::nullopt;
-  return r;
 }
 
 // ---- connections -------------------------------------------------------------------

@@ -93,7 +93,6 @@ struct Options {
   uint32_t eager_limit = 0;
   std::chrono::microseconds poll_time{-1};
   std::chrono::milliseconds connect_timeout{-1};
-  std::chrono::milliseconds peer_timeout{-1};
   uint8_t qp_timeout = 0;
   uint8_t qp_retry_count = 0xff;
 };

@@ -1,5 +1,7 @@
 #include "transport/wire.h"
 
+#include "transport/engine.h"
+
 #include <endian.h>
 
 #include <cstring>
@@ -222,3 +224,29 @@ std::optional<Hello> decode_hello(std::span<const std::byte> in, Fault& fault) {
 }
 
 }  // namespace rxio::transport::wire
+
+namespace rxio::transport {
+
+std::array<std::byte, RemoteRegion::kEncodedSize> RemoteRegion::encode() const {
+  std::array<std::byte, kEncodedSize> out{};
+  uint64_t a = htole64(address), l = htole64(length);
+  uint32_t k = htole32(rkey);
+  std::memcpy(out.data(), &a, 8);
+  std::memcpy(out.data() + 8, &l, 8);
+  std::memcpy(out.data() + 16, &k, 4);
+  return out;
+}
+
+std::optional<RemoteRegion> RemoteRegion::decode(std::span<const std::byte> bytes) {
+  if (bytes.size() != kEncodedSize) return std::nullopt;
+  uint64_t a, l;
+  uint32_t k;
+  std::memcpy(&a, bytes.data(), 8);
+  std::memcpy(&l, bytes.data() + 8, 8);
+  std::memcpy(&k, bytes.data() + 16, 4);
+  RemoteRegion r{le64toh(a), le64toh(l), le32toh(k)};
+  if (r.length == 0 || r.address + r.length < r.address) return std::nullopt;
+  return r;
+}
+
+}  // namespace rxio::transport

@@ -1,0 +1,156 @@
+// Wire formats and ring arithmetic: what the engine trusts of a peer's bytes.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <vector>
+
+#include "transport/ring.h"
+#include "transport/wire.h"
+
+namespace rxio::transport {
+namespace {
+
+using wire::Fault;
+
+TEST(Imm, RoundTripsAndRefusesUnknownTypes) {
+  Fault fault{};
+  wire::Imm imm{wire::ImmType::credit, wire::kMaxConnections - 1, 200};
+  auto back = wire::decode_imm(wire::encode(imm), fault);
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->type, wire::ImmType::credit);
+  EXPECT_EQ(back->connection, wire::kMaxConnections - 1);
+  EXPECT_EQ(back->count, 200);
+  EXPECT_FALSE(wire::decode_imm(0x0, fault));
+  EXPECT_EQ(fault, Fault::bad_kind);
+  EXPECT_FALSE(wire::decode_imm(0xF0000000u, fault));
+}
+
+TEST(SlotHeader, RoundTripsAndChecksLengths) {
+  std::vector<std::byte> slot(128);
+  wire::encode(wire::SlotHeader{wire::SlotKind::eager, 100, 0xDEADBEEFCAFEull}, slot.data());
+  Fault fault{};
+  auto header = wire::decode_slot_header(slot, 112, fault);
+  ASSERT_TRUE(header);
+  EXPECT_EQ(header->kind, wire::SlotKind::eager);
+  EXPECT_EQ(header->length, 100u);
+  EXPECT_EQ(header->tag, 0xDEADBEEFCAFEull);
+
+  EXPECT_FALSE(wire::decode_slot_header(slot, 99, fault)) << "longer than the payload allows";
+  EXPECT_EQ(fault, Fault::bad_length);
+  EXPECT_FALSE(wire::decode_slot_header(std::span(slot).first(10), 112, fault));
+  EXPECT_EQ(fault, Fault::truncated);
+
+  wire::encode(wire::SlotHeader{wire::SlotKind::rndv_request, 23, 0}, slot.data());
+  EXPECT_FALSE(wire::decode_slot_header(slot, 112, fault)) << "rendezvous requests are 24 bytes";
+  wire::encode(wire::SlotHeader{wire::SlotKind::close, 1, 0}, slot.data());
+  EXPECT_FALSE(wire::decode_slot_header(slot, 112, fault)) << "close carries nothing";
+  slot[0] = std::byte{99};
+  EXPECT_FALSE(wire::decode_slot_header(slot, 112, fault));
+  EXPECT_EQ(fault, Fault::bad_kind);
+}
+
+TEST(Hello, RoundTripsAndRefusesStrangers) {
+  wire::Hello hello;
+  hello.qp_num = 0x123456;
+  hello.psn = 0xABCDEF;
+  hello.gid.raw[15] = 7;
+  hello.mtu = IBV_MTU_4096;
+  hello.control = {0x7f0000001000, 0x42, 16, 8192};
+  auto bytes = wire::encode(hello);
+  Fault fault{};
+  auto back = wire::decode_hello(bytes, fault);
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->qp_num, 0x123456u);
+  EXPECT_EQ(back->psn, 0xABCDEFu);
+  EXPECT_EQ(back->gid.raw[15], 7);
+  EXPECT_EQ(back->control.address, 0x7f0000001000u);
+  EXPECT_EQ(back->control.slots, 16u);
+
+  auto bad = bytes;
+  bad[0] = std::byte{'G'};
+  EXPECT_FALSE(wire::decode_hello(bad, fault));
+  EXPECT_EQ(fault, Fault::bad_magic);
+  bad = bytes;
+  bad[4] = std::byte{9};
+  EXPECT_FALSE(wire::decode_hello(bad, fault));
+  EXPECT_EQ(fault, Fault::bad_version);
+  EXPECT_FALSE(wire::decode_hello(std::span(bytes).first(55), fault));
+  EXPECT_EQ(fault, Fault::truncated);
+  hello.control.slots = wire::kMaxRingSlots + 1;
+  EXPECT_FALSE(wire::decode_hello(wire::encode(hello), fault)) << "absurd ring";
+  EXPECT_EQ(fault, Fault::bad_length);
+}
+
+TEST(ConnectMessages, RoundTripAndRangeChecks) {
+  std::array<std::byte, wire::kConnectReplySize> buffer{};
+  wire::encode(wire::ConnectReply{5, 9, {0x1000, 3, 4, 256}}, buffer.data());
+  Fault fault{};
+  auto reply = wire::decode_connect_reply(buffer, fault);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->connection, 5u);
+  EXPECT_EQ(reply->peer_connection, 9u);
+  EXPECT_EQ(reply->ring.slot_size, 256u);
+
+  wire::encode(wire::ConnectRequest{wire::kMaxConnections, {0x1000, 3, 4, 256}}, buffer.data());
+  EXPECT_FALSE(wire::decode_connect_request(buffer, fault));
+  EXPECT_EQ(fault, Fault::bad_connection);
+  wire::encode(wire::ConnectRequest{1, {0x1000, 3, 4, 16}}, buffer.data());
+  EXPECT_FALSE(wire::decode_connect_request(buffer, fault)) << "a slot must hold more than its header";
+}
+
+TEST(Rendezvous, RefusesEmptyAndWrappingRanges) {
+  std::array<std::byte, wire::kRndvRequestSize> buffer{};
+  Fault fault{};
+  wire::encode(wire::RndvRequest{0x1000, 4096, 1, 2}, buffer.data());
+  EXPECT_TRUE(wire::decode_rndv_request(buffer, fault));
+  wire::encode(wire::RndvRequest{~0ull - 10, 4096, 1, 2}, buffer.data());
+  EXPECT_FALSE(wire::decode_rndv_request(buffer, fault));
+  wire::encode(wire::RndvRequest{0x1000, 0, 1, 2}, buffer.data());
+  EXPECT_FALSE(wire::decode_rndv_request(buffer, fault));
+}
+
+TEST(SendRing, CreditsLimitTheSender) {
+  SendRing ring(4);
+  EXPECT_EQ(ring.credits(), 4u);
+  EXPECT_EQ(ring.take(), 0u);
+  EXPECT_EQ(ring.take(), 1u);
+  EXPECT_EQ(ring.take(), 2u);
+  EXPECT_EQ(ring.take(), 3u);
+  EXPECT_EQ(ring.credits(), 0u);
+  EXPECT_FALSE(ring.give_back(5)) << "more than was spent";
+  EXPECT_TRUE(ring.give_back(2));
+  EXPECT_EQ(ring.take(), 0u) << "slots are reused in order";
+  EXPECT_EQ(ring.credits(), 1u);
+}
+
+TEST(RecvRing, CreditsOnlyTheOldestContiguousRun) {
+  RecvRing ring(4);
+  uint64_t seq[5];
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(ring.arrive(seq[i]));
+  EXPECT_FALSE(ring.arrive(seq[4])) << "a fifth slot overflows a ring of four";
+  ring.release(seq[1]);
+  ring.release(seq[2]);
+  EXPECT_EQ(ring.unreturned(), 0u) << "slot 0 still holds a message";
+  ring.release(seq[0]);
+  EXPECT_EQ(ring.unreturned(), 3u);
+  EXPECT_EQ(ring.take_unreturned(2), 2u);
+  EXPECT_EQ(ring.take_unreturned(5), 1u);
+  ASSERT_TRUE(ring.arrive(seq[4]));
+  EXPECT_EQ(ring.index(seq[4]), 0u);
+}
+
+TEST(RecvRing, ManyLapsKeepTheirPlace) {
+  RecvRing ring(3);
+  SendRing sender(3);
+  for (uint64_t i = 0; i < 1000; ++i) {
+    uint64_t seq;
+    uint32_t slot = sender.take();
+    ASSERT_TRUE(ring.arrive(seq));
+    ASSERT_EQ(ring.index(seq), slot);
+    ring.release(seq);
+    ASSERT_TRUE(sender.give_back(ring.take_unreturned(255)));
+  }
+}
+
+}  // namespace
+}  // namespace rxio::transport
