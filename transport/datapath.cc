@@ -153,12 +153,13 @@ void Link::mark_waiting(Connection& c) noexcept {
 void Link::drain(Connection& c) noexcept {
   Connection::Ring& r = *c.ring_;
   if (c.id_ == 0) {
-    while (!replies_to_send.empty() && can_post_slot(c)) {
+    std::size_t sent = 0;
+    while (sent < replies_to_send.size() && can_post_slot(c)) {
       std::array<std::byte, wire::kConnectReplySize> payload;
-      wire::encode(replies_to_send.back(), payload.data());
-      replies_to_send.pop_back();
+      wire::encode(replies_to_send[sent++], payload.data());
       post_slot(c, wire::SlotKind::accept, 0, payload);
     }
+    replies_to_send.erase(replies_to_send.begin(), replies_to_send.begin() + static_cast<std::ptrdiff_t>(sent));
   }
   while (!r.done_to_send.empty() && can_post_slot(c)) {
     uint32_t raw = r.done_to_send.front();
