@@ -8,6 +8,9 @@
 
 #include <chrono>
 #include <cstring>
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <random>
 #include <thread>
@@ -367,6 +370,90 @@ TEST(Transport, ByteStreamAndOneSidedAccess) {
         return 0;
       },
       "127.0.0.1");
+  EXPECT_EQ(rc, 0);
+}
+
+// Brings the veth end of cm device A back and waits until its RDMA port is ACTIVE.
+void restore_interface_a() {
+  EXPECT_EQ(std::system("ip link set v1 up"), 0);
+  std::string state_file = "/sys/class/infiniband/" + cm_device_a() + "/ports/1/state";
+  for (int i = 0; i < 300; ++i) {
+    FILE* f = std::fopen(state_file.c_str(), "r");
+    char state[64] = {};
+    if (f) {
+      std::fgets(state, sizeof state, f);
+      std::fclose(f);
+    }
+    if (std::strstr(state, "ACTIVE")) return;
+    std::this_thread::sleep_for(100ms);
+  }
+  ADD_FAILURE() << cm_device_a() << " did not come back";
+}
+
+// Ping-pong on every connection until the link fails; true if every one failed.
+bool ping_pong_until_failure(Engine& engine, std::vector<Connection*>& connections, bool serve,
+                             const std::function<void(int)>& after_round) {
+  std::array<std::byte, 512> out{}, in{};
+  auto deadline = std::chrono::steady_clock::now() + 60s;
+  for (int round = 0; std::chrono::steady_clock::now() < deadline; ++round) {
+    bool any_ok = false;
+    for (Connection* c : connections) {
+      Request send, recv;
+      c->recv(in, transport::kAnyTag, recv);
+      if (!serve) c->send(out, 1, send);
+      Status r = engine.wait(recv, 20s);
+      if (serve && r == Status::ok) c->send(out, 1, send);
+      Status s = send.done() ? send.status() : engine.wait(send, 20s);
+      any_ok |= r == Status::ok && s == Status::ok;
+    }
+    after_round(round);
+    if (!any_ok) break;
+  }
+  return std::all_of(connections.begin(), connections.end(), [](Connection* c) { return c->failed(); });
+}
+
+TEST(Transport, LinkFailureFailsEveryConnection) {
+  RXIO_REQUIRE_DEVICE(cm_device_a());
+  if (!std::getenv("RXIO_IN_GUEST")) GTEST_SKIP() << "takes a network interface down: only inside the guest";
+  constexpr int kConnections = 3;
+  auto options = [] {
+    transport::Options o;
+    o.bootstrap = transport::Bootstrap::rdma_cm;
+    o.qp_timeout = 12;  // about 17 ms per try: the failure shows within a second
+    o.qp_retry_count = 3;
+    return o;
+  };
+  int rc = run_pair(
+      options,
+      [&](Engine& engine) {
+        std::vector<Connection*> accepted;
+        for (int i = 0; i < kConnections; ++i) accepted.push_back(&engine.accept(30s));
+        auto start = std::chrono::steady_clock::time_point{};
+        bool all_failed = ping_pong_until_failure(engine, accepted, true, [&](int round) {
+          if (round == 20) {
+            // The RDMA path dies under live connections; their TCP-level routes would not.
+            EXPECT_EQ(std::system("ip link set v1 down"), 0);
+            start = std::chrono::steady_clock::now();
+          }
+        });
+        auto took = std::chrono::steady_clock::now() - start;
+        restore_interface_a();
+        EXPECT_TRUE(all_failed) << "a connection on the failed link still works";
+        EXPECT_LT(took, 30s);
+        for (Connection* c : accepted) {
+          EXPECT_TRUE(c->failed());
+          EXPECT_NE(c->error_text().find("link to"), std::string::npos) << c->error_text();
+          Request after;
+          std::array<std::byte, 1> one{};
+          EXPECT_EQ(c->send(one, 1, after), Status::failed) << "every later call reports it";
+        }
+      },
+      [&](Engine& engine, uint16_t port) {
+        std::vector<Connection*> opened;
+        for (int i = 0; i < kConnections; ++i) opened.push_back(&engine.connect(cm_address_a(), port));
+        return ping_pong_until_failure(engine, opened, false, [](int) {}) ? 0 : 1;
+      },
+      cm_address_a());
   EXPECT_EQ(rc, 0);
 }
 
