@@ -18,32 +18,33 @@ using std::chrono::milliseconds;
 
 constexpr uint32_t kSendDepth = 128;
 constexpr uint32_t kRecvDepth = 256;
-constexpr int kCqEntries = 8192;
+constexpr int kCqEntries = 16384;
+// Every link may fill the shared CQ with its whole send and receive queues.
+constexpr std::size_t kMaxLinks = kCqEntries / (kSendDepth + kRecvDepth);
 
 uint32_t random_psn() {
   static std::mt19937 rng{std::random_device{}()};
   return rng() & 0xffffff;
 }
 
+// The option if set, else the knob's value, refused unless within [low, high].
 template <typename T>
-T pick(T given, T unset, const char* knob, uint64_t (*read)(std::string_view)) {
-  return given != unset ? given : static_cast<T>(read(knob));
+T pick(T given, T unset, const char* knob, uint64_t (*read)(std::string_view), uint64_t low, uint64_t high) {
+  uint64_t value = given != unset ? given : read(knob);
+  if (value < low || value > high)
+    throw Error(EINVAL, std::string("using ") + knob + "=" + std::to_string(value), {},
+                "it must be " + std::to_string(low) + " to " + std::to_string(high));
+  return static_cast<T>(value);
 }
 
 Options resolve(Options o) {
-  o.ring_slots = pick<uint32_t>(o.ring_slots, 0, "RXIO_RING_SLOTS", config::get_count);
-  o.slot_size = pick<uint32_t>(o.slot_size, 0, "RXIO_SLOT_SIZE", config::get_bytes);
-  o.eager_limit = pick<uint32_t>(o.eager_limit, 0, "RXIO_EAGER_LIMIT", config::get_bytes);
+  o.ring_slots = pick<uint32_t>(o.ring_slots, 0, "RXIO_RING_SLOTS", config::get_count, 2, wire::kMaxRingSlots);
+  o.slot_size = pick<uint32_t>(o.slot_size, 0, "RXIO_SLOT_SIZE", config::get_bytes, 64, wire::kMaxSlotSize);
+  o.eager_limit = pick<uint32_t>(o.eager_limit, 0, "RXIO_EAGER_LIMIT", config::get_bytes, 0, wire::kMaxSlotSize);
   if (o.poll_time.count() < 0) o.poll_time = std::chrono::microseconds(config::get_count("RXIO_POLL_US"));
   if (o.connect_timeout.count() < 0) o.connect_timeout = milliseconds(config::get_count("RXIO_CONNECT_TIMEOUT_MS"));
-  o.qp_timeout = pick<uint8_t>(o.qp_timeout, 0, "RXIO_QP_TIMEOUT", config::get_count);
-  o.qp_retry_count = pick<uint8_t>(o.qp_retry_count, 0xff, "RXIO_QP_RETRY_COUNT", config::get_count);
-  if (o.ring_slots < 2 || o.ring_slots > wire::kMaxRingSlots)
-    throw Error(EINVAL, "ring of " + std::to_string(o.ring_slots) + " slots", {},
-                "RXIO_RING_SLOTS must be 2 to " + std::to_string(wire::kMaxRingSlots));
-  if (o.slot_size < 64 || o.slot_size > wire::kMaxSlotSize)
-    throw Error(EINVAL, "ring slots of " + std::to_string(o.slot_size) + " bytes", {},
-                "RXIO_SLOT_SIZE must be 64 B to 1 MiB");
+  o.qp_timeout = pick<uint8_t>(o.qp_timeout, 0, "RXIO_QP_TIMEOUT", config::get_count, 1, 31);
+  o.qp_retry_count = pick<uint8_t>(o.qp_retry_count, 0xff, "RXIO_QP_RETRY_COUNT", config::get_count, 0, 7);
   uint32_t payload = o.slot_size - wire::kSlotHeaderSize;
   if (o.eager_limit == 0 || o.eager_limit > payload) o.eager_limit = payload;
   return o;
@@ -74,8 +75,8 @@ Connection::Ring::Ring(verbs::ProtectionDomain& pd, uint32_t slots, uint32_t siz
       send(0),
       unexpected(slots),
       stream(slots),
-      done_to_send(slots),
-      rndv_sends(slots, nullptr) {}
+      done_to_send(wire::kMaxRendezvous),
+      rndv_sends(std::min(slots, wire::kMaxRendezvous), nullptr) {}
 
 wire::RingInfo Connection::Ring::info() const noexcept {
   return {reinterpret_cast<uint64_t>(memory.data()), mr.rkey(), recv.slots(), slot_size};
@@ -112,11 +113,17 @@ Connection& Link::add_connection() {
                 "a link carries at most " + std::to_string(wire::kMaxConnections) + " connections");
   owned.push_back(std::unique_ptr<Connection>(new Connection(*this, id)));
   connections.push_back(owned.back().get());
-  waiting.reserve(connections.size());  // so that the data path never grows it
-  return *owned.back();
+  // So that the data path never grows them.
+  waiting.reserve(connections.size());
+  draining.reserve(connections.size());
+  Connection& c = *owned.back();
+  c.error_ = error;
+  c.error_text_ = error_text;
+  return c;
 }
 
 int Link::liveness_fd() const noexcept {
+  if (error) return -1;
   if (channel) return channel->native_fd();
   if (cm_events) return cm_events->fd();
   return -1;
@@ -136,7 +143,8 @@ void Link::check_liveness() noexcept {
       while (auto event = cm_events->next(milliseconds(0))) {
         auto type = event->type();
         if (type == RDMA_CM_EVENT_DISCONNECTED || type == RDMA_CM_EVENT_DEVICE_REMOVAL ||
-            type == RDMA_CM_EVENT_TIMEWAIT_EXIT)
+            type == RDMA_CM_EVENT_TIMEWAIT_EXIT || type == RDMA_CM_EVENT_UNREACHABLE ||
+            type == RDMA_CM_EVENT_CONNECT_ERROR || type == RDMA_CM_EVENT_REJECTED)
           fail(ECONNRESET, "rdma_cm: " + event->describe());
       }
     } catch (const std::exception& e) {
@@ -162,6 +170,18 @@ void Link::fail(int err, const std::string& why) noexcept {
     for (Request*& q : r.rndv_sends)
       if (q) std::exchange(q, nullptr)->status_ = Status::failed;
   }
+  for (Request* q = deferred.head; q; q = q->next_) q->status_ = Status::failed;
+  deferred = {};
+  waiting.clear();
+  // Tear down, so the peer fails too and can no longer reach our memory.
+  if (raw_qp) {
+    ibv_qp_attr attr{};
+    attr.qp_state = IBV_QPS_ERR;
+    ibv_modify_qp(raw_qp, &attr, IBV_QP_STATE);
+  }
+  if (channel) ::shutdown(channel->native_fd(), SHUT_RDWR);
+  if (cm_id) rdma_disconnect(cm_id->get());
+  engine.poll_fds_stale = true;
 }
 
 void Link::post_receives(uint32_t count) {
@@ -207,6 +227,7 @@ Engine::Impl::Impl(Options o) : options(resolve(std::move(o))) {
   if (int rc = ibv_query_port(device, endpoint.port, &port_attr); rc != 0)
     throw Error(rc, "querying port " + std::to_string(endpoint.port), device_name);
   mtu = port_attr.active_mtu;
+  max_message = port_attr.max_msg_sz;
   pd.emplace(device);
   channel.emplace(device);
   cq.emplace(device, kCqEntries, &*channel);
@@ -217,7 +238,31 @@ Engine::Engine(Options options) : impl_(std::make_unique<Impl>(std::move(options
   impl_->owner = this;
 }
 
-Engine::~Engine() = default;
+Engine::~Engine() { impl_->shutdown(); }
+
+void Engine::Impl::shutdown() noexcept {
+  for (auto& link : links)
+    for (Connection* c : link->connections)
+      if (c->id_ != 0 && c->established_) c->close();
+  // Eager sends completed when posted: let them, and the closes, reach the peer.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  auto busy = [&] {
+    for (auto& link : links)
+      if (!link->error && (link->sq_used > 0 || !link->waiting.empty())) return true;
+    return false;
+  };
+  while (busy() && std::chrono::steady_clock::now() < deadline) progress();
+}
+
+void Engine::Impl::retire(std::unique_ptr<Link> link) noexcept {
+  link->fail(ECANCELED, "its set-up failed");
+  try {
+    retired.push_back(std::move(link));
+  } catch (...) {
+    // Out of memory here: leak the link rather than free what the CQ still names.
+    (void)link.release();
+  }
+}
 
 const std::string& Engine::device_name() const { return impl_->device_name; }
 std::size_t Engine::qp_count() const { return impl_->links.size(); }
@@ -260,6 +305,9 @@ void Engine::Impl::prepare_link(Link& link) {
 }
 
 Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
+  if (links.size() >= kMaxLinks)
+    throw Error(EMFILE, "accepting a link from " + ch.peer(), device_name,
+                "an engine serves at most " + std::to_string(kMaxLinks) + " peers");
   auto link = std::make_unique<Link>(*this, ch.peer());
   wire::Fault fault{};
   auto frame = ch.receive(options.connect_timeout);
@@ -281,13 +329,18 @@ Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
   link->qp->to_init(endpoint.port);
   link->qp->to_rtr({hello->qp_num, hello->psn, hello->gid, hello->lid}, path, rel);
   prepare_link(*link);
-  link->qp->to_rts(psn, rel);
-  link->control().ring_->peer = hello->control;
-  link->control().ring_->send = SendRing(hello->control.slots);
-  link->control().established_ = true;
-  wire::Hello mine{link->raw_qp->qp_num, psn, endpoint.gid.gid, 0, static_cast<uint8_t>(mtu),
-                   link->control().ring_->info()};
-  ch.send(wire::encode(mine));
+  try {
+    link->qp->to_rts(psn, rel);
+    link->control().ring_->peer = hello->control;
+    link->control().ring_->send = SendRing(hello->control.slots);
+    link->control().established_ = true;
+    wire::Hello mine{link->raw_qp->qp_num, psn, endpoint.gid.gid, 0, static_cast<uint8_t>(mtu),
+                     link->control().ring_->info()};
+    ch.send(wire::encode(mine));
+  } catch (...) {
+    retire(std::move(link));
+    throw;
+  }
   link->channel.emplace(std::move(ch));
   links.push_back(std::move(link));
   rebuild_poll_fds();
@@ -308,27 +361,47 @@ Link& Engine::Impl::accept_cm_link(verbs::cm::Event& request) {
   if (id.verbs() != device)
     throw Error(EXDEV, "a peer connected through " + verbs::device_name(id.verbs()), device_name,
                 "listen on an address of the engine's device");
-  auto link = std::make_unique<Link>(*this, "rdma_cm peer of " + device_name);
+  if (links.size() >= kMaxLinks)
+    throw Error(EMFILE, "accepting an rdma_cm link", device_name,
+                "an engine serves at most " + std::to_string(kMaxLinks) + " peers");
+  std::string peer = verbs::cm::SocketAddress::of_peer(id).to_string();
+  auto link = std::make_unique<Link>(*this, peer);
   link->cm_events.emplace();
   link->cm_id.emplace(std::move(id));
+  link->cm_id->set_ack_timeout(options.qp_timeout);
   verbs::QueueCaps caps{kSendDepth, kRecvDepth, 1, 1, 64};
   link->cm_qp.emplace(*link->cm_id, *pd, *cq, *cq, caps);
   link->raw_qp = link->cm_qp->get();
   link->max_inline = caps.max_inline_data;
   prepare_link(*link);
-  link->control().ring_->peer = hello->control;
-  link->control().ring_->send = SendRing(hello->control.slots);
-  link->control().established_ = true;
-  wire::Hello mine{};
-  mine.mtu = static_cast<uint8_t>(mtu);
-  mine.control = link->control().ring_->info();
-  auto bytes = wire::encode(mine);
-  link->cm_id->accept({.private_data = bytes});
+  try {
+    link->control().ring_->peer = hello->control;
+    link->control().ring_->send = SendRing(hello->control.slots);
+    link->control().established_ = true;
+    wire::Hello mine{};
+    mine.mtu = static_cast<uint8_t>(mtu);
+    mine.control = link->control().ring_->info();
+    auto bytes = wire::encode(mine);
+    link->cm_id->accept({.private_data = bytes, .responder_resources = 16, .initiator_depth = 16,
+                         .retry_count = options.qp_retry_count, .rnr_retry_count = 7});
+  } catch (...) {
+    retire(std::move(link));
+    throw;
+  }
   links.push_back(std::move(link));
   return *links.back();
 }
 
-void Engine::Impl::poll_listener(milliseconds timeout) {
+void Engine::Impl::poll_listener(milliseconds timeout) noexcept {
+  // A peer that fails its set-up is the peer's problem: report it, keep listening.
+  try {
+    accept_next_link(timeout);
+  } catch (const std::exception& e) {
+    log::warn(std::string("refused a link: ") + e.what());
+  }
+}
+
+void Engine::Impl::accept_next_link(milliseconds timeout) {
   if (listener) {
     pollfd pfd{listener->native_fd(), POLLIN, 0};
     if (::poll(&pfd, 1, static_cast<int>(timeout.count())) == 1)
@@ -350,8 +423,26 @@ void Engine::Impl::poll_listener(milliseconds timeout) {
 Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
   std::string key = host + ":" + std::to_string(peer_port);
   if (auto it = links_by_peer.find(key); it != links_by_peer.end() && !it->second->error) return *it->second;
+  if (links.size() >= kMaxLinks)
+    throw Error(EMFILE, "opening a link to " + key, device_name,
+                "an engine serves at most " + std::to_string(kMaxLinks) + " peers");
 
   auto link = std::make_unique<Link>(*this, key);
+  try {
+    set_up_link(*link, host, peer_port);
+  } catch (...) {
+    retire(std::move(link));
+    throw;
+  }
+  Link& result = *link;
+  links.push_back(std::move(link));
+  links_by_peer[key] = &result;
+  rebuild_poll_fds();
+  return result;
+}
+
+void Engine::Impl::set_up_link(Link& link, const std::string& host, uint16_t peer_port) {
+  const std::string& key = link.peer;
   verbs::QueueCaps caps{kSendDepth, kRecvDepth, 1, 1, 64};
   verbs::ReliabilityParams rel;
   rel.timeout = options.qp_timeout;
@@ -359,13 +450,13 @@ Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
   wire::Fault fault{};
   if (options.bootstrap == Bootstrap::tcp) {
     auto ch = oob::Channel::connect(host, peer_port, options.connect_timeout);
-    link->qp.emplace(*pd, *cq, *cq, caps);
-    link->raw_qp = link->qp->get();
-    link->max_inline = link->qp->caps().max_inline_data;
-    link->qp->to_init(endpoint.port);
+    link.qp.emplace(*pd, *cq, *cq, caps);
+    link.raw_qp = link.qp->get();
+    link.max_inline = link.qp->caps().max_inline_data;
+    link.qp->to_init(endpoint.port);
     uint32_t psn = random_psn();
-    wire::Hello mine{link->raw_qp->qp_num, psn, endpoint.gid.gid, 0, static_cast<uint8_t>(mtu),
-                     link->control().ring_->info()};
+    wire::Hello mine{link.raw_qp->qp_num, psn, endpoint.gid.gid, 0, static_cast<uint8_t>(mtu),
+                     link.control().ring_->info()};
     ch.send(wire::encode(mine));
     auto frame = ch.receive(options.connect_timeout);
     auto hello = wire::decode_hello(frame, fault);
@@ -376,47 +467,43 @@ Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
     }
     verbs::PathParams path{endpoint.port, static_cast<uint8_t>(endpoint.gid.index), true,
                            std::min(mtu, static_cast<ibv_mtu>(hello->mtu))};
-    link->qp->to_rtr({hello->qp_num, hello->psn, hello->gid, hello->lid}, path, rel);
-    prepare_link(*link);
-    link->qp->to_rts(psn, rel);
-    link->control().ring_->peer = hello->control;
-    link->control().ring_->send = SendRing(hello->control.slots);
-    link->channel.emplace(std::move(ch));
+    link.qp->to_rtr({hello->qp_num, hello->psn, hello->gid, hello->lid}, path, rel);
+    prepare_link(link);
+    link.qp->to_rts(psn, rel);
+    link.control().ring_->peer = hello->control;
+    link.control().ring_->send = SendRing(hello->control.slots);
+    link.channel.emplace(std::move(ch));
   } else {
-    link->cm_events.emplace();
-    link->cm_id.emplace(*link->cm_events);
+    link.cm_events.emplace();
+    link.cm_id.emplace(*link.cm_events);
     auto source = verbs::cm::SocketAddress::parse(options.local_address, 0);
-    link->cm_id->resolve_address(*link->cm_events, verbs::cm::SocketAddress::parse(host, peer_port),
+    link.cm_id->resolve_address(*link.cm_events, verbs::cm::SocketAddress::parse(host, peer_port),
                                  options.connect_timeout, &source);
-    link->cm_id->resolve_route(*link->cm_events, options.connect_timeout);
-    if (link->cm_id->verbs() != device)
-      throw Error(EXDEV, "the route to " + key + " leaves through " + verbs::device_name(link->cm_id->verbs()),
+    link.cm_id->resolve_route(*link.cm_events, options.connect_timeout);
+    if (link.cm_id->verbs() != device)
+      throw Error(EXDEV, "the route to " + key + " leaves through " + verbs::device_name(link.cm_id->verbs()),
                   device_name, "give the engine the local address on that device");
-    link->cm_qp.emplace(*link->cm_id, *pd, *cq, *cq, caps);
-    link->raw_qp = link->cm_qp->get();
-    link->max_inline = caps.max_inline_data;
-    prepare_link(*link);
+    link.cm_id->set_ack_timeout(options.qp_timeout);
+    link.cm_qp.emplace(*link.cm_id, *pd, *cq, *cq, caps);
+    link.raw_qp = link.cm_qp->get();
+    link.max_inline = caps.max_inline_data;
+    prepare_link(link);
     wire::Hello mine{};
     mine.mtu = static_cast<uint8_t>(mtu);
-    mine.control = link->control().ring_->info();
+    mine.control = link.control().ring_->info();
     auto bytes = wire::encode(mine);
-    link->cm_id->connect({.private_data = bytes, .responder_resources = 16, .initiator_depth = 16,
+    link.cm_id->connect({.private_data = bytes, .responder_resources = 16, .initiator_depth = 16,
                           .retry_count = std::min<uint8_t>(options.qp_retry_count, 7), .rnr_retry_count = 7});
-    auto established = link->cm_events->expect(RDMA_CM_EVENT_ESTABLISHED, options.connect_timeout, key);
+    auto established = link.cm_events->expect(RDMA_CM_EVENT_ESTABLISHED, options.connect_timeout, key);
     auto hello = wire::decode_hello(established.private_data(), fault);
     if (!hello) {
       ++faults[static_cast<int>(fault)];
       throw Error(EPROTO, "reading the hello of " + key + ": " + std::string(wire::to_string(fault)));
     }
-    link->control().ring_->peer = hello->control;
-    link->control().ring_->send = SendRing(hello->control.slots);
+    link.control().ring_->peer = hello->control;
+    link.control().ring_->send = SendRing(hello->control.slots);
   }
-  link->control().established_ = true;
-  Link& result = *link;
-  links.push_back(std::move(link));
-  links_by_peer[key] = &result;
-  rebuild_poll_fds();
-  return result;
+  link.control().established_ = true;
 }
 
 void Engine::Impl::rebuild_poll_fds() {

@@ -82,6 +82,24 @@ void Link::post_slot(Connection& c, wire::SlotKind kind, uint64_t tag,
   ++staging_next;
 }
 
+void Link::post_imm(Connection& c, wire::ImmType type, uint8_t value) noexcept {
+  // A zero-length write: it carries only the immediate, needs no credit and touches no
+  // memory at the peer.
+  ibv_send_wr wr{};
+  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrCredit;
+  wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+  wr.send_flags = IBV_SEND_SIGNALED;
+  wr.imm_data = htonl(wire::encode(wire::Imm{type, c.peer_id_, value}));
+  wr.wr.rdma.remote_addr = c.ring_->peer.address;
+  wr.wr.rdma.rkey = c.ring_->peer.rkey;
+  ibv_send_wr* bad = nullptr;
+  if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
+    fail(rc, std::string("posting an immediate failed: ") + std::strerror(rc));
+    return;
+  }
+  ++sq_used;
+}
+
 void Link::return_credits(Connection& c, bool force) noexcept {
   Connection::Ring& r = *c.ring_;
   uint32_t threshold = std::max<uint32_t>(1, r.recv.slots() / 2);
@@ -90,29 +108,16 @@ void Link::return_credits(Connection& c, bool force) noexcept {
     mark_waiting(c);  // retried when the send queue drains
     return;
   }
-  uint32_t count = r.recv.take_unreturned(255);
-  ibv_send_wr wr{};
-  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrCredit;
-  wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
-  wr.send_flags = IBV_SEND_SIGNALED;
-  wr.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::credit, c.peer_id_, static_cast<uint8_t>(count)}));
-  wr.wr.rdma.remote_addr = r.peer.address;
-  wr.wr.rdma.rkey = r.peer.rkey;
-  ibv_send_wr* bad = nullptr;
-  if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
-    fail(rc, std::string("returning credits failed: ") + std::strerror(rc));
-    return;
-  }
-  ++sq_used;
+  post_imm(c, wire::ImmType::credit, static_cast<uint8_t>(r.recv.take_unreturned(255)));
 }
 
 void Link::post_request(Request& q) noexcept {
   if (error) {
-    Link::complete(q, Status::failed, 0);
+    complete(q, Status::failed, 0);
     return;
   }
   if (sq_used >= sq_depth) {
-    Link::push(deferred, q);
+    push(deferred, q);
     return;
   }
   try {
@@ -129,25 +134,30 @@ void Link::post_request(Request& q) noexcept {
     ibv_send_wr* bad = nullptr;
     if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
       fail(rc, std::string("posting an RDMA operation failed: ") + std::strerror(rc));
-      Link::complete(q, Status::failed, 0);
+      complete(q, Status::failed, 0);
       return;
     }
     ++sq_used;
   } catch (const std::exception& e) {
     // Registration failed (the message says why, e.g. the memlock limit).
     q.connection_->error_text_ = e.what();
-    Link::complete(q, Status::failed, 0);
-    if (q.op_ == Request::Op::recv) {  // the sender still waits for its answer
-      q.connection_->ring_->done_to_send.push(q.rndv_id_ | 0x80000000u);
-      mark_waiting(*q.connection_);
-    }
+    complete(q, Status::failed, 0);
+    if (q.op_ == Request::Op::recv) answer_rendezvous(*q.connection_, q.rndv_id_, true);
   }
 }
 
 void Link::mark_waiting(Connection& c) noexcept {
-  if (c.ring_->waiting) return;
+  if (c.ring_->waiting || error) return;
   c.ring_->waiting = true;
   waiting.push_back(&c);
+}
+
+void Link::answer_rendezvous(Connection& c, uint32_t id, bool failed) noexcept {
+  Connection::Ring& r = *c.ring_;
+  // Bounded by the rendezvous the peer may have in flight; more is a protocol fault.
+  if (r.done_to_send.full()) return count_fault(wire::Fault::bad_rendezvous, "rendezvous answers");
+  r.done_to_send.push(id | (failed ? 0x100u : 0u));
+  mark_waiting(c);
 }
 
 void Link::drain(Connection& c) noexcept {
@@ -161,20 +171,19 @@ void Link::drain(Connection& c) noexcept {
     }
     replies_to_send.erase(replies_to_send.begin(), replies_to_send.begin() + static_cast<std::ptrdiff_t>(sent));
   }
-  while (!r.done_to_send.empty() && can_post_slot(c)) {
-    uint32_t raw = r.done_to_send.front();
+  while (!r.done_to_send.empty() && !error && sq_used < sq_depth) {
+    uint32_t answer = r.done_to_send.front();
     r.done_to_send.pop();
-    std::array<std::byte, wire::kRndvDoneSize> payload;
-    wire::encode(wire::RndvDone{raw & 0x7fffffffu, raw >> 31}, payload.data());
-    post_slot(c, wire::SlotKind::rndv_done, 0, payload);
+    post_imm(c, answer & 0x100u ? wire::ImmType::rndv_failed : wire::ImmType::rndv_done,
+             static_cast<uint8_t>(answer));
   }
   const uint32_t limit = eager_limit(r, engine.options.eager_limit);
   while (!r.sends.empty() && can_post_slot(c)) {
     Request& q = *r.sends.head;
     if (q.capacity_ <= limit) {
       post_slot(c, wire::SlotKind::eager, q.tag_, {q.buffer_, q.capacity_});
-      Link::pop(r.sends);
-      Link::complete(q, Status::ok, q.capacity_);
+      pop(r.sends);
+      complete(q, Status::ok, q.capacity_);
       continue;
     }
     auto free_id = std::find(r.rndv_sends.begin(), r.rndv_sends.end(), nullptr);
@@ -185,16 +194,16 @@ void Link::drain(Connection& c) noexcept {
       std::array<std::byte, wire::kRndvRequestSize> payload;
       wire::encode(wire::RndvRequest{reinterpret_cast<uint64_t>(q.buffer_), q.capacity_, mr.rkey(), id},
                    payload.data());
-      Link::pop(r.sends);
+      pop(r.sends);
       *free_id = &q;
       post_slot(c, wire::SlotKind::rndv_request, q.tag_, payload);
     } catch (const std::exception& e) {
-      Link::pop(r.sends);
+      pop(r.sends);
       c.error_text_ = e.what();
-      Link::complete(q, Status::failed, 0);
+      complete(q, Status::failed, 0);
     }
   }
-  if (r.close_to_send && r.sends.empty() && r.done_to_send.empty() && can_post_slot(c)) {
+  if (r.close_to_send && r.sends.empty() && can_post_slot(c)) {
     r.close_to_send = false;
     post_slot(c, wire::SlotKind::close, 0, {});
   }
@@ -205,33 +214,41 @@ void Link::drain(Connection& c) noexcept {
 }
 
 void Link::drain_waiting() noexcept {
-  while (Request* q = (sq_used < sq_depth ? Link::pop(deferred) : nullptr)) post_request(*q);
-  // Connections drained now may list themselves again; take the current list only.
-  std::size_t n = waiting.size();
-  for (std::size_t i = 0; i < n; ++i) waiting[i]->ring_->waiting = false;
-  for (std::size_t i = 0; i < n; ++i) drain(*waiting[i]);
-  waiting.erase(waiting.begin(), waiting.begin() + static_cast<std::ptrdiff_t>(n));
+  while (Request* q = (sq_used < sq_depth ? pop(deferred) : nullptr)) post_request(*q);
+  // Connections drained now may list themselves again: drain a swapped-out list. Both
+  // vectors hold at most every connection once, and their capacity was reserved.
+  draining.swap(waiting);
+  for (Connection* c : draining) c->ring_->waiting = false;
+  for (Connection* c : draining) drain(*c);
+  draining.clear();
 }
 
 // ---- arrivals ----------------------------------------------------------------------
 
-void Link::deliver(Connection& c, uint64_t seq, const wire::SlotHeader& header, Request& q) noexcept {
+void Link::deliver(Connection& c, const Arrival& arrival, Request& q) noexcept {
   Connection::Ring& r = *c.ring_;
+  const uint64_t seq = arrival.seq;
+  const wire::SlotHeader& header = arrival.header;
   const std::byte* payload = r.slot(seq) + wire::kSlotHeaderSize;
   q.tag_ = header.tag;
   if (header.kind == wire::SlotKind::eager) {
     std::size_t n = std::min<std::size_t>(header.length, q.capacity_);
     std::memcpy(q.buffer_, payload, n);
     r.recv.release(seq);
-    Link::complete(q, header.length > q.capacity_ ? Status::truncated : Status::ok, header.length);
+    complete(q, header.length > q.capacity_ ? Status::truncated : Status::ok, header.length);
     return;
   }
   wire::Fault fault{};
   auto rndv = wire::decode_rndv_request({payload, header.length}, fault);
   r.recv.release(seq);
   if (!rndv) {
-    Link::complete(q, Status::failed, 0);
+    complete(q, Status::failed, 0);
     count_fault(fault, "a rendezvous request");
+    return;
+  }
+  if (std::min<uint64_t>(rndv->size, q.capacity_) > engine.max_message) {
+    complete(q, Status::failed, 0);
+    answer_rendezvous(c, rndv->id, true);
     return;
   }
   q.rndv_ = *rndv;
@@ -278,6 +295,7 @@ void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte>
 }
 
 void Link::on_arrival(const ibv_wc& wc) noexcept {
+  if (error) return;  // torn down: what still arrives is not trusted
   ibv_recv_wr wr{};
   wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrReceive;
   ibv_recv_wr* bad = nullptr;
@@ -291,8 +309,16 @@ void Link::on_arrival(const ibv_wc& wc) noexcept {
   Connection& c = *connections[imm->connection];
   Connection::Ring& r = *c.ring_;
   if (imm->type == wire::ImmType::credit) {
-    if (!r.send.give_back(imm->count)) return count_fault(wire::Fault::credit_overflow, "a credit return");
+    if (!r.send.give_back(imm->value)) return count_fault(wire::Fault::credit_overflow, "a credit return");
     mark_waiting(c);
+    return;
+  }
+  if (imm->type == wire::ImmType::rndv_done || imm->type == wire::ImmType::rndv_failed) {
+    if (imm->value >= r.rndv_sends.size() || !r.rndv_sends[imm->value])
+      return count_fault(wire::Fault::bad_rendezvous, "a rendezvous answer");
+    Request& q = *std::exchange(r.rndv_sends[imm->value], nullptr);
+    complete(q, imm->type == wire::ImmType::rndv_done ? Status::ok : Status::failed, q.capacity_);
+    mark_waiting(c);  // a rendezvous id is free again
     return;
   }
   uint64_t seq = 0;
@@ -300,6 +326,7 @@ void Link::on_arrival(const ibv_wc& wc) noexcept {
   auto header = wire::decode_slot_header({r.slot(seq), r.slot_size}, r.slot_size - wire::kSlotHeaderSize, fault);
   if (!header) return count_fault(fault, "a slot header");
   std::span<const std::byte> payload{r.slot(seq) + wire::kSlotHeaderSize, header->length};
+  const Arrival arrival{seq, *header};
 
   if (c.id_ == 0) {
     on_control(*header, payload);
@@ -317,34 +344,22 @@ void Link::on_arrival(const ibv_wc& wc) noexcept {
         else r.posted.head = q->next_;
         if (r.posted.tail == q) r.posted.tail = prev;
         q->next_ = nullptr;
-        deliver(c, seq, *header, *q);
+        deliver(c, arrival, *q);
         return_credits(c, false);
         return;
       }
-      r.unexpected.push(seq);
+      r.unexpected.push(arrival);
       return;
     }
     case wire::SlotKind::stream:
-      r.stream.push(seq);
+      r.stream.push(arrival);
       return;
-    case wire::SlotKind::rndv_done: {
-      auto done = wire::decode_rndv_done(payload, fault);
-      r.recv.release(seq);
-      if (!done) return count_fault(fault, "a rendezvous answer");
-      if (done->id >= r.rndv_sends.size() || !r.rndv_sends[done->id])
-        return count_fault(wire::Fault::bad_rendezvous, "a rendezvous answer");
-      Request& q = *std::exchange(r.rndv_sends[done->id], nullptr);
-      Link::complete(q, done->status == 0 ? Status::ok : Status::failed, q.capacity_);
-      mark_waiting(c);  // a rendezvous id is free again
-      return_credits(c, false);
-      return;
-    }
     case wire::SlotKind::close:
       r.recv.release(seq);
       c.peer_closed_ = true;
       // Anything sent before the close has been matched already: what still waits
       // will never be matched.
-      while (Request* q = Link::pop(r.posted)) Link::complete(*q, Status::closed, 0);
+      while (Request* q = pop(r.posted)) complete(*q, Status::closed, 0);
       return_credits(c, false);
       return;
     default:
@@ -361,24 +376,23 @@ void Link::on_request_completion(Request& request) noexcept {
   --sq_used;
   Connection& c = *request.connection_;
   if (request.op_ == Request::Op::recv) {  // a rendezvous read finished
-    c.ring_->done_to_send.push(request.rndv_id_);
-    mark_waiting(c);
-    Link::complete(request, request.bytes_ > request.capacity_ ? Status::truncated : Status::ok, request.bytes_);
+    answer_rendezvous(c, request.rndv_id_, false);
+    complete(request, request.bytes_ > request.capacity_ ? Status::truncated : Status::ok, request.bytes_);
   } else {
-    Link::complete(request, Status::ok, request.capacity_);
+    complete(request, Status::ok, request.capacity_);
   }
 }
 
 void Link::on_failed_completion(const ibv_wc& wc, Request* request) noexcept {
   if ((wc.wr_id & kWrKindMask) != kWrReceive) --sq_used;
-  if (request) Link::complete(*request, Status::failed, 0);
+  if (request) complete(*request, Status::failed, 0);
   fail(EIO, std::string("a work request completed with ") + ibv_wc_status_str(wc.status) + " (vendor error " +
                 std::to_string(wc.vendor_err) + ")");
 }
 
 // ---- progress ----------------------------------------------------------------------
 
-int Engine::Impl::progress() noexcept {
+int Engine::Impl::poll_cq() noexcept {
   ibv_wc wcs[32];
   int n = cq->poll(wcs);
   if (n < 0) n = 0;
@@ -395,18 +409,34 @@ int Engine::Impl::progress() noexcept {
     else if (request) link.on_request_completion(*request);
     else link.on_send_completion(wc);
   }
+  return n;
+}
+
+int Engine::Impl::progress() noexcept {
+  int n = poll_cq();
   for (auto& link : links)
     if (!link->waiting.empty() || !link->deferred.empty()) link->drain_waiting();
+  // Callers that only poll (the stream API) must still learn that a peer went away.
+  constexpr uint32_t kIdlePollsPerLivenessCheck = 4096;
+  if (n == 0 && ++idle_polls % kIdlePollsPerLivenessCheck == 0) check_links(0);
   return n;
+}
+
+void Engine::Impl::check_links(int timeout_ms) noexcept {
+  if (poll_fds_stale) rebuild_poll_fds();
+  int ready = ::poll(poll_fds.data(), poll_fds.size(), timeout_ms);
+  if (ready <= 0) return;
+  if (poll_fds[0].revents) cq->wait(std::chrono::milliseconds(0));
+  // Arrivals first: a departing peer's last messages precede its EOF.
+  while (poll_cq() > 0) {
+  }
+  for (std::size_t i = 1; i < poll_fds.size(); ++i)
+    if (poll_fds[i].revents) links[i - 1]->check_liveness();
 }
 
 void Engine::Impl::block(std::chrono::milliseconds timeout) noexcept {
   if (cq->arm() != 0 || progress() > 0) return;
-  int ready = ::poll(poll_fds.data(), poll_fds.size(), static_cast<int>(timeout.count()));
-  if (ready <= 0) return;
-  if (poll_fds[0].revents) cq->wait(std::chrono::milliseconds(0));
-  for (std::size_t i = 1; i < poll_fds.size(); ++i)
-    if (poll_fds[i].revents) links[i - 1]->check_liveness();
+  check_links(static_cast<int>(timeout.count()));
 }
 
 int Engine::progress() noexcept { return impl_->progress(); }
@@ -441,6 +471,7 @@ Status Connection::send(std::span<const std::byte> data, uint64_t tag, Request& 
   q.buffer_ = const_cast<std::byte*>(data.data());  // only read from
   q.capacity_ = data.size();
   q.connection_ = this;
+  if (data.size() > link_->engine.max_message) return q.status_ = Status::failed;
   q.status_ = Status::pending;
   Ring& r = *ring_;
   if (r.sends.empty() && data.size() <= Link::eager_limit(r, link_->engine.options.eager_limit) &&
@@ -456,7 +487,6 @@ Status Connection::send(std::span<const std::byte> data, uint64_t tag, Request& 
 
 Status Connection::recv(std::span<std::byte> buffer, uint64_t tag, Request& q) noexcept {
   q = Request{};
-  if (error_) return q.status_ = Status::failed;
   q.op_ = Request::Op::recv;
   q.tag_ = tag;
   q.buffer_ = buffer.data();
@@ -464,17 +494,17 @@ Status Connection::recv(std::span<std::byte> buffer, uint64_t tag, Request& q) n
   q.connection_ = this;
   q.status_ = Status::pending;
   Ring& r = *ring_;
+  // What already arrived is delivered even after a failure: it was sent before it.
   for (std::size_t i = 0; i < r.unexpected.size(); ++i) {
-    uint64_t seq = r.unexpected.at(i);
-    wire::Fault fault{};
-    auto header = wire::decode_slot_header({r.slot(seq), r.slot_size}, r.slot_size - wire::kSlotHeaderSize, fault);
-    if (!header || !matches(tag, header->tag)) continue;
+    Arrival arrival = r.unexpected.at(i);
+    if (!matches(tag, arrival.header.tag)) continue;
     r.unexpected.erase(i);
-    link_->deliver(*this, seq, *header, q);
+    link_->deliver(*this, arrival, q);
     link_->return_credits(*this, false);
     return q.status_;
   }
   if (peer_closed_) return q.status_ = Status::closed;
+  if (error_) return q.status_ = Status::failed;
   Link::push(r.posted, q);
   return q.status_;
 }
@@ -495,10 +525,8 @@ std::size_t Connection::stream_read(std::span<std::byte> buffer) noexcept {
   Ring& r = *ring_;
   std::size_t copied = 0;
   while (copied < buffer.size() && !r.stream.empty()) {
-    uint64_t seq = r.stream.front();
-    wire::Fault fault{};
-    auto header = wire::decode_slot_header({r.slot(seq), r.slot_size}, r.slot_size - wire::kSlotHeaderSize, fault);
-    std::size_t length = header ? header->length : 0;
+    const uint64_t seq = r.stream.front().seq;
+    const std::size_t length = r.stream.front().header.length;
     std::size_t n = std::min(length - r.stream_offset, buffer.size() - copied);
     std::memcpy(buffer.data() + copied, r.slot(seq) + wire::kSlotHeaderSize + r.stream_offset, n);
     copied += n;
@@ -520,6 +548,7 @@ Status Connection::write(std::span<const std::byte> local, const RemoteRegion& r
   q = Request{};
   if (error_) return q.status_ = Status::failed;
   if (offset > remote.length || local.size() > remote.length - offset) return q.status_ = Status::truncated;
+  if (local.size() > link_->engine.max_message) return q.status_ = Status::failed;
   q.op_ = Request::Op::write;
   q.buffer_ = const_cast<std::byte*>(local.data());
   q.capacity_ = local.size();
@@ -535,6 +564,7 @@ Status Connection::read(std::span<std::byte> local, const RemoteRegion& remote, 
   q = Request{};
   if (error_) return q.status_ = Status::failed;
   if (offset > remote.length || local.size() > remote.length - offset) return q.status_ = Status::truncated;
+  if (local.size() > link_->engine.max_message) return q.status_ = Status::failed;
   q.op_ = Request::Op::read;
   q.buffer_ = local.data();
   q.capacity_ = local.size();

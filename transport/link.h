@@ -36,6 +36,7 @@ class FixedQueue {
   explicit FixedQueue(std::size_t capacity = 0) : items_(capacity) {}
   bool empty() const noexcept { return count_ == 0; }
   std::size_t size() const noexcept { return count_; }
+  std::size_t capacity() const noexcept { return items_.size(); }
   bool full() const noexcept { return count_ == items_.size(); }
   T& at(std::size_t i) noexcept { return items_[(head_ + i) % items_.size()]; }
   T& front() noexcept { return at(0); }
@@ -58,6 +59,13 @@ class FixedQueue {
   std::size_t count_ = 0;
 };
 
+// A slot that arrived and waits for the application, with its header as it was then
+// (the peer can rewrite its ring at any time; only this copy is trusted).
+struct Arrival {
+  uint64_t seq = 0;
+  wire::SlotHeader header{};
+};
+
 // An intrusive FIFO of caller-owned requests.
 struct RequestList {
   Request* head = nullptr;
@@ -76,10 +84,10 @@ struct Connection::Ring {
   wire::RingInfo peer{};
   RequestList posted;                 // receives waiting for a message
   RequestList sends;                  // sends waiting for credits, in order
-  FixedQueue<uint64_t> unexpected;    // arrived messages nobody asked for yet (seqs)
-  FixedQueue<uint64_t> stream;        // arrived stream slots (seqs)
+  FixedQueue<Arrival> unexpected;     // arrived messages nobody asked for yet
+  FixedQueue<Arrival> stream;         // arrived stream slots
   std::size_t stream_offset = 0;      // bytes of stream.front() already read
-  FixedQueue<uint32_t> done_to_send;  // rendezvous ids whose reads finished
+  FixedQueue<uint32_t> done_to_send;  // finished reads to answer: id | failed << 8
   std::vector<Request*> rndv_sends;   // by rendezvous id
   bool close_to_send = false;
   bool waiting = false;  // listed in Link::waiting
@@ -115,6 +123,7 @@ class Link {
   std::vector<Connection*> connections;  // by our id; [0] is the control connection
   std::vector<std::unique_ptr<Connection>> owned;
   std::vector<Connection*> waiting;      // connections with queued work (each at most once)
+  std::vector<Connection*> draining;     // the list being drained, swapped with `waiting`
   RequestList deferred;                  // reads and writes waiting for send-queue room
   std::vector<wire::ConnectReply> replies_to_send;  // accepted connections, not yet answered
   int error = 0;
@@ -122,14 +131,18 @@ class Link {
 
   Connection& control() noexcept { return *connections[0]; }
   Connection& add_connection();
+  // -1 once failed, so that poll() ignores it.
   int liveness_fd() const noexcept;
-  // Reads the liveness fd after poll() said it is readable.
+  // Reads the liveness fd after poll() said it is readable; call with the CQ drained,
+  // since a departing peer's last messages come before its EOF.
   void check_liveness() noexcept;
+  // Fails every connection and tears the link down so the peer sees it too.
   void fail(int err, const std::string& why) noexcept;
   void post_receives(uint32_t count);
 
   // Data path (datapath.cc).
   bool can_post_slot(Connection& c) const noexcept;
+  void post_imm(Connection& c, wire::ImmType type, uint8_t value) noexcept;
   void post_slot(Connection& c, wire::SlotKind kind, uint64_t tag, std::span<const std::byte> payload) noexcept;
   void return_credits(Connection& c, bool force) noexcept;
   void drain(Connection& c) noexcept;
@@ -138,7 +151,9 @@ class Link {
   void post_request(Request& request) noexcept;  // a READ or WRITE, or deferred
   void on_send_completion(const ibv_wc& wc) noexcept;
   void on_arrival(const ibv_wc& wc) noexcept;
-  void deliver(Connection& c, uint64_t seq, const wire::SlotHeader& header, Request& request) noexcept;
+  void deliver(Connection& c, const Arrival& arrival, Request& request) noexcept;
+  // Queues the immediate that tells a sender its rendezvous id is done.
+  void answer_rendezvous(Connection& c, uint32_t id, bool failed) noexcept;
   void on_control(const wire::SlotHeader& header, std::span<const std::byte> payload) noexcept;
   void count_fault(wire::Fault fault, const char* where) noexcept;
   void on_request_completion(Request& request) noexcept;
@@ -177,20 +192,36 @@ struct Engine::Impl {
   uint16_t port = 0;
 
   std::vector<std::unique_ptr<Link>> links;
+  // Links whose set-up failed after receives were posted: kept until the engine goes,
+  // so that their flushed completions never name freed memory.
+  std::vector<std::unique_ptr<Link>> retired;
+  bool poll_fds_stale = false;
+  uint32_t idle_polls = 0;
+  uint64_t max_message = 0;  // the port's max_msg_sz: one RDMA operation at most
   std::map<std::string, Link*> links_by_peer;
   std::vector<Connection*> accepted;  // opened by peers, not yet returned by accept()
   std::vector<pollfd> poll_fds;
   uint64_t faults[static_cast<int>(wire::Fault::count_)] = {};
 
   Link& link_to(const std::string& host, uint16_t peer_port);
+  void set_up_link(Link& link, const std::string& host, uint16_t peer_port);
+  void accept_next_link(std::chrono::milliseconds timeout);
   Link& accept_tcp_link(oob::Channel channel);
   Link& accept_cm_link(verbs::cm::Event& request);
-  void poll_listener(std::chrono::milliseconds timeout);
+  void poll_listener(std::chrono::milliseconds timeout) noexcept;
   void prepare_link(Link& link);
   void rebuild_poll_fds();
+  // Takes ownership of a link whose set-up is failing.
+  void retire(std::unique_ptr<Link> link) noexcept;
+  // Polls the CQ and handles what completed.
+  int poll_cq() noexcept;
   int progress() noexcept;
+  // Waits up to `timeout_ms` for a completion or a liveness event and handles it.
+  void check_links(int timeout_ms) noexcept;
   // Sleeps until a completion, a liveness event or `timeout`; what woke it is handled.
   void block(std::chrono::milliseconds timeout) noexcept;
+  // Closes every open connection and lets what was sent leave, within a time limit.
+  void shutdown() noexcept;
   template <typename Done>
   void wait_until(Done&& done, std::chrono::milliseconds timeout, const std::string& what,
                   const std::string& peer);

@@ -79,12 +79,13 @@ std::string_view to_string(Fault fault) {
 }
 
 uint32_t encode(const Imm& imm) {
-  return (uint32_t(imm.type) << 28) | ((imm.connection & (kMaxConnections - 1)) << 8) | imm.count;
+  return (uint32_t(imm.type) << 28) | ((imm.connection & (kMaxConnections - 1)) << 8) | imm.value;
 }
 
 std::optional<Imm> decode_imm(uint32_t raw, Fault& fault) {
   auto type = static_cast<ImmType>(raw >> 28);
-  if (type != ImmType::slot && type != ImmType::credit) {
+  if (type != ImmType::slot && type != ImmType::credit && type != ImmType::rndv_done &&
+      type != ImmType::rndv_failed) {
     fault = Fault::bad_kind;
     return std::nullopt;
   }
@@ -107,7 +108,6 @@ std::optional<SlotHeader> decode_slot_header(std::span<const std::byte> slot, ui
     case SlotKind::eager:
     case SlotKind::stream: break;
     case SlotKind::rndv_request: fixed = kRndvRequestSize; break;
-    case SlotKind::rndv_done: fixed = kRndvDoneSize; break;
     case SlotKind::connect: fixed = kConnectRequestSize; break;
     case SlotKind::accept: fixed = kConnectReplySize; break;
     case SlotKind::close:
@@ -131,11 +131,6 @@ void encode(const RndvRequest& m, std::byte* out) {
   put64(out + 8, m.size);
   put32(out + 16, m.rkey);
   put32(out + 20, m.id);
-}
-
-void encode(const RndvDone& m, std::byte* out) {
-  put32(out, m.id);
-  put32(out + 4, m.status);
 }
 
 void encode(const ConnectRequest& m, std::byte* out) {
@@ -165,16 +160,15 @@ std::array<std::byte, kHelloSize> encode(const Hello& m) {
 std::optional<RndvRequest> decode_rndv_request(std::span<const std::byte> in, Fault& fault) {
   if (!long_enough(in, kRndvRequestSize, fault)) return std::nullopt;
   RndvRequest m{get64(in.data()), get64(in.data() + 8), get32(in.data() + 16), get32(in.data() + 20)};
+  if (m.id >= kMaxRendezvous) {
+    fault = Fault::bad_rendezvous;
+    return std::nullopt;
+  }
   if (m.size == 0 || m.address + m.size < m.address) {
     fault = Fault::bad_length;
     return std::nullopt;
   }
   return m;
-}
-
-std::optional<RndvDone> decode_rndv_done(std::span<const std::byte> in, Fault& fault) {
-  if (!long_enough(in, kRndvDoneSize, fault)) return std::nullopt;
-  return RndvDone{get32(in.data()), get32(in.data() + 4)};
 }
 
 std::optional<ConnectRequest> decode_connect_request(std::span<const std::byte> in, Fault& fault) {

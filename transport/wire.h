@@ -31,13 +31,21 @@ enum class Fault : uint8_t {
 };
 std::string_view to_string(Fault fault);
 
-// Immediate data of RDMA WRITE_WITH_IMM: [type:4][connection:20][count:8].
+// Immediate data of RDMA WRITE_WITH_IMM: [type:4][connection:20][value:8].
 inline constexpr uint32_t kMaxConnections = 1u << 20;
-enum class ImmType : uint8_t { slot = 1, credit = 2 };
+// Rendezvous ids fit the 8-bit value: at most this many large sends in flight per
+// connection.
+inline constexpr uint32_t kMaxRendezvous = 256;
+enum class ImmType : uint8_t {
+  slot = 1,         // a slot was written
+  credit = 2,       // value: credits returned
+  rndv_done = 3,    // value: the rendezvous id the reader has finished
+  rndv_failed = 4,  // value: the rendezvous id the reader gave up on
+};
 struct Imm {
   ImmType type;
   uint32_t connection;  // the receiver's id for the connection
-  uint8_t count;        // credits returned (credit type only)
+  uint8_t value;
 };
 uint32_t encode(const Imm& imm);
 std::optional<Imm> decode_imm(uint32_t raw, Fault& fault);
@@ -48,7 +56,8 @@ enum class SlotKind : uint8_t {
   eager = 1,         // a whole message
   stream = 2,        // bytes of the byte stream
   rndv_request = 3,  // a large message waits to be read (payload: RndvRequest)
-  rndv_done = 4,     // the reader is done (payload: RndvDone)
+  // 4 is unused: the reader's answer travels as immediate data (ImmType::rndv_done),
+  // so it needs no credit and cannot wait behind the application.
   connect = 5,       // control connection only (payload: ConnectRequest)
   accept = 6,        // control connection only (payload: ConnectReply)
   close = 7,         // the sender will send no more (no payload)
@@ -80,12 +89,6 @@ struct RndvRequest {
 };
 inline constexpr std::size_t kRndvRequestSize = 24;
 
-struct RndvDone {
-  uint32_t id;
-  uint32_t status;  // 0 ok; otherwise the reader failed and the send fails too
-};
-inline constexpr std::size_t kRndvDoneSize = 8;
-
 struct ConnectRequest {
   uint32_t connection;  // the requester's id
   RingInfo ring;        // the requester's receive ring
@@ -112,7 +115,6 @@ struct Hello {
 inline constexpr std::size_t kHelloSize = 56;
 
 void encode(const RndvRequest& m, std::byte* out);
-void encode(const RndvDone& m, std::byte* out);
 void encode(const ConnectRequest& m, std::byte* out);
 void encode(const ConnectReply& m, std::byte* out);
 std::array<std::byte, kHelloSize> encode(const Hello& m);
@@ -120,7 +122,6 @@ std::array<std::byte, kHelloSize> encode(const Hello& m);
 // Each decoder refuses short input, and rings no sane peer would offer (zero or
 // oversized slots, more slots than a connection may have).
 std::optional<RndvRequest> decode_rndv_request(std::span<const std::byte> in, Fault& fault);
-std::optional<RndvDone> decode_rndv_done(std::span<const std::byte> in, Fault& fault);
 std::optional<ConnectRequest> decode_connect_request(std::span<const std::byte> in, Fault& fault);
 std::optional<ConnectReply> decode_connect_reply(std::span<const std::byte> in, Fault& fault);
 std::optional<Hello> decode_hello(std::span<const std::byte> in, Fault& fault);

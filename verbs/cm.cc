@@ -123,6 +123,20 @@ Id::Id(EventChannel& channel, rdma_port_space space) {
 
 uint16_t Id::local_port() const noexcept { return ntohs(rdma_get_src_port(get())); }
 
+void Id::set_ack_timeout(uint8_t timeout) {
+  if (rdma_set_option(get(), RDMA_OPTION_ID, RDMA_OPTION_ID_ACK_TIMEOUT, &timeout, sizeof timeout) != 0)
+    throw Error(errno, "setting the ack timeout (rdma_set_option)", where());
+}
+
+SocketAddress SocketAddress::of_peer(const Id& id) {
+  SocketAddress address;
+  if (const sockaddr* peer = rdma_get_peer_addr(id.get())) {
+    std::size_t size = peer->sa_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
+    std::memcpy(&address.storage, peer, size);
+  }
+  return address;
+}
+
 std::string Id::where() const {
   return id_->verbs ? device_name(id_->verbs) : std::string("rdma_cm");
 }

@@ -26,6 +26,7 @@ struct SocketAddress {
   sockaddr_storage storage{};
 
   static SocketAddress parse(std::string_view ip, uint16_t port);
+  static SocketAddress of_peer(const class Id& id);
   const sockaddr* get() const noexcept { return reinterpret_cast<const sockaddr*>(&storage); }
   sockaddr* get() noexcept { return reinterpret_cast<sockaddr*>(&storage); }
   std::string to_string() const;  // "192.0.2.1:7471", "[fe80::1]:7471"
@@ -92,6 +93,8 @@ class Id {
   // The device the id is bound to, once an address is bound or resolved.
   ibv_context* verbs() const noexcept { return id_->verbs; }
   uint16_t local_port() const noexcept;
+  // RC ack timeout exponent for the QP rdma_cm will set up (4.096 us * 2^timeout).
+  void set_ack_timeout(uint8_t timeout);
 
   void bind(const SocketAddress& address);
   void listen(int backlog);

@@ -19,7 +19,8 @@ TEST(Imm, RoundTripsAndRefusesUnknownTypes) {
   ASSERT_TRUE(back);
   EXPECT_EQ(back->type, wire::ImmType::credit);
   EXPECT_EQ(back->connection, wire::kMaxConnections - 1);
-  EXPECT_EQ(back->count, 200);
+  EXPECT_EQ(back->value, 200);
+  EXPECT_TRUE(wire::decode_imm(wire::encode({wire::ImmType::rndv_failed, 3, 255}), fault));
   EXPECT_FALSE(wire::decode_imm(0x0, fault));
   EXPECT_EQ(fault, Fault::bad_kind);
   EXPECT_FALSE(wire::decode_imm(0xF0000000u, fault));
@@ -107,6 +108,9 @@ TEST(Rendezvous, RefusesEmptyAndWrappingRanges) {
   EXPECT_FALSE(wire::decode_rndv_request(buffer, fault));
   wire::encode(wire::RndvRequest{0x1000, 0, 1, 2}, buffer.data());
   EXPECT_FALSE(wire::decode_rndv_request(buffer, fault));
+  wire::encode(wire::RndvRequest{0x1000, 10, 1, wire::kMaxRendezvous}, buffer.data());
+  EXPECT_FALSE(wire::decode_rndv_request(buffer, fault)) << "ids fit the immediate's 8 bits";
+  EXPECT_EQ(fault, Fault::bad_rendezvous);
 }
 
 TEST(SendRing, CreditsLimitTheSender) {
