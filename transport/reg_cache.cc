@@ -1,7 +1,5 @@
 #include "transport/reg_cache.h"
 
-#include <unistd.h>
-
 namespace rxio::transport {
 
 const verbs::MemoryRegion& RegistrationCache::get(const void* address, std::size_t length, int access) {
@@ -20,11 +18,10 @@ const verbs::MemoryRegion& RegistrationCache::get(const void* address, std::size
     }
   }
   ++misses_;
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  uintptr_t first = start & ~(page - 1);
-  uintptr_t last = (end + page - 1) & ~(page - 1);
-  auto mr = verbs::MemoryRegion::register_host(*pd_, reinterpret_cast<void*>(first), last - first, access);
-  auto inserted = entries_.emplace(first, Entry{last, access, std::move(mr)});
+  // Exactly the buffer, not its pages: a key given to a peer must not reach the
+  // neighbouring heap (the device checks memory-region bounds per byte).
+  auto mr = verbs::MemoryRegion::register_host(*pd_, const_cast<void*>(address), end - start, access);
+  auto inserted = entries_.emplace(start, Entry{end, access, std::move(mr)});
   return inserted->second.mr;
 }
 

@@ -19,7 +19,7 @@ class RegistrationCache {
   explicit RegistrationCache(const verbs::ProtectionDomain& pd) : pd_(&pd) {}
 
   // A registration covering [address, address + length) with at least `access`;
-  // registers the enclosing pages on a miss. Throws rxio::Error (with the memlock fix)
+  // registers exactly that range on a miss. Throws rxio::Error (with the memlock fix)
   // when the device refuses.
   const verbs::MemoryRegion& get(const void* address, std::size_t length, int access);
   // Drops every registration overlapping the range. Returns how many.
