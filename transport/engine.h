@@ -45,7 +45,9 @@ const char* to_string(Status status);
 inline constexpr uint64_t kAnyTag = ~uint64_t{0};
 
 // One send, receive, read or write in flight. Owned by the caller and left in place
-// until done(): the engine links it into its queues instead of allocating.
+// until done(): the engine links it into its queues instead of allocating. A wait()
+// that times out leaves it in flight: keep it alive until it completes or its
+// connection fails.
 class Request {
  public:
   bool done() const noexcept { return status_ != Status::pending; }
