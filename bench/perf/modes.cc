@@ -2,6 +2,7 @@
 
 #include <array>
 
+#include "bench/perf/msg_modes.h"
 #include "bench/perf/rc_modes.h"
 
 namespace rxio::perf {
@@ -15,6 +16,8 @@ constexpr std::array kModes = {
     Mode{"read_lat", "RDMA_Read Latency Test", Kind::latency, false, 1000, run_read_lat},
     Mode{"send_bw", "Send BW Test", Kind::bandwidth, true, 1000, run_send_bw},
     Mode{"send_lat", "Send Latency Test", Kind::latency, true, 1000, run_send_lat},
+    Mode{"msg_bw", "rxio Message BW Test", Kind::bandwidth, false, 1000, run_msg_bw},
+    Mode{"msg_lat", "rxio Message Latency Test", Kind::latency, false, 1000, run_msg_lat},
 };
 
 }  // namespace
