@@ -17,7 +17,7 @@ const std::vector<Knob> kKnobs = {
     {"RXIO_EAGER_LIMIT", "bytes", "0",
      "Largest message sent through the ring; larger ones go by rendezvous (RDMA READ "
      "straight into the receiver's buffer). 0: the slot payload (RXIO_SLOT_SIZE - 16)."},
-    {"RXIO_POLL_US", "microseconds", "50",
+    {"RXIO_POLL_US", "microseconds", "1000",
      "Busy-poll this long before blocking on the completion channel."},
     {"RXIO_QP_RETRY_COUNT", "count", "7",
      "RC retries before a silent peer fails the link (with RXIO_QP_TIMEOUT)."},

@@ -2,6 +2,7 @@
 // accepting connections, failure. The data path is in datapath.cc.
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <random>
@@ -76,7 +77,7 @@ Connection::Ring::Ring(verbs::ProtectionDomain& pd, uint32_t slots, uint32_t siz
       unexpected(slots),
       stream(slots),
       done_to_send(wire::kMaxRendezvous),
-      rndv_sends(std::min(slots, wire::kMaxRendezvous), nullptr) {}
+      rndv_sends(wire::kMaxRendezvous, nullptr) {}
 
 wire::RingInfo Connection::Ring::info() const noexcept {
   return {reinterpret_cast<uint64_t>(memory.data()), mr.rkey(), recv.slots(), slot_size};
@@ -228,6 +229,11 @@ Engine::Impl::Impl(Options o) : options(resolve(std::move(o))) {
     throw Error(rc, "querying port " + std::to_string(endpoint.port), device_name);
   mtu = port_attr.active_mtu;
   max_message = port_attr.max_msg_sz;
+  // Rendezvous are RDMA READs: let as many be in flight as the device allows.
+  ibv_device_attr device_attr{};
+  if (int rc = ibv_query_device(device, &device_attr); rc != 0)
+    throw Error(rc, "querying the device (ibv_query_device)", device_name);
+  rd_atomic = static_cast<uint8_t>(std::clamp(std::min(device_attr.max_qp_rd_atom, device_attr.max_qp_init_rd_atom), 1, 128));
   pd.emplace(device);
   channel.emplace(device);
   cq.emplace(device, kCqEntries, &*channel);
@@ -299,6 +305,15 @@ void Engine::listen(const std::string& address, uint16_t port) {
   }
 }
 
+verbs::ReliabilityParams Engine::Impl::reliability() const {
+  verbs::ReliabilityParams rel;
+  rel.timeout = options.qp_timeout;
+  rel.retry_count = options.qp_retry_count;
+  rel.max_rd_atomic = rd_atomic;
+  rel.max_dest_rd_atomic = rd_atomic;
+  return rel;
+}
+
 void Engine::Impl::prepare_link(Link& link) {
   link.sq_depth = kSendDepth;
   link.post_receives(kRecvDepth);
@@ -321,9 +336,7 @@ Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
   link->raw_qp = link->qp->get();
   link->max_inline = link->qp->caps().max_inline_data;
   uint32_t psn = random_psn();
-  verbs::ReliabilityParams rel;
-  rel.timeout = options.qp_timeout;
-  rel.retry_count = options.qp_retry_count;
+  verbs::ReliabilityParams rel = reliability();
   verbs::PathParams path{endpoint.port, static_cast<uint8_t>(endpoint.gid.index), true,
                          std::min(mtu, static_cast<ibv_mtu>(hello->mtu))};
   link->qp->to_init(endpoint.port);
@@ -382,7 +395,7 @@ Link& Engine::Impl::accept_cm_link(verbs::cm::Event& request) {
     mine.mtu = static_cast<uint8_t>(mtu);
     mine.control = link->control().ring_->info();
     auto bytes = wire::encode(mine);
-    link->cm_id->accept({.private_data = bytes, .responder_resources = 16, .initiator_depth = 16,
+    link->cm_id->accept({.private_data = bytes, .responder_resources = rd_atomic, .initiator_depth = rd_atomic,
                          .retry_count = options.qp_retry_count, .rnr_retry_count = 7});
   } catch (...) {
     retire(std::move(link));
@@ -444,9 +457,7 @@ Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
 void Engine::Impl::set_up_link(Link& link, const std::string& host, uint16_t peer_port) {
   const std::string& key = link.peer;
   verbs::QueueCaps caps{kSendDepth, kRecvDepth, 1, 1, 64};
-  verbs::ReliabilityParams rel;
-  rel.timeout = options.qp_timeout;
-  rel.retry_count = options.qp_retry_count;
+  verbs::ReliabilityParams rel = reliability();
   wire::Fault fault{};
   if (options.bootstrap == Bootstrap::tcp) {
     auto ch = oob::Channel::connect(host, peer_port, options.connect_timeout);
@@ -492,7 +503,7 @@ void Engine::Impl::set_up_link(Link& link, const std::string& host, uint16_t pee
     mine.mtu = static_cast<uint8_t>(mtu);
     mine.control = link.control().ring_->info();
     auto bytes = wire::encode(mine);
-    link.cm_id->connect({.private_data = bytes, .responder_resources = 16, .initiator_depth = 16,
+    link.cm_id->connect({.private_data = bytes, .responder_resources = rd_atomic, .initiator_depth = rd_atomic,
                           .retry_count = std::min<uint8_t>(options.qp_retry_count, 7), .rnr_retry_count = 7});
     auto established = link.cm_events->expect(RDMA_CM_EVENT_ESTABLISHED, options.connect_timeout, key);
     auto hello = wire::decode_hello(established.private_data(), fault);

@@ -198,6 +198,7 @@ struct Engine::Impl {
   bool poll_fds_stale = false;
   uint32_t idle_polls = 0;
   uint64_t max_message = 0;  // the port's max_msg_sz: one RDMA operation at most
+  uint8_t rd_atomic = 16;    // RDMA READs in flight per QP, both ways
   std::map<std::string, Link*> links_by_peer;
   std::vector<Connection*> accepted;  // opened by peers, not yet returned by accept()
   std::vector<pollfd> poll_fds;
@@ -210,6 +211,7 @@ struct Engine::Impl {
   Link& accept_cm_link(verbs::cm::Event& request);
   void poll_listener(std::chrono::milliseconds timeout) noexcept;
   void prepare_link(Link& link);
+  verbs::ReliabilityParams reliability() const;
   void rebuild_poll_fds();
   // Takes ownership of a link whose set-up is failing.
   void retire(std::unique_ptr<Link> link) noexcept;
