@@ -76,11 +76,19 @@ Connection::Ring::Ring(verbs::ProtectionDomain& pd, uint32_t slots, uint32_t siz
       send(0),
       unexpected(slots),
       stream(slots),
-      done_to_send(wire::kMaxRendezvous),
-      rndv_sends(wire::kMaxRendezvous, nullptr) {}
+      answers(wire::kMaxRendezvous),
+      rndv_sends(wire::kMaxRendezvous, nullptr),
+      rndv_recvs(wire::kMaxRendezvous, nullptr),
+      mailbox(std::size_t(wire::kMaxRendezvous) * wire::kRndvTargetSize),
+      mailbox_mr(verbs::MemoryRegion::register_host(pd, mailbox.data(), mailbox.size(),
+                                                    IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE)) {}
 
 wire::RingInfo Connection::Ring::info() const noexcept {
   return {reinterpret_cast<uint64_t>(memory.data()), mr.rkey(), recv.slots(), slot_size};
+}
+
+wire::MailboxInfo Connection::Ring::mailbox_info() const noexcept {
+  return {reinterpret_cast<uint64_t>(mailbox.data()), mailbox_mr.rkey()};
 }
 
 Connection::Connection(Link& link, uint32_t id) : link_(&link), id_(id) {
@@ -168,8 +176,9 @@ void Link::fail(int err, const std::string& why) noexcept {
     };
     fail_all(r.posted);
     fail_all(r.sends);
-    for (Request*& q : r.rndv_sends)
-      if (q) std::exchange(q, nullptr)->status_ = Status::failed;
+    for (auto* table : {&r.rndv_sends, &r.rndv_recvs})
+      for (Request*& q : *table)
+        if (q) std::exchange(q, nullptr)->status_ = Status::failed;
   }
   for (Request* q = deferred.head; q; q = q->next_) q->status_ = Status::failed;
   deferred = {};
@@ -538,7 +547,7 @@ Connection& Engine::connect(const std::string& host, uint16_t port) {
   Impl& e = *impl_;
   Link& link = e.link_to(host, port);
   Connection& c = link.add_connection();
-  wire::ConnectRequest request{c.id_, c.ring_->info()};
+  wire::ConnectRequest request{c.id_, c.ring_->info(), c.ring_->mailbox_info()};
   std::array<std::byte, wire::kConnectRequestSize> payload;
   wire::encode(request, payload.data());
   e.wait_until([&] { return link.error || link.can_post_slot(link.control()); }, e.options.connect_timeout,

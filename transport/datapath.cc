@@ -116,33 +116,47 @@ void Link::post_request(Request& q) noexcept {
     complete(q, Status::failed, 0);
     return;
   }
-  if (sq_used >= sq_depth) {
+  // A rendezvous takes two work requests: the data as a plain RDMA WRITE, then a
+  // zero-length write whose immediate tells the receiver. RC delivers them in order, and
+  // a plain write avoids the receive-queue path that slows large writes with immediate.
+  const bool rendezvous = q.op_ == Request::Op::send;
+  if (sq_used + (rendezvous ? 2 : 1) > sq_depth) {
     push(deferred, q);
     return;
   }
   try {
     const auto& mr = engine.cache->get(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE);
     ibv_sge sge{reinterpret_cast<uint64_t>(q.buffer_), static_cast<uint32_t>(q.capacity_), mr.lkey()};
-    ibv_send_wr wr{};
-    wr.wr_id = reinterpret_cast<uint64_t>(&q) | kWrRequest;
-    wr.sg_list = &sge;
-    wr.num_sge = q.capacity_ ? 1 : 0;
-    wr.opcode = q.op_ == Request::Op::write ? IBV_WR_RDMA_WRITE : IBV_WR_RDMA_READ;
-    wr.send_flags = IBV_SEND_SIGNALED;
-    wr.wr.rdma.remote_addr = q.rndv_.address;
-    wr.wr.rdma.rkey = q.rndv_.rkey;
+    ibv_send_wr data{}, notice{};
+    data.wr_id = reinterpret_cast<uint64_t>(&q) | kWrRequest;
+    data.sg_list = &sge;
+    data.num_sge = q.capacity_ ? 1 : 0;
+    data.opcode = q.op_ == Request::Op::read ? IBV_WR_RDMA_READ : IBV_WR_RDMA_WRITE;
+    data.send_flags = IBV_SEND_SIGNALED;
+    data.wr.rdma.remote_addr = q.remote_address_;
+    data.wr.rdma.rkey = q.rkey_;
+    if (rendezvous) {
+      data.wr_id = reinterpret_cast<uint64_t>(this) | kWrCredit;
+      data.next = &notice;
+      notice.wr_id = reinterpret_cast<uint64_t>(&q) | kWrRequest;
+      notice.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+      notice.send_flags = IBV_SEND_SIGNALED;
+      notice.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::rndv_written, q.connection_->peer_id_,
+                                                     static_cast<uint8_t>(q.rndv_id_)}));
+      notice.wr.rdma.remote_addr = q.remote_address_;
+      notice.wr.rdma.rkey = q.rkey_;
+    }
     ibv_send_wr* bad = nullptr;
-    if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
+    if (int rc = ibv_post_send(raw_qp, &data, &bad); rc != 0) {
       fail(rc, std::string("posting an RDMA operation failed: ") + std::strerror(rc));
       complete(q, Status::failed, 0);
       return;
     }
-    ++sq_used;
+    sq_used += rendezvous ? 2 : 1;
   } catch (const std::exception& e) {
     // Registration failed (the message says why, e.g. the memlock limit).
     q.connection_->error_text_ = e.what();
     complete(q, Status::failed, 0);
-    if (q.op_ == Request::Op::recv) answer_rendezvous(*q.connection_, q.rndv_id_, true);
   }
 }
 
@@ -155,9 +169,32 @@ void Link::mark_waiting(Connection& c) noexcept {
 void Link::answer_rendezvous(Connection& c, uint32_t id, bool failed) noexcept {
   Connection::Ring& r = *c.ring_;
   // Bounded by the rendezvous the peer may have in flight; more is a protocol fault.
-  if (r.done_to_send.full()) return count_fault(wire::Fault::bad_rendezvous, "rendezvous answers");
-  r.done_to_send.push(id | (failed ? 0x100u : 0u));
+  if (r.answers.full()) return count_fault(wire::Fault::bad_rendezvous, "rendezvous answers");
+  r.answers.push(id | (failed ? 0x100u : 0u));
   mark_waiting(c);
+}
+
+void Link::post_answer(Connection& c, uint32_t answer) noexcept {
+  const uint8_t id = static_cast<uint8_t>(answer);
+  if (answer & 0x100u) return post_imm(c, wire::ImmType::rndv_failed, id);
+  // The target goes inline into the peer's mailbox entry; the immediate announces it.
+  const Request& q = *c.ring_->rndv_recvs[id];
+  std::array<std::byte, wire::kRndvTargetSize> target;
+  wire::encode(wire::RndvTarget{reinterpret_cast<uint64_t>(q.buffer_), q.rkey_, static_cast<uint32_t>(q.capacity_)},
+               target.data());
+  ibv_sge sge{reinterpret_cast<uint64_t>(target.data()), static_cast<uint32_t>(target.size()), 0};
+  ibv_send_wr wr{};
+  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrCredit;
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+  wr.send_flags = IBV_SEND_SIGNALED | IBV_SEND_INLINE;
+  wr.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::rndv_ready, c.peer_id_, id}));
+  wr.wr.rdma.remote_addr = c.ring_->peer_mailbox.address + uint64_t(id) * wire::kRndvTargetSize;
+  wr.wr.rdma.rkey = c.ring_->peer_mailbox.rkey;
+  ibv_send_wr* bad = nullptr;
+  if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) return fail(rc, std::string("posting a rendezvous answer failed: ") + std::strerror(rc));
+  ++sq_used;
 }
 
 void Link::drain(Connection& c) noexcept {
@@ -171,11 +208,10 @@ void Link::drain(Connection& c) noexcept {
     }
     replies_to_send.erase(replies_to_send.begin(), replies_to_send.begin() + static_cast<std::ptrdiff_t>(sent));
   }
-  while (!r.done_to_send.empty() && !error && sq_used < sq_depth) {
-    uint32_t answer = r.done_to_send.front();
-    r.done_to_send.pop();
-    post_imm(c, answer & 0x100u ? wire::ImmType::rndv_failed : wire::ImmType::rndv_done,
-             static_cast<uint8_t>(answer));
+  while (!r.answers.empty() && !error && sq_used < sq_depth) {
+    uint32_t answer = r.answers.front();
+    r.answers.pop();
+    post_answer(c, answer);
   }
   const uint32_t limit = eager_limit(r, engine.options.eager_limit);
   while (!r.sends.empty() && can_post_slot(c)) {
@@ -190,12 +226,13 @@ void Link::drain(Connection& c) noexcept {
     if (free_id == r.rndv_sends.end()) break;  // as many rendezvous in flight as slots
     uint32_t id = static_cast<uint32_t>(free_id - r.rndv_sends.begin());
     try {
-      const auto& mr = engine.cache->get(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ);
+      // Registered now, so that a failure shows here and the write later cannot fail.
+      engine.cache->get(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE);
       std::array<std::byte, wire::kRndvRequestSize> payload;
-      wire::encode(wire::RndvRequest{reinterpret_cast<uint64_t>(q.buffer_), q.capacity_, mr.rkey(), id},
-                   payload.data());
+      wire::encode(wire::RndvRequest{q.capacity_, id}, payload.data());
       pop(r.sends);
       *free_id = &q;
+      q.rndv_id_ = id;
       post_slot(c, wire::SlotKind::rndv_request, q.tag_, payload);
     } catch (const std::exception& e) {
       pop(r.sends);
@@ -208,13 +245,13 @@ void Link::drain(Connection& c) noexcept {
     post_slot(c, wire::SlotKind::close, 0, {});
   }
   return_credits(c, false);
-  bool more = !r.sends.empty() || !r.done_to_send.empty() || r.close_to_send ||
+  bool more = !r.sends.empty() || !r.answers.empty() || r.close_to_send ||
               (c.id_ == 0 && !replies_to_send.empty());
   if (more && !error) mark_waiting(c);
 }
 
 void Link::drain_waiting() noexcept {
-  while (Request* q = (sq_used < sq_depth ? pop(deferred) : nullptr)) post_request(*q);
+  while (Request* q = (sq_used + 2 <= sq_depth ? pop(deferred) : nullptr)) post_request(*q);
   // Connections drained now may list themselves again: drain a swapped-out list. Both
   // vectors hold at most every connection once, and their capacity was reserved.
   draining.swap(waiting);
@@ -246,17 +283,32 @@ void Link::deliver(Connection& c, const Arrival& arrival, Request& q) noexcept {
     count_fault(fault, "a rendezvous request");
     return;
   }
-  if (std::min<uint64_t>(rndv->size, q.capacity_) > engine.max_message) {
+  if (r.rndv_recvs[rndv->id]) {
+    complete(q, Status::failed, 0);
+    count_fault(wire::Fault::bad_rendezvous, "a rendezvous request reusing a busy id");
+    return;
+  }
+  // The peer writes what fits; a larger message leaves the buffer holding its start.
+  const std::size_t length = std::min<std::size_t>(q.capacity_, rndv->size);
+  if (length > engine.max_message) {
     complete(q, Status::failed, 0);
     answer_rendezvous(c, rndv->id, true);
     return;
   }
-  q.rndv_ = *rndv;
+  try {
+    const auto& mr = engine.cache->get(q.buffer_, length, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+    q.rkey_ = mr.rkey();
+  } catch (const std::exception& e) {
+    c.error_text_ = e.what();
+    complete(q, Status::failed, 0);
+    answer_rendezvous(c, rndv->id, true);
+    return;
+  }
   q.rndv_id_ = rndv->id;
   q.bytes_ = rndv->size;
-  // Read what fits; a larger message leaves the buffer holding its start (truncated).
-  q.capacity_ = std::min<std::size_t>(q.capacity_, rndv->size);
-  post_request(q);
+  q.capacity_ = length;
+  r.rndv_recvs[rndv->id] = &q;
+  answer_rendezvous(c, rndv->id, false);
 }
 
 void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte> payload) noexcept {
@@ -269,8 +321,9 @@ void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte>
       c.peer_id_ = request->connection;
       c.ring_->peer = request->ring;
       c.ring_->send = SendRing(request->ring.slots);
+      c.ring_->peer_mailbox = request->mailbox;
       c.established_ = true;
-      replies_to_send.push_back({c.id_, request->connection, c.ring_->info()});
+      replies_to_send.push_back({c.id_, request->connection, c.ring_->info(), c.ring_->mailbox_info()});
       engine.accepted.push_back(&c);
       mark_waiting(control());
     } catch (const std::exception& e) {
@@ -288,6 +341,7 @@ void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte>
     c.peer_id_ = reply->connection;
     c.ring_->peer = reply->ring;
     c.ring_->send = SendRing(reply->ring.slots);
+    c.ring_->peer_mailbox = reply->mailbox;
     c.established_ = true;
     return;
   }
@@ -313,12 +367,32 @@ void Link::on_arrival(const ibv_wc& wc) noexcept {
     mark_waiting(c);
     return;
   }
-  if (imm->type == wire::ImmType::rndv_done || imm->type == wire::ImmType::rndv_failed) {
-    if (imm->value >= r.rndv_sends.size() || !r.rndv_sends[imm->value])
+  if (imm->type == wire::ImmType::rndv_ready || imm->type == wire::ImmType::rndv_failed) {
+    Request* q = r.rndv_sends[imm->value];  // value < 256 = the table's size
+    if (!q || q->answered_)
       return count_fault(wire::Fault::bad_rendezvous, "a rendezvous answer");
-    Request& q = *std::exchange(r.rndv_sends[imm->value], nullptr);
-    complete(q, imm->type == wire::ImmType::rndv_done ? Status::ok : Status::failed, q.capacity_);
-    mark_waiting(c);  // a rendezvous id is free again
+    if (imm->type == wire::ImmType::rndv_failed) {
+      r.rndv_sends[imm->value] = nullptr;
+      complete(*q, Status::failed, 0);
+      mark_waiting(c);  // a rendezvous id is free again
+      return;
+    }
+    // The peer's own mailbox entry: it may only hurt itself by what it says there.
+    auto target = wire::decode_rndv_target(
+        std::span<const std::byte, wire::kRndvTargetSize>(r.mailbox.data() + std::size_t(imm->value) * wire::kRndvTargetSize,
+                                                          wire::kRndvTargetSize));
+    q->answered_ = true;
+    q->capacity_ = std::min<std::size_t>(target.length, q->capacity_);
+    q->remote_address_ = target.address;
+    q->rkey_ = target.rkey;
+    post_request(*q);
+    return;
+  }
+  if (imm->type == wire::ImmType::rndv_written) {
+    Request* q = r.rndv_recvs[imm->value];
+    if (!q) return count_fault(wire::Fault::bad_rendezvous, "a rendezvous write");
+    r.rndv_recvs[imm->value] = nullptr;
+    complete(*q, q->bytes_ > q->capacity_ ? Status::truncated : Status::ok, q->bytes_);
     return;
   }
   uint64_t seq = 0;
@@ -375,12 +449,11 @@ void Link::on_send_completion(const ibv_wc& wc) noexcept {
 void Link::on_request_completion(Request& request) noexcept {
   --sq_used;
   Connection& c = *request.connection_;
-  if (request.op_ == Request::Op::recv) {  // a rendezvous read finished
-    answer_rendezvous(c, request.rndv_id_, false);
-    complete(request, request.bytes_ > request.capacity_ ? Status::truncated : Status::ok, request.bytes_);
-  } else {
-    complete(request, Status::ok, request.capacity_);
+  if (request.op_ == Request::Op::send) {  // a rendezvous write landed
+    c.ring_->rndv_sends[request.rndv_id_] = nullptr;
+    mark_waiting(c);  // a rendezvous id is free again
   }
+  complete(request, Status::ok, request.capacity_);
 }
 
 void Link::on_failed_completion(const ibv_wc& wc, Request* request) noexcept {
@@ -553,7 +626,8 @@ Status Connection::write(std::span<const std::byte> local, const RemoteRegion& r
   q.buffer_ = const_cast<std::byte*>(local.data());
   q.capacity_ = local.size();
   q.connection_ = this;
-  q.rndv_ = wire::RndvRequest{remote.address + offset, local.size(), remote.rkey, 0};
+  q.remote_address_ = remote.address + offset;
+  q.rkey_ = remote.rkey;
   q.status_ = Status::pending;
   link_->post_request(q);
   return q.status_;
@@ -569,7 +643,8 @@ Status Connection::read(std::span<std::byte> local, const RemoteRegion& remote, 
   q.buffer_ = local.data();
   q.capacity_ = local.size();
   q.connection_ = this;
-  q.rndv_ = wire::RndvRequest{remote.address + offset, local.size(), remote.rkey, 0};
+  q.remote_address_ = remote.address + offset;
+  q.rkey_ = remote.rkey;
   q.status_ = Status::pending;
   link_->post_request(q);
   return q.status_;

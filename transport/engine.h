@@ -68,7 +68,9 @@ class Request {
   Connection* connection_ = nullptr;
   Request* next_ = nullptr;
   uint32_t rndv_id_ = 0;
-  wire::RndvRequest rndv_{};  // a matched rendezvous being read
+  bool answered_ = false;         // a rendezvous send told where to write
+  uint64_t remote_address_ = 0;   // where a write or read goes in the peer
+  uint32_t rkey_ = 0;             // its key; for a rendezvous receive, our buffer's key
 };
 
 // A region of this process's memory that a peer may read or write directly. Send the

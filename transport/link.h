@@ -87,13 +87,18 @@ struct Connection::Ring {
   FixedQueue<Arrival> unexpected;     // arrived messages nobody asked for yet
   FixedQueue<Arrival> stream;         // arrived stream slots
   std::size_t stream_offset = 0;      // bytes of stream.front() already read
-  FixedQueue<uint32_t> done_to_send;  // finished reads to answer: id | failed << 8
-  std::vector<Request*> rndv_sends;   // by rendezvous id
+  FixedQueue<uint32_t> answers;       // rendezvous to answer: id | failed << 8
+  std::vector<Request*> rndv_sends;   // our large sends, by rendezvous id
+  std::vector<Request*> rndv_recvs;   // receives waiting for the peer's write, by its id
+  std::vector<std::byte> mailbox;     // where the peer tells us where to write
+  verbs::MemoryRegion mailbox_mr;
+  wire::MailboxInfo peer_mailbox{};
   bool close_to_send = false;
   bool waiting = false;  // listed in Link::waiting
 
   std::byte* slot(uint64_t seq) noexcept { return memory.data() + std::size_t(recv.index(seq)) * slot_size; }
   wire::RingInfo info() const noexcept;
+  wire::MailboxInfo mailbox_info() const noexcept;
 };
 
 class Link {
@@ -152,8 +157,9 @@ class Link {
   void on_send_completion(const ibv_wc& wc) noexcept;
   void on_arrival(const ibv_wc& wc) noexcept;
   void deliver(Connection& c, const Arrival& arrival, Request& request) noexcept;
-  // Queues the immediate that tells a sender its rendezvous id is done.
+  // Queues the answer to a sender's rendezvous: where to write, or that we gave up.
   void answer_rendezvous(Connection& c, uint32_t id, bool failed) noexcept;
+  void post_answer(Connection& c, uint32_t answer) noexcept;
   void on_control(const wire::SlotHeader& header, std::span<const std::byte> payload) noexcept;
   void count_fault(wire::Fault fault, const char* where) noexcept;
   void on_request_completion(Request& request) noexcept;

@@ -84,8 +84,7 @@ uint32_t encode(const Imm& imm) {
 
 std::optional<Imm> decode_imm(uint32_t raw, Fault& fault) {
   auto type = static_cast<ImmType>(raw >> 28);
-  if (type != ImmType::slot && type != ImmType::credit && type != ImmType::rndv_done &&
-      type != ImmType::rndv_failed) {
+  if (type < ImmType::slot || type > ImmType::rndv_written) {
     fault = Fault::bad_kind;
     return std::nullopt;
   }
@@ -127,21 +126,34 @@ std::optional<SlotHeader> decode_slot_header(std::span<const std::byte> slot, ui
 }
 
 void encode(const RndvRequest& m, std::byte* out) {
+  put64(out, m.size);
+  put32(out + 8, m.id);
+  put32(out + 12, 0);
+}
+
+void encode(const RndvTarget& m, std::byte* out) {
   put64(out, m.address);
-  put64(out + 8, m.size);
-  put32(out + 16, m.rkey);
-  put32(out + 20, m.id);
+  put32(out + 8, m.rkey);
+  put32(out + 12, m.length);
+}
+
+RndvTarget decode_rndv_target(std::span<const std::byte, kRndvTargetSize> in) {
+  return {get64(in.data()), get32(in.data() + 8), get32(in.data() + 12)};
 }
 
 void encode(const ConnectRequest& m, std::byte* out) {
   put32(out, m.connection);
   put_ring(out + 4, m.ring);
+  put64(out + 24, m.mailbox.address);
+  put32(out + 32, m.mailbox.rkey);
 }
 
 void encode(const ConnectReply& m, std::byte* out) {
   put32(out, m.connection);
   put32(out + 4, m.peer_connection);
   put_ring(out + 8, m.ring);
+  put64(out + 28, m.mailbox.address);
+  put32(out + 36, m.mailbox.rkey);
 }
 
 std::array<std::byte, kHelloSize> encode(const Hello& m) {
@@ -159,12 +171,12 @@ std::array<std::byte, kHelloSize> encode(const Hello& m) {
 
 std::optional<RndvRequest> decode_rndv_request(std::span<const std::byte> in, Fault& fault) {
   if (!long_enough(in, kRndvRequestSize, fault)) return std::nullopt;
-  RndvRequest m{get64(in.data()), get64(in.data() + 8), get32(in.data() + 16), get32(in.data() + 20)};
+  RndvRequest m{get64(in.data()), get32(in.data() + 8)};
   if (m.id >= kMaxRendezvous) {
     fault = Fault::bad_rendezvous;
     return std::nullopt;
   }
-  if (m.size == 0 || m.address + m.size < m.address) {
+  if (m.size == 0) {
     fault = Fault::bad_length;
     return std::nullopt;
   }
@@ -173,7 +185,7 @@ std::optional<RndvRequest> decode_rndv_request(std::span<const std::byte> in, Fa
 
 std::optional<ConnectRequest> decode_connect_request(std::span<const std::byte> in, Fault& fault) {
   if (!long_enough(in, kConnectRequestSize, fault)) return std::nullopt;
-  ConnectRequest m{get32(in.data()), {}};
+  ConnectRequest m{get32(in.data()), {}, {get64(in.data() + 24), get32(in.data() + 32)}};
   if (m.connection >= kMaxConnections) {
     fault = Fault::bad_connection;
     return std::nullopt;
@@ -184,7 +196,7 @@ std::optional<ConnectRequest> decode_connect_request(std::span<const std::byte> 
 
 std::optional<ConnectReply> decode_connect_reply(std::span<const std::byte> in, Fault& fault) {
   if (!long_enough(in, kConnectReplySize, fault)) return std::nullopt;
-  ConnectReply m{get32(in.data()), get32(in.data() + 4), {}};
+  ConnectReply m{get32(in.data()), get32(in.data() + 4), {}, {get64(in.data() + 28), get32(in.data() + 36)}};
   if (m.connection >= kMaxConnections || m.peer_connection >= kMaxConnections) {
     fault = Fault::bad_connection;
     return std::nullopt;

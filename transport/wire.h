@@ -37,10 +37,11 @@ inline constexpr uint32_t kMaxConnections = 1u << 20;
 // connection.
 inline constexpr uint32_t kMaxRendezvous = 256;
 enum class ImmType : uint8_t {
-  slot = 1,         // a slot was written
-  credit = 2,       // value: credits returned
-  rndv_done = 3,    // value: the rendezvous id the reader has finished
-  rndv_failed = 4,  // value: the rendezvous id the reader gave up on
+  slot = 1,          // a slot was written
+  credit = 2,        // value: credits returned
+  rndv_ready = 3,    // receiver to sender: mailbox entry `value` says where to write
+  rndv_failed = 4,   // receiver to sender: it gave up on rendezvous `value`
+  rndv_written = 5,  // sender to receiver: the data of rendezvous `value` is in place
 };
 struct Imm {
   ImmType type;
@@ -55,9 +56,9 @@ inline constexpr std::size_t kSlotHeaderSize = 16;
 enum class SlotKind : uint8_t {
   eager = 1,         // a whole message
   stream = 2,        // bytes of the byte stream
-  rndv_request = 3,  // a large message waits to be read (payload: RndvRequest)
-  // 4 is unused: the reader's answer travels as immediate data (ImmType::rndv_done),
-  // so it needs no credit and cannot wait behind the application.
+  rndv_request = 3,  // a large message waits for a matching receive (payload: RndvRequest)
+  // 4 is unused: rendezvous answers travel as immediate data, so they need no credit
+  // and cannot wait behind the application.
   connect = 5,       // control connection only (payload: ConnectRequest)
   accept = 6,        // control connection only (payload: ConnectReply)
   close = 7,         // the sender will send no more (no payload)
@@ -82,25 +83,40 @@ struct RingInfo {
 inline constexpr std::size_t kRingInfoSize = 20;
 
 struct RndvRequest {
-  uint64_t address;
   uint64_t size;
-  uint32_t rkey;
-  uint32_t id;
+  uint32_t id;  // below kMaxRendezvous
 };
-inline constexpr std::size_t kRndvRequestSize = 24;
+inline constexpr std::size_t kRndvRequestSize = 16;
+
+// Where a receiver wants a rendezvous written: RDMA-written by the receiver into the
+// sender's mailbox entry for the id, announced by ImmType::rndv_ready.
+struct RndvTarget {
+  uint64_t address;
+  uint32_t rkey;
+  uint32_t length;
+};
+inline constexpr std::size_t kRndvTargetSize = 16;
+
+// A connection's mailbox: kMaxRendezvous entries of kRndvTargetSize bytes.
+struct MailboxInfo {
+  uint64_t address = 0;
+  uint32_t rkey = 0;
+};
 
 struct ConnectRequest {
   uint32_t connection;  // the requester's id
   RingInfo ring;        // the requester's receive ring
+  MailboxInfo mailbox;
 };
-inline constexpr std::size_t kConnectRequestSize = 4 + kRingInfoSize;
+inline constexpr std::size_t kConnectRequestSize = 4 + kRingInfoSize + 12;
 
 struct ConnectReply {
   uint32_t connection;       // the acceptor's id
   uint32_t peer_connection;  // the requester's id, echoed
   RingInfo ring;
+  MailboxInfo mailbox;
 };
-inline constexpr std::size_t kConnectReplySize = 8 + kRingInfoSize;
+inline constexpr std::size_t kConnectReplySize = 8 + kRingInfoSize + 12;
 
 // The first message of a link, both ways: over the out-of-band channel or as rdma_cm
 // private data (which allows 56 bytes on connect: this is exactly that).
@@ -115,6 +131,7 @@ struct Hello {
 inline constexpr std::size_t kHelloSize = 56;
 
 void encode(const RndvRequest& m, std::byte* out);
+void encode(const RndvTarget& m, std::byte* out);
 void encode(const ConnectRequest& m, std::byte* out);
 void encode(const ConnectReply& m, std::byte* out);
 std::array<std::byte, kHelloSize> encode(const Hello& m);
@@ -122,6 +139,7 @@ std::array<std::byte, kHelloSize> encode(const Hello& m);
 // Each decoder refuses short input, and rings no sane peer would offer (zero or
 // oversized slots, more slots than a connection may have).
 std::optional<RndvRequest> decode_rndv_request(std::span<const std::byte> in, Fault& fault);
+RndvTarget decode_rndv_target(std::span<const std::byte, kRndvTargetSize> in);
 std::optional<ConnectRequest> decode_connect_request(std::span<const std::byte> in, Fault& fault);
 std::optional<ConnectReply> decode_connect_reply(std::span<const std::byte> in, Fault& fault);
 std::optional<Hello> decode_hello(std::span<const std::byte> in, Fault& fault);

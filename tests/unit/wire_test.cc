@@ -20,7 +20,8 @@ TEST(Imm, RoundTripsAndRefusesUnknownTypes) {
   EXPECT_EQ(back->type, wire::ImmType::credit);
   EXPECT_EQ(back->connection, wire::kMaxConnections - 1);
   EXPECT_EQ(back->value, 200);
-  EXPECT_TRUE(wire::decode_imm(wire::encode({wire::ImmType::rndv_failed, 3, 255}), fault));
+  EXPECT_TRUE(wire::decode_imm(wire::encode({wire::ImmType::rndv_written, 3, 255}), fault));
+  EXPECT_FALSE(wire::decode_imm(0x60000000u, fault));
   EXPECT_FALSE(wire::decode_imm(0x0, fault));
   EXPECT_EQ(fault, Fault::bad_kind);
   EXPECT_FALSE(wire::decode_imm(0xF0000000u, fault));
@@ -84,33 +85,43 @@ TEST(Hello, RoundTripsAndRefusesStrangers) {
 
 TEST(ConnectMessages, RoundTripAndRangeChecks) {
   std::array<std::byte, wire::kConnectReplySize> buffer{};
-  wire::encode(wire::ConnectReply{5, 9, {0x1000, 3, 4, 256}}, buffer.data());
+  wire::encode(wire::ConnectReply{5, 9, {0x1000, 3, 4, 256}, {0x2000, 77}}, buffer.data());
   Fault fault{};
   auto reply = wire::decode_connect_reply(buffer, fault);
   ASSERT_TRUE(reply);
   EXPECT_EQ(reply->connection, 5u);
   EXPECT_EQ(reply->peer_connection, 9u);
   EXPECT_EQ(reply->ring.slot_size, 256u);
+  EXPECT_EQ(reply->mailbox.address, 0x2000u);
+  EXPECT_EQ(reply->mailbox.rkey, 77u);
 
-  wire::encode(wire::ConnectRequest{wire::kMaxConnections, {0x1000, 3, 4, 256}}, buffer.data());
+  wire::encode(wire::ConnectRequest{wire::kMaxConnections, {0x1000, 3, 4, 256}, {}}, buffer.data());
   EXPECT_FALSE(wire::decode_connect_request(buffer, fault));
   EXPECT_EQ(fault, Fault::bad_connection);
-  wire::encode(wire::ConnectRequest{1, {0x1000, 3, 4, 16}}, buffer.data());
+  wire::encode(wire::ConnectRequest{1, {0x1000, 3, 4, 16}, {}}, buffer.data());
   EXPECT_FALSE(wire::decode_connect_request(buffer, fault)) << "a slot must hold more than its header";
 }
 
-TEST(Rendezvous, RefusesEmptyAndWrappingRanges) {
+TEST(Rendezvous, RequestsAndTargets) {
   std::array<std::byte, wire::kRndvRequestSize> buffer{};
   Fault fault{};
-  wire::encode(wire::RndvRequest{0x1000, 4096, 1, 2}, buffer.data());
-  EXPECT_TRUE(wire::decode_rndv_request(buffer, fault));
-  wire::encode(wire::RndvRequest{~0ull - 10, 4096, 1, 2}, buffer.data());
-  EXPECT_FALSE(wire::decode_rndv_request(buffer, fault));
-  wire::encode(wire::RndvRequest{0x1000, 0, 1, 2}, buffer.data());
-  EXPECT_FALSE(wire::decode_rndv_request(buffer, fault));
-  wire::encode(wire::RndvRequest{0x1000, 10, 1, wire::kMaxRendezvous}, buffer.data());
+  wire::encode(wire::RndvRequest{4096, 2}, buffer.data());
+  auto request = wire::decode_rndv_request(buffer, fault);
+  ASSERT_TRUE(request);
+  EXPECT_EQ(request->size, 4096u);
+  EXPECT_EQ(request->id, 2u);
+  wire::encode(wire::RndvRequest{0, 2}, buffer.data());
+  EXPECT_FALSE(wire::decode_rndv_request(buffer, fault)) << "an empty rendezvous";
+  wire::encode(wire::RndvRequest{10, wire::kMaxRendezvous}, buffer.data());
   EXPECT_FALSE(wire::decode_rndv_request(buffer, fault)) << "ids fit the immediate's 8 bits";
   EXPECT_EQ(fault, Fault::bad_rendezvous);
+
+  std::array<std::byte, wire::kRndvTargetSize> target{};
+  wire::encode(wire::RndvTarget{0x7f00deadbeef, 9, 65536}, target.data());
+  auto back = wire::decode_rndv_target(target);
+  EXPECT_EQ(back.address, 0x7f00deadbeefu);
+  EXPECT_EQ(back.rkey, 9u);
+  EXPECT_EQ(back.length, 65536u);
 }
 
 TEST(SendRing, CreditsLimitTheSender) {
