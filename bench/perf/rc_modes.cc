@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "bench/perf/clock.h"
 #include "bench/perf/codec.h"
 #include "bench/perf/modes.h"
 #include "bench/perf/options.h"
@@ -29,10 +30,6 @@ constexpr uint64_t kMaxPeakIterations = 20000;  // perftest's limit: the peak se
 constexpr uint32_t kSendBwRecvs = 512;          // perftest's rx depth
 constexpr int kPollBatch = 16;
 enum : uint8_t { kReady = 1, kResult = 2, kBye = 3 };
-
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
-}
 
 std::string nth(uint64_t index, uint64_t count) {
   return std::to_string(index + 1) + (count ? " of " + std::to_string(count) : std::string());
@@ -131,14 +128,15 @@ class SendWr {
 
 // What one side needs through the whole run, allocated before any timed loop.
 struct Run {
-  Run(const Options& o, Link& l, uint32_t recvs) : options(o), link(l), recv_target(recvs) {
+  Run(const Options& o, Link& l, const TickClock& c, uint32_t recvs)
+      : options(o), link(l), clock(c), recv_target(recvs) {
     const uint64_t n = o.iterations;
     if (o.mode->kind == Kind::latency) {
       stamps.resize(n);
       samples.resize(n);
     } else if (o.duration_s == 0 && n <= kMaxPeakIterations) {
-      posted_ns.resize(n);
-      completed_ns.resize(n);
+      posted.resize(n);
+      completed.resize(n);
     }
     recv_sge.addr = reinterpret_cast<uint64_t>(l.buffer);
     recv_sge.length = static_cast<uint32_t>(l.half);  // fits every size of --all
@@ -159,8 +157,9 @@ struct Run {
 
   const Options& options;
   Link& link;
-  std::vector<int64_t> posted_ns, completed_ns;  // bandwidth peak, when it is computed
-  std::vector<int64_t> stamps;                   // latency: when each iteration began
+  const TickClock& clock;
+  std::vector<int64_t> posted, completed;  // bandwidth peak, when it is computed: ticks
+  std::vector<int64_t> stamps;             // latency: when each iteration began, in ticks
   std::vector<double> samples;
   ibv_sge recv_sge{};
   ibv_recv_wr recv_wr{};
@@ -210,24 +209,25 @@ BandwidthResult bandwidth_client(Run& run, std::size_t size, ibv_wr_opcode opcod
   const Link& link = run.link;
   const bool timed = o.duration_s != 0;
   const uint64_t n = timed ? 0 : o.iterations;
-  const bool peak = !run.posted_ns.empty();
-  if (peak) std::fill(run.completed_ns.begin(), run.completed_ns.end(), 0);
+  const bool peak = !run.posted.empty();
+  if (peak) std::fill(run.completed.begin(), run.completed.end(), 0);
   SendWr wr(link, opcode, size, size <= o.inline_size);
   const char* what = name_of(opcode);
 
   ibv_wc wcs[kPollBatch];
   uint64_t posted = 0, completed = 0;
   bool last_posted = false;
-  const int64_t start = now_ns();
-  const int64_t end = start + static_cast<int64_t>(o.duration_s) * 1'000'000'000;
+  const double ns_per_tick = run.clock.ns_per_tick();  // the set-up gave it time to settle
+  const int64_t start = TickClock::now();
+  const int64_t end = start + static_cast<int64_t>(o.duration_s * 1e9 / ns_per_tick);
   int64_t last_completion = start;
   run.stall.progress();
   while (!last_posted || completed < posted) {
     while (!last_posted && posted - completed < o.tx_depth) {
-      const int64_t t = peak || timed ? now_ns() : 0;
+      const int64_t t = peak || timed ? TickClock::now() : 0;
       last_posted = timed ? t >= end : posted + 1 == n;
       if (last_posted && opcode == IBV_WR_SEND) wr.mark_last();
-      if (peak) run.posted_ns[posted] = t;
+      if (peak) run.posted[posted] = t;
       wr.post(posted, last_posted || (posted + 1) % o.cq_moderation == 0);
       ++posted;
     }
@@ -236,24 +236,24 @@ BandwidthResult bandwidth_client(Run& run, std::size_t size, ibv_wr_opcode opcod
       run.stall.idle(link, "the completion of", what, completed, n);
       continue;
     }
-    last_completion = now_ns();
+    last_completion = TickClock::now();
     run.stall.progress();
     for (int i = 0; i < got; ++i) {
       if (wcs[i].status != IBV_WC_SUCCESS) completion_failed(link, wcs[i], what, wcs[i].wr_id);
       completed = wcs[i].wr_id + 1;
-      if (peak) run.completed_ns[wcs[i].wr_id] = last_completion;
+      if (peak) run.completed[wcs[i].wr_id] = last_completion;
     }
   }
 
   BandwidthResult r;
   r.bytes = size;
   r.iterations = posted;
-  const double seconds = static_cast<double>(last_completion - start) / 1e9;
+  const double seconds = static_cast<double>(last_completion - start) * run.clock.ns_per_tick() / 1e9;
   r.average_bytes_per_s = static_cast<double>(size) * static_cast<double>(posted) / seconds;
   r.messages_per_s = static_cast<double>(posted) / seconds;
   if (peak)
-    r.peak_bytes_per_s = peak_bytes_per_s(size, std::span(run.posted_ns).first(posted),
-                                          std::span(run.completed_ns).first(posted));
+    r.peak_bytes_per_s = peak_bytes_per_s(size, std::span(run.posted).first(posted),
+                                          std::span(run.completed).first(posted), run.clock.ns_per_tick());
   return r;
 }
 
@@ -273,7 +273,7 @@ BandwidthResult send_bw_server(Run& run, std::size_t size) {
       run.stall.idle(link, "the client's SEND", "", received, n);
       continue;
     }
-    last = now_ns();
+    last = TickClock::now();
     run.stall.progress();
     for (int i = 0; i < got; ++i) {
       if (wcs[i].status != IBV_WC_SUCCESS) completion_failed(link, wcs[i], "receive", received);
@@ -290,7 +290,7 @@ BandwidthResult send_bw_server(Run& run, std::size_t size) {
   r.bytes = size;
   r.iterations = received;
   if (received > 1 && last > first) {
-    const double seconds = static_cast<double>(last - first) / 1e9;
+    const double seconds = static_cast<double>(last - first) * run.clock.ns_per_tick() / 1e9;
     r.average_bytes_per_s = static_cast<double>(size) * static_cast<double>(received - 1) / seconds;
     r.messages_per_s = static_cast<double>(received - 1) / seconds;
   }
@@ -301,8 +301,9 @@ BandwidthResult send_bw_server(Run& run, std::size_t size) {
 // divided by `legs` (2 for a ping-pong's half round trip).
 LatencyResult latency_from_stamps(Run& run, std::size_t size, double legs) {
   const std::size_t n = run.stamps.size();
+  const double us_per_tick = run.clock.ns_per_tick() / 1e3;
   for (std::size_t i = 0; i + 1 < n; ++i)
-    run.samples[i] = static_cast<double>(run.stamps[i + 1] - run.stamps[i]) / 1e3 / legs;
+    run.samples[i] = static_cast<double>(run.stamps[i + 1] - run.stamps[i]) * us_per_tick / legs;
   return latency_result(size, n, std::span(run.samples).first(n - 1));
 }
 
@@ -339,7 +340,7 @@ LatencyResult write_lat(Run& run, std::size_t size) {
   for (uint64_t i = 0; i < n; ++i) {
     const auto mark = static_cast<std::byte>(i + 1);
     if (server) wait_for(mark, i);
-    run.stamps[i] = now_ns();
+    run.stamps[i] = TickClock::now();
     outgoing = mark;
     credits.take(i);
     wr.post(i, true);
@@ -357,7 +358,7 @@ LatencyResult send_lat(Run& run, std::size_t size) {
   SendCredits credits(run, IBV_WR_SEND);
   for (uint64_t i = 0; i < n; ++i) {
     if (server) wait_for_receive(run, size, i);
-    run.stamps[i] = now_ns();
+    run.stamps[i] = TickClock::now();
     credits.take(i);
     wr.post(i, true);
     if (!server) wait_for_receive(run, size, i);
@@ -371,7 +372,7 @@ LatencyResult read_lat(Run& run, std::size_t size) {
   SendWr wr(run.link, IBV_WR_RDMA_READ, size, false);
   SendCredits credits(run, IBV_WR_RDMA_READ);
   for (uint64_t i = 0; i < run.options.iterations; ++i) {
-    run.stamps[i] = now_ns();
+    run.stamps[i] = TickClock::now();
     credits.take(i);
     wr.post(i, true);
     credits.drain(i);
@@ -401,12 +402,13 @@ std::span<const std::byte> expect_message(std::span<const std::byte> data, uint8
 }
 
 void run_rc(const Options& o, const RcTest& test) {
+  const TickClock clock;
   const bool server = o.is_server();
   const uint32_t recvs = server ? test.server_recvs : test.client_recvs;
   auto session = RcSession::open(o, QueueSizes{o.tx_depth, std::max(recvs, 1u)});
   Reporter reporter(o, *o.mode);
   reporter.banner(session->fields(), session->address_lines());
-  Run run(o, session->link(), recvs);
+  Run run(o, session->link(), clock, recvs);
   for (std::size_t size : o.sizes) {
     prepare(run, size);
     if (server) {

@@ -83,18 +83,18 @@ LatencyResult latency_result(uint64_t bytes, uint64_t iterations, std::span<doub
   return r;
 }
 
-double peak_bytes_per_s(uint64_t bytes, std::span<const int64_t> posted_ns,
-                        std::span<const int64_t> completed_ns) {
-  double best_messages_per_ns = 0;
-  for (std::size_t j = 0; j < completed_ns.size(); ++j) {
-    if (completed_ns[j] == 0) continue;
+double peak_bytes_per_s(uint64_t bytes, std::span<const int64_t> posted, std::span<const int64_t> completed,
+                        double ns_per_tick) {
+  double best_messages_per_tick = 0;
+  for (std::size_t j = 0; j < completed.size(); ++j) {
+    if (completed[j] == 0) continue;
     for (std::size_t i = 0; i <= j; ++i) {
-      const int64_t span_ns = completed_ns[j] - posted_ns[i];
-      if (span_ns > 0)
-        best_messages_per_ns = std::max(best_messages_per_ns, static_cast<double>(j - i + 1) / static_cast<double>(span_ns));
+      const int64_t span = completed[j] - posted[i];
+      if (span > 0)
+        best_messages_per_tick = std::max(best_messages_per_tick, static_cast<double>(j - i + 1) / static_cast<double>(span));
     }
   }
-  return static_cast<double>(bytes) * best_messages_per_ns * 1e9;
+  return static_cast<double>(bytes) * best_messages_per_tick * 1e9 / ns_per_tick;
 }
 
 std::vector<std::byte> encode(const Result& result) {

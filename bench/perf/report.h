@@ -35,10 +35,11 @@ using Result = std::variant<BandwidthResult, LatencyResult>;
 LatencyResult latency_result(uint64_t bytes, uint64_t iterations, std::span<double> samples_us);
 
 // perftest's peak: the best rate over any run of consecutive messages [i, j] that
-// ends at a completion. posted_ns[i] is when message i was posted; completed_ns[j]
-// is when a completion covering message j was seen, 0 where none was requested.
-double peak_bytes_per_s(uint64_t bytes, std::span<const int64_t> posted_ns,
-                        std::span<const int64_t> completed_ns);
+// ends at a completion. posted[i] is when message i was posted; completed[j] when a
+// completion covering message j was seen, 0 where none was requested; in ticks of
+// `ns_per_tick` nanoseconds.
+double peak_bytes_per_s(uint64_t bytes, std::span<const int64_t> posted, std::span<const int64_t> completed,
+                        double ns_per_tick);
 
 std::vector<std::byte> encode(const Result& result);
 Result decode_result(std::span<const std::byte> message);

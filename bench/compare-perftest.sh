@@ -1,0 +1,117 @@
+#!/bin/bash
+# Holds rxio-perf against perftest on Soft-RoCE: ib_write_bw vs rxio-perf write_bw and
+# ib_write_lat vs rxio-perf write_lat, server and client in one guest boot
+# (tests/rxe/guest.sh), the runs of each pair interleaved so drift hits both alike.
+# Prints every table, then the ratios of the medians over the rounds against their
+# targets. Under TCG only the ratios mean something; see docs/benchmarks.md.
+#
+# usage: bench/compare-perftest.sh [BUILD_DIR]     (default: build)
+# Environment: ROUNDS (default 5), BW_ITERS (2000), LAT_ITERS (2000).
+# Exit: 0 every target met, 1 a target missed, 2 usage, 77 no guest possible.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-5}
+BW_ITERS=${BW_ITERS:-2000}
+LAT_ITERS=${LAT_ITERS:-2000}
+
+if [[ ${1:-} != --in-guest ]]; then
+	if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+		sed -n '2,11s/^# \{0,1\}//p' "$0"
+		exit 0
+	fi
+	here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+	build=$(realpath "${1:-$here/build}")
+	if [[ ! -x $build/bench/rxio-perf ]]; then
+		echo "compare-perftest: no $build/bench/rxio-perf; build first (ninja -C ${1:-build})" >&2
+		exit 2
+	fi
+	for tool in ib_write_bw ib_write_lat; do
+		command -v $tool >/dev/null || { echo "compare-perftest: $tool missing (package perftest)" >&2; exit 77; }
+	done
+	exec "$here/tests/rxe/guest.sh" --timeout 1800 \
+		--env ROUNDS="$ROUNDS" --env BW_ITERS="$BW_ITERS" --env LAT_ITERS="$LAT_ITERS" \
+		-- bash "$here/bench/compare-perftest.sh" --in-guest "$build/bench/rxio-perf"
+fi
+
+rxio_perf=$2
+dev=${RXIO_RXE_DEV:-rxe0}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+port=18600
+
+# run_pair NAME CMD...: the server, then (once it listens) the client at 127.0.0.1.
+# The client's table goes to stdout; the data row is left in $work/NAME.row.
+run_pair() {
+	local name=$1 server_pid i
+	shift
+	port=$((port + 1))
+	"$@" -p $port >"$work/$name.server" 2>&1 &
+	server_pid=$!
+	# perftest prints "Waiting for client" before it listens: watch the socket.
+	for ((i = 0; i < 300; i++)); do
+		[[ -n $(ss -Hltn "sport = :$port") ]] && break
+		sleep 0.1
+	done
+	if ! timeout 600 "$@" -p $port 127.0.0.1 >"$work/$name.client" 2>&1; then
+		cat "$work/$name.client" "$work/$name.server"
+		echo "compare-perftest: '$*' failed" >&2
+		exit 1
+	fi
+	wait "$server_pid" || true
+	sed -n '/#bytes/,/^-/p' "$work/$name.client" | sed '$d'
+	awk '/#bytes/ { getline; print; exit }' "$work/$name.client" >"$work/$name.row"
+}
+
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+failed=0
+# compare NAME COLUMN better(higher|lower) TARGET -- REFERENCE... -- RXIO...
+# COLUMN is the field of the data row compared: 4 = BW average, 5 = t_typical.
+compare() {
+	local name=$1 column=$2 better=$3 target=$4 round ref_med rxio_med ratio ok
+	shift 5
+	local -a ref=() rxio=()
+	while [[ $1 != -- ]]; do ref+=("$1"); shift; done
+	shift
+	rxio=("$@")
+	: >"$work/$name.ref.values"
+	: >"$work/$name.rxio.values"
+	for ((round = 1; round <= ROUNDS; round++)); do
+		echo "== $name, round $round: ${ref[*]}"
+		run_pair "$name.ref" "${ref[@]}"
+		awk -v c="$column" '{ print $c }' "$work/$name.ref.row" >>"$work/$name.ref.values"
+		echo "== $name, round $round: rxio-perf ${rxio[*]:1}"
+		run_pair "$name.rxio" "${rxio[@]}"
+		awk -v c="$column" '{ print $c }' "$work/$name.rxio.row" >>"$work/$name.rxio.values"
+	done
+	ref_med=$(median <"$work/$name.ref.values")
+	rxio_med=$(median <"$work/$name.rxio.values")
+	ratio=$(awk -v a="$rxio_med" -v b="$ref_med" 'BEGIN { printf "%.3f", a / b }')
+	if [[ $better == higher ]]; then
+		ok=$(awk -v r="$ratio" -v t="$target" 'BEGIN { print (r >= t) ? "met" : "MISSED" }')
+		summary+=("$(printf '%-10s rxio-perf %10s  perftest %10s  ratio %s  (target >= %s): %s' \
+			"$name" "$rxio_med" "$ref_med" "$ratio" "$target" "$ok")")
+	else
+		ok=$(awk -v r="$ratio" -v t="$target" 'BEGIN { print (r <= t) ? "met" : "MISSED" }')
+		summary+=("$(printf '%-10s rxio-perf %10s  perftest %10s  ratio %s  (target <= %s): %s' \
+			"$name" "$rxio_med" "$ref_med" "$ratio" "$target" "$ok")")
+	fi
+	[[ $ok == met ]] || failed=1
+}
+
+summary=()
+echo "rounds: $ROUNDS; write_bw: -s 65536 -n $BW_ITERS; write_lat: -s 8 -n $LAT_ITERS; device $dev, GID index 1"
+compare write_bw 4 higher 1.0 -- \
+	ib_write_bw -d "$dev" -x 1 -s 65536 -n "$BW_ITERS" -- \
+	"$rxio_perf" write_bw -d "$dev" -x 1 -s 65536 -n "$BW_ITERS"
+compare write_lat 5 lower 1.1 -- \
+	ib_write_lat -d "$dev" -x 1 -s 8 -n "$LAT_ITERS" -- \
+	"$rxio_perf" write_lat -d "$dev" -x 1 -s 8 -n "$LAT_ITERS"
+# msg_bw (the transport's Connection API) joins here once rxio-perf has it, held
+# against rxio-perf write_bw with the same -s and -n, target >= 0.9:
+#   compare msg_bw 4 higher 0.9 -- "$rxio_perf" write_bw ... -- "$rxio_perf" msg_bw ...
+
+echo
+echo "medians over $ROUNDS rounds (MB/sec for *_bw: BW average; usec for *_lat: t_typical):"
+printf '  %s\n' "${summary[@]}"
+exit $failed
