@@ -1,6 +1,7 @@
 #!/bin/bash
-# Holds rxio-perf against perftest on Soft-RoCE: ib_write_bw vs rxio-perf write_bw and
-# ib_write_lat vs rxio-perf write_lat, server and client in one guest boot
+# Holds rxio-perf against perftest on Soft-RoCE: ib_write_bw vs rxio-perf write_bw,
+# ib_write_lat vs rxio-perf write_lat, and rxio-perf msg_bw (the transport's Connection
+# API) vs rxio-perf write_bw, server and client in one guest boot
 # (tests/rxe/guest.sh), the runs of each pair interleaved so drift hits both alike.
 # Prints every table, then the ratios of the medians over the rounds against their
 # targets. Under TCG only the ratios mean something; see docs/benchmarks.md.
@@ -107,9 +108,10 @@ compare write_bw 4 higher 1.0 -- \
 compare write_lat 5 lower 1.1 -- \
 	ib_write_lat -d "$dev" -x 1 -s 8 -n "$LAT_ITERS" -- \
 	"$rxio_perf" write_lat -d "$dev" -x 1 -s 8 -n "$LAT_ITERS"
-# msg_bw (the transport's Connection API) joins here once rxio-perf has it, held
-# against rxio-perf write_bw with the same -s and -n, target >= 0.9:
-#   compare msg_bw 4 higher 0.9 -- "$rxio_perf" write_bw ... -- "$rxio_perf" msg_bw ...
+# The transport's Connection API against the raw RDMA WRITE it is built on.
+compare msg_bw 4 higher 0.9 -- \
+	"$rxio_perf" write_bw -d "$dev" -x 1 -s 65536 -n "$BW_ITERS" -- \
+	"$rxio_perf" msg_bw -d "$dev" -s 65536 -n "$BW_ITERS"
 
 echo
 echo "medians over $ROUNDS rounds (MB/sec for *_bw: BW average; usec for *_lat: t_typical):"
