@@ -616,15 +616,15 @@ std::size_t Connection::stream_read(std::span<std::byte> buffer) noexcept {
 
 bool Connection::stream_closed() const noexcept { return peer_closed_ && ring_->stream.empty(); }
 
-Status Connection::write(std::span<const std::byte> local, const RemoteRegion& remote, uint64_t offset,
-                         Request& q) noexcept {
+Status Connection::one_sided(bool write, std::byte* local, std::size_t size, const RemoteRegion& remote,
+                             uint64_t offset, Request& q) noexcept {
   q = Request{};
   if (error_) return q.status_ = Status::failed;
-  if (offset > remote.length || local.size() > remote.length - offset) return q.status_ = Status::truncated;
-  if (local.size() > link_->engine.max_message) return q.status_ = Status::failed;
-  q.op_ = Request::Op::write;
-  q.buffer_ = const_cast<std::byte*>(local.data());
-  q.capacity_ = local.size();
+  if (offset > remote.length || size > remote.length - offset) return q.status_ = Status::truncated;
+  if (size > link_->engine.max_message) return q.status_ = Status::failed;
+  q.op_ = write ? Request::Op::write : Request::Op::read;
+  q.buffer_ = local;
+  q.capacity_ = size;
   q.connection_ = this;
   q.remote_address_ = remote.address + offset;
   q.rkey_ = remote.rkey;
@@ -633,21 +633,15 @@ Status Connection::write(std::span<const std::byte> local, const RemoteRegion& r
   return q.status_;
 }
 
+Status Connection::write(std::span<const std::byte> local, const RemoteRegion& remote, uint64_t offset,
+                         Request& q) noexcept {
+  // Only read from: the device takes the bytes from here.
+  return one_sided(true, const_cast<std::byte*>(local.data()), local.size(), remote, offset, q);
+}
+
 Status Connection::read(std::span<std::byte> local, const RemoteRegion& remote, uint64_t offset,
                         Request& q) noexcept {
-  q = Request{};
-  if (error_) return q.status_ = Status::failed;
-  if (offset > remote.length || local.size() > remote.length - offset) return q.status_ = Status::truncated;
-  if (local.size() > link_->engine.max_message) return q.status_ = Status::failed;
-  q.op_ = Request::Op::read;
-  q.buffer_ = local.data();
-  q.capacity_ = local.size();
-  q.connection_ = this;
-  q.remote_address_ = remote.address + offset;
-  q.rkey_ = remote.rkey;
-  q.status_ = Status::pending;
-  link_->post_request(q);
-  return q.status_;
+  return one_sided(false, local.data(), local.size(), remote, offset, q);
 }
 
 void Connection::close() noexcept {

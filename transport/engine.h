@@ -181,6 +181,8 @@ class Connection {
   friend class Link;
   struct Ring;
   Connection(Link& link, uint32_t id);
+  Status one_sided(bool write, std::byte* local, std::size_t size, const RemoteRegion& remote, uint64_t offset,
+                   Request& request) noexcept;
 
  public:
   ~Connection();
