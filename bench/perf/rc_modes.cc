@@ -19,7 +19,6 @@
 namespace rxio::perf {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
 constexpr auto kStall = 10s;
@@ -35,23 +34,26 @@ std::string nth(uint64_t index, uint64_t count) {
   return std::to_string(index + 1) + (count ? " of " + std::to_string(count) : std::string());
 }
 
-// Fails a wait after kStall without progress. Reads the clock only every few
-// thousand idle polls, so spinning stays cheap.
+// Fails a wait after kStall without progress. Reads the TSC every few hundred idle
+// polls and never clock_gettime, which is a system call in a TCG guest: spinning
+// stays cheap and undisturbed.
 class StallGuard {
  public:
+  explicit StallGuard(const TickClock& clock)
+      : stall_ticks_(static_cast<int64_t>(static_cast<double>(std::chrono::nanoseconds(kStall).count()) /
+                                          clock.ns_per_tick())) {}
   void progress() noexcept {
     idle_ = 0;
-    armed_ = false;
+    idle_since_ = 0;
   }
   // Waiting for "<waiting_for> [<op> ]<index + 1> of <count>" (count 0: unknown).
   void idle(const Link& link, const char* waiting_for, const char* op, uint64_t index, uint64_t count) {
-    if (++idle_ < 4096) return;
+    if (++idle_ < 256) return;
     idle_ = 0;
-    const auto now = Clock::now();
-    if (!armed_) {
-      armed_ = true;
-      deadline_ = now + kStall;
-    } else if (now > deadline_) {
+    const int64_t now = TickClock::now();
+    if (idle_since_ == 0) {
+      idle_since_ = now;
+    } else if (now - idle_since_ > stall_ticks_) {
       throw Error(ETIMEDOUT,
                   std::string("no progress for 10 s waiting for ") + waiting_for + " " + op + (*op ? " " : "") +
                       nth(index, count),
@@ -60,9 +62,9 @@ class StallGuard {
   }
 
  private:
+  int64_t stall_ticks_;
   uint32_t idle_ = 0;
-  bool armed_ = false;
-  Clock::time_point deadline_{};
+  int64_t idle_since_ = 0;
 };
 
 [[noreturn]] void completion_failed(const Link& link, const ibv_wc& wc, const char* what, uint64_t index) {
@@ -129,7 +131,7 @@ class SendWr {
 // What one side needs through the whole run, allocated before any timed loop.
 struct Run {
   Run(const Options& o, Link& l, const TickClock& c, uint32_t recvs)
-      : options(o), link(l), clock(c), recv_target(recvs) {
+      : options(o), link(l), clock(c), recv_target(recvs), stall(c) {
     const uint64_t n = o.iterations;
     if (o.mode->kind == Kind::latency) {
       stamps.resize(n);
@@ -168,28 +170,38 @@ struct Run {
   StallGuard stall;
 };
 
-// Signaled sends of the latency modes: at most tx depth in flight.
+// Signaled sends of the latency modes: at most tx depth in flight. The ping-pongs
+// reap completions while they wait for the peer (as perftest does, the ACK comes
+// first), so no CQ poll sits between the peer's message and the next post.
 class SendCredits {
  public:
   SendCredits(Run& run, ibv_wr_opcode opcode) : run_(run), what_(name_of(opcode)) {}
   void take(uint64_t index) {
-    while (outstanding_ >= run_.options.tx_depth) reap(index);
+    run_.stall.progress();
+    while (outstanding_ >= run_.options.tx_depth)
+      if (!reap())
+        run_.stall.idle(run_.link, "the completion of", what_, index, run_.options.iterations);
     ++outstanding_;
   }
+  // One poll, and only while a send is in flight.
+  void reap_while_waiting() {
+    if (outstanding_ != 0) reap();
+  }
   void drain(uint64_t index) {
-    while (outstanding_ > 0) reap(index);
+    run_.stall.progress();
+    while (outstanding_ > 0)
+      if (!reap())
+        run_.stall.idle(run_.link, "the completion of", what_, index, run_.options.iterations);
   }
 
  private:
-  void reap(uint64_t index) {
+  bool reap() {
     ibv_wc wcs[kPollBatch];
-    run_.stall.progress();
-    int got;
-    while ((got = poll(run_.link, *run_.link.send_cq, wcs)) == 0)
-      run_.stall.idle(run_.link, "the completion of", what_, index, run_.options.iterations);
+    const int got = poll(run_.link, *run_.link.send_cq, wcs);
     for (int i = 0; i < got; ++i)
       if (wcs[i].status != IBV_WC_SUCCESS) completion_failed(run_.link, wcs[i], what_, wcs[i].wr_id);
     outstanding_ -= static_cast<uint32_t>(got);
+    return got != 0;
   }
   Run& run_;
   const char* what_;
@@ -307,13 +319,14 @@ LatencyResult latency_from_stamps(Run& run, std::size_t size, double legs) {
   return latency_result(size, n, std::span(run.samples).first(n - 1));
 }
 
-void wait_for_receive(Run& run, std::size_t size, uint64_t index) {
+void wait_for_receive(Run& run, SendCredits& credits, std::size_t size, uint64_t index) {
   const Link& link = run.link;
   ibv_wc wc{};
   run.stall.progress();
-  int got;
-  while ((got = poll(link, *link.recv_cq, {&wc, 1})) == 0)
+  while (poll(link, *link.recv_cq, {&wc, 1}) == 0) {
+    credits.reap_while_waiting();
     run.stall.idle(link, "the peer's SEND", "", index, run.options.iterations);
+  }
   if (wc.status != IBV_WC_SUCCESS) completion_failed(link, wc, "receive", index);
   if (wc.byte_len != size)
     throw Error(EPROTO, "message " + std::to_string(index + 1) + " has " + std::to_string(wc.byte_len) +
@@ -334,8 +347,10 @@ LatencyResult write_lat(Run& run, std::size_t size) {
   std::byte& outgoing = link.buffer[link.half + size - 1];
   const auto wait_for = [&](std::byte expected, uint64_t i) {
     run.stall.progress();
-    while (incoming.load(std::memory_order_acquire) != expected)
+    while (incoming.load(std::memory_order_acquire) != expected) {
+      credits.reap_while_waiting();
       run.stall.idle(link, "the peer's RDMA WRITE", "", i, n);
+    }
   };
   for (uint64_t i = 0; i < n; ++i) {
     const auto mark = static_cast<std::byte>(i + 1);
@@ -357,11 +372,11 @@ LatencyResult send_lat(Run& run, std::size_t size) {
   SendWr wr(run.link, IBV_WR_SEND, size, size <= run.options.inline_size);
   SendCredits credits(run, IBV_WR_SEND);
   for (uint64_t i = 0; i < n; ++i) {
-    if (server) wait_for_receive(run, size, i);
+    if (server) wait_for_receive(run, credits, size, i);
     run.stamps[i] = TickClock::now();
     credits.take(i);
     wr.post(i, true);
-    if (!server) wait_for_receive(run, size, i);
+    if (!server) wait_for_receive(run, credits, size, i);
   }
   credits.drain(n - 1);
   return latency_from_stamps(run, size, 2);
