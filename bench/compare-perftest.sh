@@ -7,20 +7,21 @@
 # targets. Under TCG only the ratios mean something; see docs/benchmarks.md.
 #
 # usage: bench/compare-perftest.sh [BUILD_DIR]     (default: build)
-# Environment: BW_ROUNDS (default 7), LAT_ROUNDS (15), BW_ITERS (2000), LAT_ITERS (2000).
+# Environment: BW_ROUNDS (default 7), LAT_ROUNDS (15), ROUNDS (sets both), BW_ITERS
+# (2000), LAT_ITERS (2000).
 # In the guest, latency is bimodal from run to run (about 20 or 33 usec on the machine
 # of docs/benchmarks.md, for either tool): hence the many short latency rounds.
 # Exit: 0 every target met, 1 a target missed, 2 usage, 77 no guest possible.
 set -euo pipefail
 
-BW_ROUNDS=${BW_ROUNDS:-7}
-LAT_ROUNDS=${LAT_ROUNDS:-15}
+BW_ROUNDS=${BW_ROUNDS:-${ROUNDS:-7}}
+LAT_ROUNDS=${LAT_ROUNDS:-${ROUNDS:-15}}
 BW_ITERS=${BW_ITERS:-2000}
 LAT_ITERS=${LAT_ITERS:-2000}
 
 if [[ ${1:-} != --in-guest ]]; then
 	if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-		sed -n '2,13s/^# \{0,1\}//p' "$0"
+		sed -n '2,14s/^# \{0,1\}//p' "$0"
 		exit 0
 	fi
 	here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
