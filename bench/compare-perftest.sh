@@ -7,14 +7,14 @@
 # targets. Under TCG only the ratios mean something; see docs/benchmarks.md.
 #
 # usage: bench/compare-perftest.sh [BUILD_DIR]     (default: build)
-# Environment: BW_ROUNDS (default 7), LAT_ROUNDS (15), ROUNDS (sets both), BW_ITERS
+# Environment: BW_ROUNDS (default 9), LAT_ROUNDS (15), ROUNDS (sets both), BW_ITERS
 # (2000), LAT_ITERS (2000).
-# In the guest, latency is bimodal from run to run (about 20 or 33 usec on the machine
-# of docs/benchmarks.md, for either tool): hence the many short latency rounds.
+# Run to run, the guest's figures spread widely for either tool (bandwidth by a third,
+# latency bimodal at about 20 or 33 usec; docs/benchmarks.md): hence the rounds.
 # Exit: 0 every target met, 1 a target missed, 2 usage, 77 no guest possible.
 set -euo pipefail
 
-BW_ROUNDS=${BW_ROUNDS:-${ROUNDS:-7}}
+BW_ROUNDS=${BW_ROUNDS:-${ROUNDS:-9}}
 LAT_ROUNDS=${LAT_ROUNDS:-${ROUNDS:-15}}
 BW_ITERS=${BW_ITERS:-2000}
 LAT_ITERS=${LAT_ITERS:-2000}

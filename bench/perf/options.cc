@@ -54,6 +54,8 @@ std::string usage() {
          "  -Q, --cq-mod N          *_bw: request a completion every N sends (default 100,\n"
          "                          at most the tx depth)\n"
          "  -I, --inline_size BYTES send messages up to BYTES inline (default 0)\n"
+         "  -u, --qp-timeout N      ACK timeout, 4.096 usec * 2^N, before a retransmission\n"
+         "                          (default 14: 67 ms)\n"
          "      --report_gbits      bandwidth in Gb/sec (10^9 bits) instead of MB/sec (2^20 bytes)\n"
          "      --out_json          also write the report as JSON (perftest's keys)\n"
          "      --out_json_file F   ... to F (default perftest_out.json; implies --out_json)\n"
@@ -83,6 +85,7 @@ Options parse_options(int argc, char** argv) {
       {"tx-depth", required_argument, nullptr, 't'},
       {"cq-mod", required_argument, nullptr, 'Q'},
       {"inline_size", required_argument, nullptr, 'I'},
+      {"qp-timeout", required_argument, nullptr, 'u'},
       {"report_gbits", no_argument, nullptr, kReportGbits},
       {"out_json", no_argument, nullptr, kOutJson},
       {"out_json_file", required_argument, nullptr, kOutJsonFile},
@@ -94,7 +97,7 @@ Options parse_options(int argc, char** argv) {
   opterr = 0;  // our own messages
   const int sub_argc = argc - 1;
   char** sub_argv = argv + 1;
-  for (int c; (c = getopt_long(sub_argc, sub_argv, ":d:i:x:s:an:D:Rp:t:Q:I:h", long_options, nullptr)) != -1;) {
+  for (int c; (c = getopt_long(sub_argc, sub_argv, ":d:i:x:s:an:D:Rp:t:Q:I:u:h", long_options, nullptr)) != -1;) {
     switch (c) {
       case 'd': options.device = optarg; break;
       case 'i': options.ib_port = static_cast<uint8_t>(parse_number(optarg, 1, 255, "-i/--ib-port")); break;
@@ -117,6 +120,7 @@ Options parse_options(int argc, char** argv) {
         have_cq_mod = true;
         break;
       case 'I': options.inline_size = static_cast<uint32_t>(parse_number(optarg, 0, 1024, "-I/--inline_size")); break;
+      case 'u': options.qp_timeout = static_cast<uint8_t>(parse_number(optarg, 1, 31, "-u/--qp-timeout")); break;
       case kReportGbits: options.report_gbits = true; break;
       case kOutJson: options.out_json = true; break;
       case kOutJsonFile:

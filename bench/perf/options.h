@@ -25,6 +25,7 @@ struct Options {
   uint32_t tx_depth = 0;
   uint32_t cq_moderation = 0;  // signal every Nth send in the bandwidth modes
   uint32_t inline_size = 0;
+  uint8_t qp_timeout = 14;     // ACK timeout exponent: 4.096 us * 2^N (perftest's default)
   bool report_gbits = false;
   bool out_json = false;
   std::string json_file = "perftest_out.json";

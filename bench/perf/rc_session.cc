@@ -223,6 +223,7 @@ class OobSession final : public RcSession {
     path.sgid_index = static_cast<uint8_t>(endpoint_.gid.index);
     path.mtu = static_cast<ibv_mtu>(std::min(mine.mtu, peer.mtu));
     verbs::ReliabilityParams reliability;
+    reliability.timeout = options.qp_timeout;
     reliability.max_rd_atomic = clamp_u8(device.max_qp_init_rd_atom);
     reliability.max_dest_rd_atomic = clamp_u8(device.max_qp_rd_atom);
     qp_.to_rtr(verbs::RemoteQp{peer.qp_num, peer.psn, peer.gid, peer.lid}, path, reliability);
@@ -303,6 +304,7 @@ class CmSession final : public RcSession {
     params.private_data = mine_data;
     params.responder_resources = clamp_u8(device.max_qp_rd_atom);
     params.initiator_depth = clamp_u8(device.max_qp_init_rd_atom);
+    id_.set_ack_timeout(options.qp_timeout);
     std::vector<std::byte> peer_data;
     if (options.is_server()) {
       id_.accept(params);

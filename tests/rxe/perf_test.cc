@@ -270,7 +270,7 @@ TEST_F(PerfTest, AllSizesOfWriteLatencyEachGetARowAndAJsonEntry) {
 
 TEST_F(PerfTest, AllSizesOfSendBandwidthOverRdmaCm) {
   RXIO_REQUIRE_DEVICE(cm_device_a());
-  PairRun run = run_pair({"send_bw", "-a", "-n", "5", "-R", "--report_gbits"}, cm_address_a());
+  PairRun run = run_pair({"send_bw", "-a", "-n", "5", "-R", "--report_gbits", "-u", "16"}, cm_address_a());
   ASSERT_EQ(run.client_status, 0) << run.client_output << "\n--- server:\n" << run.server_output;
   ASSERT_EQ(run.server_status, 0) << run.server_output;
   EXPECT_THAT(run.client_output, HasSubstr("BW average[Gb/sec]"));
