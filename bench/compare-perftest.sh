@@ -74,7 +74,7 @@ failed=0
 # compare NAME ROUNDS COLUMN better(higher|lower) TARGET -- REFERENCE... -- RXIO...
 # COLUMN is the field of the data row compared: 4 = BW average, 5 = t_typical.
 compare() {
-	local name=$1 rounds=$2 column=$3 better=$4 target=$5 round ref_med rxio_med ratio ok
+	local name=$1 rounds=$2 column=$3 better=$4 target=$5 round ref_med rxio_med ratio paired ok
 	shift 6
 	local -a ref=() rxio=()
 	while [[ $1 != -- ]]; do ref+=("$1"); shift; done
@@ -93,15 +93,17 @@ compare() {
 	ref_med=$(median <"$work/$name.ref.values")
 	rxio_med=$(median <"$work/$name.rxio.values")
 	ratio=$(awk -v a="$rxio_med" -v b="$ref_med" 'BEGIN { printf "%.3f", a / b }')
-	if [[ $better == higher ]]; then
-		ok=$(awk -v r="$ratio" -v t="$target" 'BEGIN { print (r >= t) ? "met" : "MISSED" }')
-		summary+=("$(printf '%-10s %2d rounds: %8s  vs reference %8s  ratio %s (target >= %s): %s' \
-			"$name" "$rounds" "$rxio_med" "$ref_med" "$ratio" "$target" "$ok")")
-	else
-		ok=$(awk -v r="$ratio" -v t="$target" 'BEGIN { print (r <= t) ? "met" : "MISSED" }')
-		summary+=("$(printf '%-10s %2d rounds: %8s  vs reference %8s  ratio %s (target <= %s): %s' \
-			"$name" "$rounds" "$rxio_med" "$ref_med" "$ratio" "$target" "$ok")")
-	fi
+	# The rounds' own ratios (each pair ran back to back): their spread shows how much
+	# of the verdict is noise.
+	paired=$(paste "$work/$name.rxio.values" "$work/$name.ref.values" | awk '{ printf "%.3f\n", $1 / $2 }' |
+		sort -g | awk '{ v[NR] = $1 } END { printf "%.3f, %.3f to %.3f", (NR % 2) ? v[(NR + 1) / 2] :
+			(v[NR / 2] + v[NR / 2 + 1]) / 2, v[1], v[NR] }')
+	local sign='>='
+	[[ $better == higher ]] || sign='<='
+	ok=$(awk -v r="$ratio" -v t="$target" -v s="$sign" 'BEGIN { print ((s == ">=") ? r >= t : r <= t) ? "met" : "MISSED" }')
+	summary+=("$(printf '%-10s %2d rounds: %8s vs reference %8s: ratio %s (target %s %s): %s' \
+		"$name" "$rounds" "$rxio_med" "$ref_med" "$ratio" "$sign" "$target" "$ok")")
+	summary+=("$(printf '%-10s round by round: median ratio %s' '' "$paired")")
 	[[ $ok == met ]] || failed=1
 }
 
