@@ -95,9 +95,9 @@ compare() {
 	ratio=$(awk -v a="$rxio_med" -v b="$ref_med" 'BEGIN { printf "%.3f", a / b }')
 	# The rounds' own ratios (each pair ran back to back): their spread shows how much
 	# of the verdict is noise.
-	paired=$(paste "$work/$name.rxio.values" "$work/$name.ref.values" | awk '{ printf "%.3f\n", $1 / $2 }' |
-		sort -g | awk '{ v[NR] = $1 } END { printf "%.3f, %.3f to %.3f", (NR % 2) ? v[(NR + 1) / 2] :
-			(v[NR / 2] + v[NR / 2 + 1]) / 2, v[1], v[NR] }')
+	paste "$work/$name.rxio.values" "$work/$name.ref.values" | awk '{ print $1 / $2 }' | sort -g >"$work/$name.ratios"
+	paired=$(median <"$work/$name.ratios" | awk '{ printf "%.3f", $1 }')
+	paired+=$(awk '{ v[NR] = $1 } END { printf ", from %.3f to %.3f", v[1], v[NR] }' "$work/$name.ratios")
 	local sign='>='
 	[[ $better == higher ]] || sign='<='
 	ok=$(awk -v r="$ratio" -v t="$target" -v s="$sign" 'BEGIN { print ((s == ">=") ? r >= t : r <= t) ? "met" : "MISSED" }')
