@@ -80,22 +80,19 @@ bool parse_bytes(std::string_view text, uint64_t& out) {
   return true;
 }
 
-uint64_t get_count(std::string_view name) {
+namespace {
+
+uint64_t get_parsed(std::string_view name, bool (*parse)(std::string_view, uint64_t&)) {
   const Knob& knob = require(name);
   Setting s = setting(name);
   uint64_t value = 0;
-  if (!parse_count(s.text, value)) bad_value(knob, s.text);
+  if (!parse(s.text, value)) bad_value(knob, s.text);
   return value;
 }
 
-uint64_t get_bytes(std::string_view name) {
-  const Knob& knob = require(name);
-  Setting s = setting(name);
-  uint64_t value = 0;
-  if (!parse_bytes(s.text, value)) bad_value(knob, s.text);
-  return value;
-}
+}  // namespace
 
-std::string get_string(std::string_view name) { return setting(name).text; }
+uint64_t get_count(std::string_view name) { return get_parsed(name, parse_count); }
+uint64_t get_bytes(std::string_view name) { return get_parsed(name, parse_bytes); }
 
 }  // namespace rxio::config

@@ -31,7 +31,6 @@ Setting setting(std::string_view name);
 // not a valid value of its type (a typo must not silently become the default).
 uint64_t get_count(std::string_view name);
 uint64_t get_bytes(std::string_view name);  // accepts 4096, 64K, 64KiB, 1M, 1MiB, 2G
-std::string get_string(std::string_view name);
 
 // The parsers, separate for tests: false on bad input.
 bool parse_count(std::string_view text, uint64_t& out);

@@ -98,11 +98,6 @@ Connection::Connection(Link& link, uint32_t id) : link_(&link), id_(id) {
 
 Connection::~Connection() = default;
 
-Engine& Connection::engine() noexcept {
-  // Engine::Impl is owned by exactly one Engine; find it through the back pointer.
-  return *link_->engine.owner;
-}
-
 // ---- links -------------------------------------------------------------------------
 
 Link::Link(Engine::Impl& e, std::string peer_name) : engine(e), peer(std::move(peer_name)) {
@@ -249,9 +244,7 @@ Engine::Impl::Impl(Options o) : options(resolve(std::move(o))) {
   cache.emplace(*pd);
 }
 
-Engine::Engine(Options options) : impl_(std::make_unique<Impl>(std::move(options))) {
-  impl_->owner = this;
-}
+Engine::Engine(Options options) : impl_(std::make_unique<Impl>(std::move(options))) {}
 
 Engine::~Engine() { impl_->shutdown(); }
 

@@ -174,7 +174,6 @@ class Connection {
   int error() const noexcept { return error_; }
   const std::string& error_text() const noexcept { return error_text_; }
   uint32_t id() const noexcept { return id_; }
-  Engine& engine() noexcept;
 
  private:
   friend class Engine;

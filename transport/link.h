@@ -175,7 +175,6 @@ class Link {
 struct Engine::Impl {
   explicit Impl(Options options);
 
-  Engine* owner = nullptr;
   Options options;
   // tcp bootstrap: a device we open; rdma_cm: the context rdma_cm opened for the
   // address we bound to.

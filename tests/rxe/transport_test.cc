@@ -52,6 +52,16 @@ transport::Options tcp_options() {
   return o;
 }
 
+// tcp_options with small rings, to run out of credits (or memory) quickly.
+std::function<transport::Options()> tcp_options_with_ring(uint32_t slots, uint32_t slot_size) {
+  return [=] {
+    transport::Options o = tcp_options();
+    o.ring_slots = slots;
+    o.slot_size = slot_size;
+    return o;
+  };
+}
+
 // Runs `server` here and `client` in a child process (fork before any verbs use, so
 // neither inherits the other's resources). The client learns the port through a pipe.
 // Returns the client's exit status; the client reports failures on stderr.
@@ -175,14 +185,8 @@ TEST(Transport, IntegrityOverRdmaCmBootstrap) {
 TEST(Transport, ThousandConnectionsShareOneQp) {
   RXIO_REQUIRE_DEVICE(loopback_device());
   constexpr int kConnections = 1000;
-  auto options = [] {
-    transport::Options o = tcp_options();
-    o.ring_slots = 2;
-    o.slot_size = 128;
-    return o;
-  };
   int rc = run_pair(
-      options,
+      tcp_options_with_ring(2, 128),
       [&](Engine& engine) {
         std::vector<Connection*> accepted;
         for (int i = 0; i < kConnections; ++i) accepted.push_back(&engine.accept(30s));
@@ -222,14 +226,8 @@ TEST(Transport, ThousandConnectionsShareOneQp) {
 TEST(Transport, SlowReceiverLosesNothing) {
   RXIO_REQUIRE_DEVICE(loopback_device());
   constexpr uint32_t kMessages = 300;
-  auto options = [] {
-    transport::Options o = tcp_options();
-    o.ring_slots = 4;
-    o.slot_size = 1024;
-    return o;
-  };
   int rc = run_pair(
-      options,
+      tcp_options_with_ring(4, 1024),
       [&](Engine& engine) {
         Connection& c = engine.accept(30s);
         std::this_thread::sleep_for(500ms);  // the sender runs out of credits meanwhile
