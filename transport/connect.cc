@@ -74,21 +74,22 @@ Connection::Ring::Ring(verbs::ProtectionDomain& pd, uint32_t slots, uint32_t siz
                                             IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE)),
       recv(slots),
       send(0),
-      unexpected(slots),
+      unexpected(slots + wire::kMaxRendezvous),
       stream(slots),
-      answers(wire::kMaxRendezvous),
       rndv_sends(wire::kMaxRendezvous, nullptr),
       rndv_recvs(wire::kMaxRendezvous, nullptr),
-      mailbox(std::size_t(wire::kMaxRendezvous) * wire::kRndvTargetSize),
-      mailbox_mr(verbs::MemoryRegion::register_host(pd, mailbox.data(), mailbox.size(),
-                                                    IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE)) {}
+      rndv_in(std::size_t(wire::kRndvQueueEntries) * wire::kRndvEntrySize),
+      rndv_in_mr(verbs::MemoryRegion::register_host(pd, rndv_in.data(), rndv_in.size(),
+                                                    IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE)),
+      rndv_out(rndv_in.size()),
+      rndv_out_mr(verbs::MemoryRegion::register_host(pd, rndv_out.data(), rndv_out.size(), IBV_ACCESS_LOCAL_WRITE)) {}
 
 wire::RingInfo Connection::Ring::info() const noexcept {
   return {reinterpret_cast<uint64_t>(memory.data()), mr.rkey(), recv.slots(), slot_size};
 }
 
-wire::MailboxInfo Connection::Ring::mailbox_info() const noexcept {
-  return {reinterpret_cast<uint64_t>(mailbox.data()), mailbox_mr.rkey()};
+wire::RndvQueueInfo Connection::Ring::rndv_info() const noexcept {
+  return {reinterpret_cast<uint64_t>(rndv_in.data()), rndv_in_mr.rkey()};
 }
 
 Connection::Connection(Link& link, uint32_t id) : link_(&link), id_(id) {
@@ -540,7 +541,7 @@ Connection& Engine::connect(const std::string& host, uint16_t port) {
   Impl& e = *impl_;
   Link& link = e.link_to(host, port);
   Connection& c = link.add_connection();
-  wire::ConnectRequest request{c.id_, c.ring_->info(), c.ring_->mailbox_info()};
+  wire::ConnectRequest request{c.id_, c.ring_->info(), c.ring_->rndv_info()};
   std::array<std::byte, wire::kConnectRequestSize> payload;
   wire::encode(request, payload.data());
   e.wait_until([&] { return link.error || link.can_post_slot(link.control()); }, e.options.connect_timeout,

@@ -55,6 +55,7 @@ bool Link::can_post_slot(Connection& c) const noexcept {
 
 void Link::post_slot(Connection& c, wire::SlotKind kind, uint64_t tag,
                      std::span<const std::byte> payload) noexcept {
+  write_entries(c);  // rendezvous requests sent before this slot stay before it
   Connection::Ring& r = *c.ring_;
   const uint32_t stage_size = engine.options.slot_size;
   std::byte* stage = staging.data() + std::size_t(staging_next % staging_slots) * stage_size;
@@ -86,7 +87,7 @@ void Link::post_imm(Connection& c, wire::ImmType type, uint8_t value) noexcept {
   // A zero-length write: it carries only the immediate, needs no credit and touches no
   // memory at the peer.
   ibv_send_wr wr{};
-  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrCredit;
+  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrLink;
   wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
   wr.send_flags = IBV_SEND_SIGNALED;
   wr.imm_data = htonl(wire::encode(wire::Imm{type, c.peer_id_, value}));
@@ -116,43 +117,35 @@ void Link::post_request(Request& q) noexcept {
     complete(q, Status::failed, 0);
     return;
   }
-  // A rendezvous takes two work requests: the data as a plain RDMA WRITE, then a
-  // zero-length write whose immediate tells the receiver. RC delivers them in order, and
-  // a plain write avoids the receive-queue path that slows large writes with immediate.
-  const bool rendezvous = q.op_ == Request::Op::send;
-  if (sq_used + (rendezvous ? 2 : 1) > sq_depth) {
+  if (sq_used >= sq_depth) {
     push(deferred, q);
     return;
   }
   try {
     const auto& mr = engine.cache->get(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE);
     ibv_sge sge{reinterpret_cast<uint64_t>(q.buffer_), static_cast<uint32_t>(q.capacity_), mr.lkey()};
-    ibv_send_wr data{}, notice{};
-    data.wr_id = reinterpret_cast<uint64_t>(&q) | kWrRequest;
-    data.sg_list = &sge;
-    data.num_sge = q.capacity_ ? 1 : 0;
-    data.opcode = q.op_ == Request::Op::read ? IBV_WR_RDMA_READ : IBV_WR_RDMA_WRITE;
-    data.send_flags = IBV_SEND_SIGNALED;
-    data.wr.rdma.remote_addr = q.remote_address_;
-    data.wr.rdma.rkey = q.rkey_;
-    if (rendezvous) {
-      data.wr_id = reinterpret_cast<uint64_t>(this) | kWrCredit;
-      data.next = &notice;
-      notice.wr_id = reinterpret_cast<uint64_t>(&q) | kWrRequest;
-      notice.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
-      notice.send_flags = IBV_SEND_SIGNALED;
-      notice.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::rndv_written, q.connection_->peer_id_,
-                                                     static_cast<uint8_t>(q.rndv_id_)}));
-      notice.wr.rdma.remote_addr = q.remote_address_;
-      notice.wr.rdma.rkey = q.rkey_;
-    }
+    // A rendezvous writes its data with a plain RDMA WRITE: large writes with
+    // immediate take Soft-RoCE's slower receive-queue path. The `written` entry that
+    // follows on the same QP lands after the data.
+    ibv_send_wr wr{};
+    wr.wr_id = reinterpret_cast<uint64_t>(&q) | kWrRequest;
+    wr.sg_list = &sge;
+    wr.num_sge = q.capacity_ ? 1 : 0;
+    wr.opcode = q.op_ == Request::Op::read ? IBV_WR_RDMA_READ : IBV_WR_RDMA_WRITE;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    wr.wr.rdma.remote_addr = q.remote_address_;
+    wr.wr.rdma.rkey = q.rkey_;
     ibv_send_wr* bad = nullptr;
-    if (int rc = ibv_post_send(raw_qp, &data, &bad); rc != 0) {
+    if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
       fail(rc, std::string("posting an RDMA operation failed: ") + std::strerror(rc));
       complete(q, Status::failed, 0);
       return;
     }
-    sq_used += rendezvous ? 2 : 1;
+    ++sq_used;
+    if (q.op_ == Request::Op::send) {
+      stage(*q.connection_, {wire::RndvKind::written, q.rndv_id_});
+      mark_waiting(*q.connection_);
+    }
   } catch (const std::exception& e) {
     // Registration failed (the message says why, e.g. the memlock limit).
     q.connection_->error_text_ = e.what();
@@ -166,38 +159,41 @@ void Link::mark_waiting(Connection& c) noexcept {
   waiting.push_back(&c);
 }
 
-void Link::answer_rendezvous(Connection& c, uint32_t id, bool failed) noexcept {
+void Link::stage(Connection& c, const wire::RndvEntry& entry) noexcept {
   Connection::Ring& r = *c.ring_;
-  // Bounded by the rendezvous the peer may have in flight; more is a protocol fault.
-  if (r.answers.full()) return count_fault(wire::Fault::bad_rendezvous, "rendezvous answers");
-  r.answers.push(id | (failed ? 0x100u : 0u));
-  mark_waiting(c);
+  const std::size_t at = std::size_t(r.rndv_out_staged % wire::kRndvQueueEntries) * wire::kRndvEntrySize;
+  wire::encode(entry, r.rndv_out.data() + at);
+  ++r.rndv_out_staged;
 }
 
-void Link::post_answer(Connection& c, uint32_t answer) noexcept {
-  const uint8_t id = static_cast<uint8_t>(answer);
-  if (answer & 0x100u) return post_imm(c, wire::ImmType::rndv_failed, id);
-  // The target goes inline into the peer's mailbox entry; the immediate announces it.
-  const Request& q = *c.ring_->rndv_recvs[id];
-  std::array<std::byte, wire::kRndvTargetSize> target;
-  wire::encode(wire::RndvTarget{reinterpret_cast<uint64_t>(q.buffer_), q.rkey_, static_cast<uint32_t>(q.capacity_)},
-               target.data());
-  ibv_sge sge{reinterpret_cast<uint64_t>(target.data()), static_cast<uint32_t>(target.size()), 0};
-  ibv_send_wr wr{};
-  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrCredit;
-  wr.sg_list = &sge;
-  wr.num_sge = 1;
-  wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
-  wr.send_flags = IBV_SEND_SIGNALED | IBV_SEND_INLINE;
-  wr.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::rndv_ready, c.peer_id_, id}));
-  wr.wr.rdma.remote_addr = c.ring_->peer_mailbox.address + uint64_t(id) * wire::kRndvTargetSize;
-  wr.wr.rdma.rkey = c.ring_->peer_mailbox.rkey;
-  ibv_send_wr* bad = nullptr;
-  if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) return fail(rc, std::string("posting a rendezvous answer failed: ") + std::strerror(rc));
-  ++sq_used;
+void Link::write_entries(Connection& c) noexcept {
+  Connection::Ring& r = *c.ring_;
+  while (r.rndv_out_written < r.rndv_out_staged && !error && sq_used < sq_depth) {
+    // One write per run that does not wrap around the peer's queue.
+    const uint32_t first = static_cast<uint32_t>(r.rndv_out_written % wire::kRndvQueueEntries);
+    const uint32_t count = static_cast<uint32_t>(std::min<uint64_t>(
+        {r.rndv_out_staged - r.rndv_out_written, wire::kMaxRndvBatch, wire::kRndvQueueEntries - first}));
+    const uint64_t offset = uint64_t(first) * wire::kRndvEntrySize;
+    const uint32_t length = static_cast<uint32_t>(count * wire::kRndvEntrySize);
+    ibv_sge sge{reinterpret_cast<uint64_t>(r.rndv_out.data()) + offset, length, r.rndv_out_mr.lkey()};
+    ibv_send_wr wr{};
+    wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrLink;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+    wr.send_flags = IBV_SEND_SIGNALED | (length <= max_inline ? IBV_SEND_INLINE : 0);
+    wr.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::rndv, c.peer_id_, static_cast<uint8_t>(count)}));
+    wr.wr.rdma.remote_addr = r.peer_rndv.address + offset;
+    wr.wr.rdma.rkey = r.peer_rndv.rkey;
+    ibv_send_wr* bad = nullptr;
+    if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0)
+      return fail(rc, std::string("posting rendezvous entries failed: ") + std::strerror(rc));
+    ++sq_used;
+    r.rndv_out_written += count;
+  }
 }
 
-void Link::drain(Connection& c) noexcept {
+void Link::drain(Connection& c, bool write) noexcept {
   Connection::Ring& r = *c.ring_;
   if (c.id_ == 0) {
     std::size_t sent = 0;
@@ -208,44 +204,39 @@ void Link::drain(Connection& c) noexcept {
     }
     replies_to_send.erase(replies_to_send.begin(), replies_to_send.begin() + static_cast<std::ptrdiff_t>(sent));
   }
-  while (!r.answers.empty() && !error && sq_used < sq_depth) {
-    uint32_t answer = r.answers.front();
-    r.answers.pop();
-    post_answer(c, answer);
-  }
   const uint32_t limit = eager_limit(r, engine.options.eager_limit);
-  while (!r.sends.empty() && can_post_slot(c)) {
+  while (!r.sends.empty() && !error) {
     Request& q = *r.sends.head;
     if (q.capacity_ <= limit) {
+      if (!can_post_slot(c)) break;
       post_slot(c, wire::SlotKind::eager, q.tag_, {q.buffer_, q.capacity_});
       pop(r.sends);
       complete(q, Status::ok, q.capacity_);
       continue;
     }
     auto free_id = std::find(r.rndv_sends.begin(), r.rndv_sends.end(), nullptr);
-    if (free_id == r.rndv_sends.end()) break;  // as many rendezvous in flight as slots
-    uint32_t id = static_cast<uint32_t>(free_id - r.rndv_sends.begin());
+    if (free_id == r.rndv_sends.end()) break;  // as many large sends in flight as ids
+    pop(r.sends);
     try {
       // Registered now, so that a failure shows here and the write later cannot fail.
       engine.cache->get(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE);
-      std::array<std::byte, wire::kRndvRequestSize> payload;
-      wire::encode(wire::RndvRequest{q.capacity_, id}, payload.data());
-      pop(r.sends);
-      *free_id = &q;
-      q.rndv_id_ = id;
-      post_slot(c, wire::SlotKind::rndv_request, q.tag_, payload);
     } catch (const std::exception& e) {
-      pop(r.sends);
       c.error_text_ = e.what();
       complete(q, Status::failed, 0);
+      continue;
     }
+    const uint32_t id = static_cast<uint32_t>(free_id - r.rndv_sends.begin());
+    *free_id = &q;
+    q.rndv_id_ = id;
+    stage(c, {wire::RndvKind::request, id, q.capacity_, q.tag_});
   }
   if (r.close_to_send && r.sends.empty() && can_post_slot(c)) {
     r.close_to_send = false;
     post_slot(c, wire::SlotKind::close, 0, {});
   }
   return_credits(c, false);
-  bool more = !r.sends.empty() || !r.answers.empty() || r.close_to_send ||
+  if (write) write_entries(c);
+  bool more = !r.sends.empty() || r.close_to_send || r.rndv_out_written != r.rndv_out_staged ||
               (c.id_ == 0 && !replies_to_send.empty());
   if (more && !error) mark_waiting(c);
 }
@@ -256,43 +247,48 @@ void Link::drain_waiting() noexcept {
   // vectors hold at most every connection once, and their capacity was reserved.
   draining.swap(waiting);
   for (Connection* c : draining) c->ring_->waiting = false;
-  for (Connection* c : draining) drain(*c);
+  for (Connection* c : draining) drain(*c, true);
   draining.clear();
 }
 
 // ---- arrivals ----------------------------------------------------------------------
 
+Request* Link::take_posted(Connection::Ring& r, uint64_t tag) noexcept {
+  Request* prev = nullptr;
+  for (Request* q = r.posted.head; q; prev = q, q = q->next_) {
+    if (!matches(q->tag_, tag)) continue;
+    if (prev) prev->next_ = q->next_;
+    else r.posted.head = q->next_;
+    if (r.posted.tail == q) r.posted.tail = prev;
+    q->next_ = nullptr;
+    return q;
+  }
+  return nullptr;
+}
+
 void Link::deliver(Connection& c, const Arrival& arrival, Request& q) noexcept {
   Connection::Ring& r = *c.ring_;
-  const uint64_t seq = arrival.seq;
-  const wire::SlotHeader& header = arrival.header;
-  const std::byte* payload = r.slot(seq) + wire::kSlotHeaderSize;
-  q.tag_ = header.tag;
-  if (header.kind == wire::SlotKind::eager) {
-    std::size_t n = std::min<std::size_t>(header.length, q.capacity_);
+  q.tag_ = arrival.tag();
+  if (!arrival.rndv) {
+    const std::byte* payload = r.slot(arrival.seq) + wire::kSlotHeaderSize;
+    std::size_t n = std::min<std::size_t>(arrival.header.length, q.capacity_);
     std::memcpy(q.buffer_, payload, n);
-    r.recv.release(seq);
-    complete(q, header.length > q.capacity_ ? Status::truncated : Status::ok, header.length);
+    r.recv.release(arrival.seq);
+    complete(q, arrival.header.length > q.capacity_ ? Status::truncated : Status::ok, arrival.header.length);
     return;
   }
-  wire::Fault fault{};
-  auto rndv = wire::decode_rndv_request({payload, header.length}, fault);
-  r.recv.release(seq);
-  if (!rndv) {
-    complete(q, Status::failed, 0);
-    count_fault(fault, "a rendezvous request");
-    return;
-  }
-  if (r.rndv_recvs[rndv->id]) {
+  const wire::RndvEntry& rndv = *arrival.rndv;
+  if (r.rndv_recvs[rndv.id]) {
     complete(q, Status::failed, 0);
     count_fault(wire::Fault::bad_rendezvous, "a rendezvous request reusing a busy id");
     return;
   }
+  mark_waiting(c);  // the answer goes out when the link next drains
   // The peer writes what fits; a larger message leaves the buffer holding its start.
-  const std::size_t length = std::min<std::size_t>(q.capacity_, rndv->size);
+  const std::size_t length = std::min<std::size_t>(q.capacity_, rndv.size);
   if (length > engine.max_message) {
     complete(q, Status::failed, 0);
-    answer_rendezvous(c, rndv->id, true);
+    stage(c, {wire::RndvKind::failed, rndv.id});
     return;
   }
   try {
@@ -301,14 +297,69 @@ void Link::deliver(Connection& c, const Arrival& arrival, Request& q) noexcept {
   } catch (const std::exception& e) {
     c.error_text_ = e.what();
     complete(q, Status::failed, 0);
-    answer_rendezvous(c, rndv->id, true);
+    stage(c, {wire::RndvKind::failed, rndv.id});
     return;
   }
-  q.rndv_id_ = rndv->id;
-  q.bytes_ = rndv->size;
+  q.rndv_id_ = rndv.id;
+  q.bytes_ = rndv.size;
   q.capacity_ = length;
-  r.rndv_recvs[rndv->id] = &q;
-  answer_rendezvous(c, rndv->id, false);
+  r.rndv_recvs[rndv.id] = &q;
+  wire::RndvEntry ready{wire::RndvKind::ready, rndv.id};
+  ready.target = {reinterpret_cast<uint64_t>(q.buffer_), q.rkey_, static_cast<uint32_t>(length)};
+  stage(c, ready);
+}
+
+void Link::on_rndv_entries(Connection& c, uint32_t count) noexcept {
+  Connection::Ring& r = *c.ring_;
+  if (c.id_ == 0) return count_fault(wire::Fault::bad_connection, "rendezvous entries");
+  if (count == 0) return count_fault(wire::Fault::bad_length, "rendezvous entries");
+  for (uint32_t i = 0; i < count && !error; ++i) {
+    // A copy: the peer may rewrite its entries at any time.
+    std::array<std::byte, wire::kRndvEntrySize> entry;
+    const std::size_t at = std::size_t(r.rndv_in_next++ % wire::kRndvQueueEntries) * wire::kRndvEntrySize;
+    std::memcpy(entry.data(), r.rndv_in.data() + at, entry.size());
+    wire::Fault fault{};
+    auto decoded = wire::decode_rndv_entry(entry, fault);
+    if (!decoded) return count_fault(fault, "a rendezvous entry");
+    on_rndv_entry(c, *decoded);
+  }
+}
+
+void Link::on_rndv_entry(Connection& c, const wire::RndvEntry& entry) noexcept {
+  Connection::Ring& r = *c.ring_;
+  switch (entry.kind) {
+    case wire::RndvKind::request: {
+      Arrival arrival{0, {}, entry};
+      if (Request* q = take_posted(r, entry.tag)) return deliver(c, arrival, *q);
+      if (r.unexpected.full()) return count_fault(wire::Fault::bad_rendezvous, "more rendezvous requests than ids");
+      r.unexpected.push(arrival);
+      return;
+    }
+    case wire::RndvKind::ready:
+    case wire::RndvKind::failed: {
+      Request* q = r.rndv_sends[entry.id];
+      if (!q || q->answered_) return count_fault(wire::Fault::bad_rendezvous, "a rendezvous answer");
+      if (entry.kind == wire::RndvKind::failed) {
+        r.rndv_sends[entry.id] = nullptr;
+        complete(*q, Status::failed, 0);
+        mark_waiting(c);  // a rendezvous id is free again
+        return;
+      }
+      q->answered_ = true;
+      q->capacity_ = std::min<std::size_t>(entry.target.length, q->capacity_);
+      q->remote_address_ = entry.target.address;
+      q->rkey_ = entry.target.rkey;
+      post_request(*q);
+      return;
+    }
+    case wire::RndvKind::written: {
+      Request* q = r.rndv_recvs[entry.id];
+      if (!q) return count_fault(wire::Fault::bad_rendezvous, "a rendezvous write");
+      r.rndv_recvs[entry.id] = nullptr;
+      complete(*q, q->bytes_ > q->capacity_ ? Status::truncated : Status::ok, q->bytes_);
+      return;
+    }
+  }
 }
 
 void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte> payload) noexcept {
@@ -321,9 +372,9 @@ void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte>
       c.peer_id_ = request->connection;
       c.ring_->peer = request->ring;
       c.ring_->send = SendRing(request->ring.slots);
-      c.ring_->peer_mailbox = request->mailbox;
+      c.ring_->peer_rndv = request->rndv;
       c.established_ = true;
-      replies_to_send.push_back({c.id_, request->connection, c.ring_->info(), c.ring_->mailbox_info()});
+      replies_to_send.push_back({c.id_, request->connection, c.ring_->info(), c.ring_->rndv_info()});
       engine.accepted.push_back(&c);
       mark_waiting(control());
     } catch (const std::exception& e) {
@@ -341,7 +392,7 @@ void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte>
     c.peer_id_ = reply->connection;
     c.ring_->peer = reply->ring;
     c.ring_->send = SendRing(reply->ring.slots);
-    c.ring_->peer_mailbox = reply->mailbox;
+    c.ring_->peer_rndv = reply->rndv;
     c.established_ = true;
     return;
   }
@@ -367,34 +418,7 @@ void Link::on_arrival(const ibv_wc& wc) noexcept {
     mark_waiting(c);
     return;
   }
-  if (imm->type == wire::ImmType::rndv_ready || imm->type == wire::ImmType::rndv_failed) {
-    Request* q = r.rndv_sends[imm->value];  // value < 256 = the table's size
-    if (!q || q->answered_)
-      return count_fault(wire::Fault::bad_rendezvous, "a rendezvous answer");
-    if (imm->type == wire::ImmType::rndv_failed) {
-      r.rndv_sends[imm->value] = nullptr;
-      complete(*q, Status::failed, 0);
-      mark_waiting(c);  // a rendezvous id is free again
-      return;
-    }
-    // The peer's own mailbox entry: it may only hurt itself by what it says there.
-    auto target = wire::decode_rndv_target(
-        std::span<const std::byte, wire::kRndvTargetSize>(r.mailbox.data() + std::size_t(imm->value) * wire::kRndvTargetSize,
-                                                          wire::kRndvTargetSize));
-    q->answered_ = true;
-    q->capacity_ = std::min<std::size_t>(target.length, q->capacity_);
-    q->remote_address_ = target.address;
-    q->rkey_ = target.rkey;
-    post_request(*q);
-    return;
-  }
-  if (imm->type == wire::ImmType::rndv_written) {
-    Request* q = r.rndv_recvs[imm->value];
-    if (!q) return count_fault(wire::Fault::bad_rendezvous, "a rendezvous write");
-    r.rndv_recvs[imm->value] = nullptr;
-    complete(*q, q->bytes_ > q->capacity_ ? Status::truncated : Status::ok, q->bytes_);
-    return;
-  }
+  if (imm->type == wire::ImmType::rndv) return on_rndv_entries(c, imm->value);
   uint64_t seq = 0;
   if (!r.recv.arrive(seq)) return count_fault(wire::Fault::ring_overflow, "a slot write");
   auto header = wire::decode_slot_header({r.slot(seq), r.slot_size}, r.slot_size - wire::kSlotHeaderSize, fault);
@@ -410,21 +434,13 @@ void Link::on_arrival(const ibv_wc& wc) noexcept {
   }
   switch (header->kind) {
     case wire::SlotKind::eager:
-    case wire::SlotKind::rndv_request: {
-      Request* prev = nullptr;
-      for (Request* q = r.posted.head; q; prev = q, q = q->next_) {
-        if (!matches(q->tag_, header->tag)) continue;
-        if (prev) prev->next_ = q->next_;
-        else r.posted.head = q->next_;
-        if (r.posted.tail == q) r.posted.tail = prev;
-        q->next_ = nullptr;
+      if (Request* q = take_posted(r, header->tag)) {
         deliver(c, arrival, *q);
         return_credits(c, false);
         return;
       }
       r.unexpected.push(arrival);
       return;
-    }
     case wire::SlotKind::stream:
       r.stream.push(arrival);
       return;
@@ -554,7 +570,7 @@ Status Connection::send(std::span<const std::byte> data, uint64_t tag, Request& 
     return q.status_;
   }
   Link::push(r.sends, q);
-  link_->drain(*this);
+  link_->drain(*this, false);
   return q.status_;
 }
 
@@ -570,7 +586,7 @@ Status Connection::recv(std::span<std::byte> buffer, uint64_t tag, Request& q) n
   // What already arrived is delivered even after a failure: it was sent before it.
   for (std::size_t i = 0; i < r.unexpected.size(); ++i) {
     Arrival arrival = r.unexpected.at(i);
-    if (!matches(tag, arrival.header.tag)) continue;
+    if (!matches(tag, arrival.tag())) continue;
     r.unexpected.erase(i);
     link_->deliver(*this, arrival, q);
     link_->return_credits(*this, false);
@@ -648,7 +664,7 @@ void Connection::close() noexcept {
   if (closed_ || error_) return;
   closed_ = true;
   ring_->close_to_send = true;
-  link_->drain(*this);
+  link_->drain(*this, false);
 }
 
 }  // namespace rxio::transport

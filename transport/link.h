@@ -25,7 +25,7 @@ namespace rxio::transport {
 // The low bits of a work request id say what it is; the rest is a pointer.
 inline constexpr uint64_t kWrRequest = 0;  // a Request (READ or WRITE)
 inline constexpr uint64_t kWrSlot = 1;     // a slot write (Link)
-inline constexpr uint64_t kWrCredit = 2;   // a credit return (Link)
+inline constexpr uint64_t kWrLink = 2;     // a link's own write: credits, rendezvous entries
 inline constexpr uint64_t kWrReceive = 3;  // a posted receive (Link)
 inline constexpr uint64_t kWrKindMask = 3;
 
@@ -59,11 +59,14 @@ class FixedQueue {
   std::size_t count_ = 0;
 };
 
-// A slot that arrived and waits for the application, with its header as it was then
-// (the peer can rewrite its ring at any time; only this copy is trusted).
+// A message that arrived and waits for the application: a slot, with its header as it
+// was then (the peer can rewrite its ring at any time; only this copy is trusted), or a
+// rendezvous request.
 struct Arrival {
   uint64_t seq = 0;
   wire::SlotHeader header{};
+  std::optional<wire::RndvEntry> rndv;  // set for a rendezvous request (no slot)
+  uint64_t tag() const noexcept { return rndv ? rndv->tag : header.tag; }
 };
 
 // An intrusive FIFO of caller-owned requests.
@@ -87,18 +90,25 @@ struct Connection::Ring {
   FixedQueue<Arrival> unexpected;     // arrived messages nobody asked for yet
   FixedQueue<Arrival> stream;         // arrived stream slots
   std::size_t stream_offset = 0;      // bytes of stream.front() already read
-  FixedQueue<uint32_t> answers;       // rendezvous to answer: id | failed << 8
   std::vector<Request*> rndv_sends;   // our large sends, by rendezvous id
   std::vector<Request*> rndv_recvs;   // receives waiting for the peer's write, by its id
-  std::vector<std::byte> mailbox;     // where the peer tells us where to write
-  verbs::MemoryRegion mailbox_mr;
-  wire::MailboxInfo peer_mailbox{};
+  // The peer appends rendezvous entries here; we read them from rndv_in_next on.
+  std::vector<std::byte> rndv_in;
+  verbs::MemoryRegion rndv_in_mr;
+  uint64_t rndv_in_next = 0;
+  // Our entries, at the positions they take in the peer's queue: staged, then written
+  // (several per write) when the link next drains.
+  std::vector<std::byte> rndv_out;
+  verbs::MemoryRegion rndv_out_mr;
+  uint64_t rndv_out_staged = 0;
+  uint64_t rndv_out_written = 0;
+  wire::RndvQueueInfo peer_rndv{};
   bool close_to_send = false;
   bool waiting = false;  // listed in Link::waiting
 
   std::byte* slot(uint64_t seq) noexcept { return memory.data() + std::size_t(recv.index(seq)) * slot_size; }
   wire::RingInfo info() const noexcept;
-  wire::MailboxInfo mailbox_info() const noexcept;
+  wire::RndvQueueInfo rndv_info() const noexcept;
 };
 
 class Link {
@@ -150,16 +160,21 @@ class Link {
   void post_imm(Connection& c, wire::ImmType type, uint8_t value) noexcept;
   void post_slot(Connection& c, wire::SlotKind kind, uint64_t tag, std::span<const std::byte> payload) noexcept;
   void return_credits(Connection& c, bool force) noexcept;
-  void drain(Connection& c) noexcept;
+  // Posts what waits on `c`; its rendezvous entries only with `write`, so that
+  // the application's sends between two progress calls share one write.
+  void drain(Connection& c, bool write) noexcept;
   void drain_waiting() noexcept;
   void mark_waiting(Connection& c) noexcept;
   void post_request(Request& request) noexcept;  // a READ or WRITE, or deferred
   void on_send_completion(const ibv_wc& wc) noexcept;
   void on_arrival(const ibv_wc& wc) noexcept;
+  void on_rndv_entries(Connection& c, uint32_t count) noexcept;
+  void on_rndv_entry(Connection& c, const wire::RndvEntry& entry) noexcept;
+  void stage(Connection& c, const wire::RndvEntry& entry) noexcept;
+  void write_entries(Connection& c) noexcept;
+  // Takes the first posted receive that wants `tag`, if any.
+  static Request* take_posted(Connection::Ring& r, uint64_t tag) noexcept;
   void deliver(Connection& c, const Arrival& arrival, Request& request) noexcept;
-  // Queues the answer to a sender's rendezvous: where to write, or that we gave up.
-  void answer_rendezvous(Connection& c, uint32_t id, bool failed) noexcept;
-  void post_answer(Connection& c, uint32_t answer) noexcept;
   void on_control(const wire::SlotHeader& header, std::span<const std::byte> payload) noexcept;
   void count_fault(wire::Fault fault, const char* where) noexcept;
   void on_request_completion(Request& request) noexcept;

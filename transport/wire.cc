@@ -84,7 +84,7 @@ uint32_t encode(const Imm& imm) {
 
 std::optional<Imm> decode_imm(uint32_t raw, Fault& fault) {
   auto type = static_cast<ImmType>(raw >> 28);
-  if (type < ImmType::slot || type > ImmType::rndv_written) {
+  if (type < ImmType::slot || type > ImmType::rndv) {
     fault = Fault::bad_kind;
     return std::nullopt;
   }
@@ -106,7 +106,6 @@ std::optional<SlotHeader> decode_slot_header(std::span<const std::byte> slot, ui
   switch (header.kind) {
     case SlotKind::eager:
     case SlotKind::stream: break;
-    case SlotKind::rndv_request: fixed = kRndvRequestSize; break;
     case SlotKind::connect: fixed = kConnectRequestSize; break;
     case SlotKind::accept: fixed = kConnectReplySize; break;
     case SlotKind::close:
@@ -125,35 +124,33 @@ std::optional<SlotHeader> decode_slot_header(std::span<const std::byte> slot, ui
   return header;
 }
 
-void encode(const RndvRequest& m, std::byte* out) {
-  put64(out, m.size);
-  put32(out + 8, m.id);
-  put32(out + 12, 0);
-}
-
-void encode(const RndvTarget& m, std::byte* out) {
-  put64(out, m.address);
-  put32(out + 8, m.rkey);
-  put32(out + 12, m.length);
-}
-
-RndvTarget decode_rndv_target(std::span<const std::byte, kRndvTargetSize> in) {
-  return {get64(in.data()), get32(in.data() + 8), get32(in.data() + 12)};
+void encode(const RndvEntry& m, std::byte* out) {
+  std::memset(out, 0, kRndvEntrySize);
+  out[0] = static_cast<std::byte>(m.kind);
+  put32(out + 4, m.id);
+  if (m.kind == RndvKind::request) {
+    put64(out + 8, m.size);
+    put64(out + 16, m.tag);
+  } else if (m.kind == RndvKind::ready) {
+    put64(out + 8, m.target.address);
+    put32(out + 16, m.target.rkey);
+    put32(out + 20, m.target.length);
+  }
 }
 
 void encode(const ConnectRequest& m, std::byte* out) {
   put32(out, m.connection);
   put_ring(out + 4, m.ring);
-  put64(out + 24, m.mailbox.address);
-  put32(out + 32, m.mailbox.rkey);
+  put64(out + 24, m.rndv.address);
+  put32(out + 32, m.rndv.rkey);
 }
 
 void encode(const ConnectReply& m, std::byte* out) {
   put32(out, m.connection);
   put32(out + 4, m.peer_connection);
   put_ring(out + 8, m.ring);
-  put64(out + 28, m.mailbox.address);
-  put32(out + 36, m.mailbox.rkey);
+  put64(out + 28, m.rndv.address);
+  put32(out + 36, m.rndv.rkey);
 }
 
 std::array<std::byte, kHelloSize> encode(const Hello& m) {
@@ -169,16 +166,27 @@ std::array<std::byte, kHelloSize> encode(const Hello& m) {
   return out;
 }
 
-std::optional<RndvRequest> decode_rndv_request(std::span<const std::byte> in, Fault& fault) {
-  if (!long_enough(in, kRndvRequestSize, fault)) return std::nullopt;
-  RndvRequest m{get64(in.data()), get32(in.data() + 8)};
+std::optional<RndvEntry> decode_rndv_entry(std::span<const std::byte, kRndvEntrySize> in, Fault& fault) {
+  RndvEntry m;
+  m.kind = static_cast<RndvKind>(in[0]);
+  m.id = get32(in.data() + 4);
+  if (m.kind < RndvKind::request || m.kind > RndvKind::written) {
+    fault = Fault::bad_kind;
+    return std::nullopt;
+  }
   if (m.id >= kMaxRendezvous) {
     fault = Fault::bad_rendezvous;
     return std::nullopt;
   }
-  if (m.size == 0) {
-    fault = Fault::bad_length;
-    return std::nullopt;
+  if (m.kind == RndvKind::request) {
+    m.size = get64(in.data() + 8);
+    m.tag = get64(in.data() + 16);
+    if (m.size == 0) {
+      fault = Fault::bad_length;
+      return std::nullopt;
+    }
+  } else if (m.kind == RndvKind::ready) {
+    m.target = {get64(in.data() + 8), get32(in.data() + 16), get32(in.data() + 20)};
   }
   return m;
 }

@@ -37,11 +37,9 @@ inline constexpr uint32_t kMaxConnections = 1u << 20;
 // connection.
 inline constexpr uint32_t kMaxRendezvous = 256;
 enum class ImmType : uint8_t {
-  slot = 1,          // a slot was written
-  credit = 2,        // value: credits returned
-  rndv_ready = 3,    // receiver to sender: mailbox entry `value` says where to write
-  rndv_failed = 4,   // receiver to sender: it gave up on rendezvous `value`
-  rndv_written = 5,  // sender to receiver: the data of rendezvous `value` is in place
+  slot = 1,    // a slot was written
+  credit = 2,  // value: credits returned
+  rndv = 3,    // value: entries appended to the receiver's rendezvous queue (1 to 255)
 };
 struct Imm {
   ImmType type;
@@ -56,9 +54,8 @@ inline constexpr std::size_t kSlotHeaderSize = 16;
 enum class SlotKind : uint8_t {
   eager = 1,         // a whole message
   stream = 2,        // bytes of the byte stream
-  rndv_request = 3,  // a large message waits for a matching receive (payload: RndvRequest)
-  // 4 is unused: rendezvous answers travel as immediate data, so they need no credit
-  // and cannot wait behind the application.
+  // 3 and 4 are unused: rendezvous traffic has its own queue (RndvEntry), which needs
+  // no credit and batches.
   connect = 5,       // control connection only (payload: ConnectRequest)
   accept = 6,        // control connection only (payload: ConnectReply)
   close = 7,         // the sender will send no more (no payload)
@@ -82,23 +79,41 @@ struct RingInfo {
 };
 inline constexpr std::size_t kRingInfoSize = 20;
 
-struct RndvRequest {
-  uint64_t size;
-  uint32_t id;  // below kMaxRendezvous
-};
-inline constexpr std::size_t kRndvRequestSize = 16;
+// Rendezvous traffic of one direction of a connection: entries appended to a queue of
+// kRndvQueueEntries in the receiver's memory, several per RDMA write, announced by
+// ImmType::rndv with their number. The writer never overruns the reader: what a side
+// may have written and the other not yet read is bounded by the rendezvous ids (two
+// entries per id of its own sends, one per id of the peer's), fewer than the entries.
+inline constexpr uint32_t kRndvQueueEntries = 1024;
+inline constexpr std::size_t kRndvEntrySize = 32;
+inline constexpr uint32_t kMaxRndvBatch = 255;  // the immediate's 8-bit count
 
-// Where a receiver wants a rendezvous written: RDMA-written by the receiver into the
-// sender's mailbox entry for the id, announced by ImmType::rndv_ready.
+enum class RndvKind : uint8_t {
+  request = 1,  // sender to receiver: a large message waits for a matching receive
+  ready = 2,    // receiver to sender: write the message here (target)
+  failed = 3,   // receiver to sender: it gave up on the message
+  written = 4,  // sender to receiver: the data is in place
+};
+
+// Where a receiver wants a rendezvous written.
 struct RndvTarget {
-  uint64_t address;
-  uint32_t rkey;
-  uint32_t length;
+  uint64_t address = 0;
+  uint32_t rkey = 0;
+  uint32_t length = 0;
 };
-inline constexpr std::size_t kRndvTargetSize = 16;
 
-// A connection's mailbox: kMaxRendezvous entries of kRndvTargetSize bytes.
-struct MailboxInfo {
+// Layout: kind (1), reserved (3), id (4), then request: size (8), tag (8); ready:
+// address (8), rkey (4), length (4); reserved to 32 bytes.
+struct RndvEntry {
+  RndvKind kind{};
+  uint32_t id = 0;     // below kMaxRendezvous: the sender's id for the message
+  uint64_t size = 0;   // request
+  uint64_t tag = 0;    // request
+  RndvTarget target;   // ready
+};
+
+// Where a connection's rendezvous queue lives, for the peer's writes.
+struct RndvQueueInfo {
   uint64_t address = 0;
   uint32_t rkey = 0;
 };
@@ -106,7 +121,7 @@ struct MailboxInfo {
 struct ConnectRequest {
   uint32_t connection;  // the requester's id
   RingInfo ring;        // the requester's receive ring
-  MailboxInfo mailbox;
+  RndvQueueInfo rndv;   // the requester's rendezvous queue
 };
 inline constexpr std::size_t kConnectRequestSize = 4 + kRingInfoSize + 12;
 
@@ -114,7 +129,7 @@ struct ConnectReply {
   uint32_t connection;       // the acceptor's id
   uint32_t peer_connection;  // the requester's id, echoed
   RingInfo ring;
-  MailboxInfo mailbox;
+  RndvQueueInfo rndv;
 };
 inline constexpr std::size_t kConnectReplySize = 8 + kRingInfoSize + 12;
 
@@ -130,16 +145,15 @@ struct Hello {
 };
 inline constexpr std::size_t kHelloSize = 56;
 
-void encode(const RndvRequest& m, std::byte* out);
-void encode(const RndvTarget& m, std::byte* out);
+void encode(const RndvEntry& m, std::byte* out);
 void encode(const ConnectRequest& m, std::byte* out);
 void encode(const ConnectReply& m, std::byte* out);
 std::array<std::byte, kHelloSize> encode(const Hello& m);
 
 // Each decoder refuses short input, and rings no sane peer would offer (zero or
 // oversized slots, more slots than a connection may have).
-std::optional<RndvRequest> decode_rndv_request(std::span<const std::byte> in, Fault& fault);
-RndvTarget decode_rndv_target(std::span<const std::byte, kRndvTargetSize> in);
+// Refuses unknown kinds, ids past kMaxRendezvous and empty requests.
+std::optional<RndvEntry> decode_rndv_entry(std::span<const std::byte, kRndvEntrySize> in, Fault& fault);
 std::optional<ConnectRequest> decode_connect_request(std::span<const std::byte> in, Fault& fault);
 std::optional<ConnectReply> decode_connect_reply(std::span<const std::byte> in, Fault& fault);
 std::optional<Hello> decode_hello(std::span<const std::byte> in, Fault& fault);

@@ -3,6 +3,7 @@
 // accept must survive a round trip through the encoder.
 #include <cstddef>
 #include <cstdint>
+#include <array>
 #include <cstring>
 #include <span>
 
@@ -28,7 +29,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     auto again = wire::decode_hello(wire::encode(*hello), fault);
     if (!again || again->control.slots != hello->control.slots) __builtin_trap();
   }
-  (void)wire::decode_rndv_request(in, fault);
+  if (size >= wire::kRndvEntrySize) {
+    std::span<const std::byte, wire::kRndvEntrySize> entry(in.data(), wire::kRndvEntrySize);
+    if (auto decoded = wire::decode_rndv_entry(entry, fault)) {
+      std::array<std::byte, wire::kRndvEntrySize> again;
+      wire::encode(*decoded, again.data());
+      auto twice = wire::decode_rndv_entry(again, fault);
+      if (!twice || twice->kind != decoded->kind || twice->id != decoded->id || twice->size != decoded->size ||
+          twice->tag != decoded->tag || twice->target.address != decoded->target.address)
+        __builtin_trap();
+    }
+  }
   (void)wire::decode_connect_request(in, fault);
   (void)wire::decode_connect_reply(in, fault);
   (void)RemoteRegion::decode(in);

@@ -256,6 +256,57 @@ TEST(Transport, SlowReceiverLosesNothing) {
   EXPECT_EQ(rc, 0);
 }
 
+// Three tags, small and large messages mixed, all sent at once; the receiver posts
+// the first half of its receives before anything arrives and the rest after, some of
+// them for any tag: each tag's messages still match in the order they were sent.
+TEST(Transport, RepeatedTagsMatchInOrderPostedOrNot) {
+  RXIO_REQUIRE_DEVICE(loopback_device());
+  constexpr uint32_t kMessages = 120;
+  std::vector<std::size_t> sizes(kMessages);
+  std::vector<uint64_t> tags(kMessages);
+  std::mt19937 rng(7);
+  for (uint32_t i = 0; i < kMessages; ++i) {
+    sizes[i] = rng() % 2 ? 1 + rng() % 8000 : 8200 + rng() % 90000;
+    tags[i] = 1 + rng() % 3;
+  }
+  const std::size_t largest = *std::max_element(sizes.begin(), sizes.end());
+  int rc = run_pair(
+      tcp_options,
+      [&](Engine& engine) {
+        Connection& c = engine.accept(30s);
+        std::vector<std::vector<std::byte>> in(kMessages, std::vector<std::byte>(largest));
+        std::vector<Request> recvs(kMessages);
+        auto post = [&](uint32_t i) {
+          // Posted in sending order, so receive i must get message i.
+          uint64_t tag = i >= kMessages * 3 / 4 ? transport::kAnyTag : tags[i];
+          c.recv(in[i], tag, recvs[i]);
+        };
+        for (uint32_t i = 0; i < kMessages / 2; ++i) post(i);
+        std::this_thread::sleep_for(500ms);  // the rest arrives unexpected meanwhile
+        for (uint32_t i = kMessages / 2; i < kMessages; ++i) post(i);
+        for (uint32_t i = 0; i < kMessages; ++i) {
+          ASSERT_EQ(engine.wait(recvs[i], 30s), Status::ok) << "receive " << i << ": " << c.error_text();
+          ASSERT_EQ(recvs[i].tag(), tags[i]) << "receive " << i;
+          ASSERT_EQ(recvs[i].bytes(), sizes[i]) << "receive " << i;
+          ASSERT_TRUE(intact(in[i], sizes[i], 1, i)) << "message " << i;
+        }
+      },
+      [&](Engine& engine, uint16_t port) {
+        Connection& c = engine.connect("127.0.0.1", port);
+        std::vector<std::vector<std::byte>> out(kMessages);
+        std::vector<Request> sends(kMessages);
+        for (uint32_t i = 0; i < kMessages; ++i) {
+          out[i].resize(sizes[i]);
+          fill(out[i], sizes[i], 1, i);
+          c.send(out[i], tags[i], sends[i]);
+        }
+        for (auto& s : sends) CLIENT_CHECK(engine.wait(s, 30s) == Status::ok);
+        return 0;
+      },
+      "127.0.0.1");
+  EXPECT_EQ(rc, 0);
+}
+
 TEST(Transport, KilledPeerFailsCallsInBoundedTime) {
   RXIO_REQUIRE_DEVICE(loopback_device());
   pid_t child = 0;

@@ -20,8 +20,8 @@ TEST(Imm, RoundTripsAndRefusesUnknownTypes) {
   EXPECT_EQ(back->type, wire::ImmType::credit);
   EXPECT_EQ(back->connection, wire::kMaxConnections - 1);
   EXPECT_EQ(back->value, 200);
-  EXPECT_TRUE(wire::decode_imm(wire::encode({wire::ImmType::rndv_written, 3, 255}), fault));
-  EXPECT_FALSE(wire::decode_imm(0x60000000u, fault));
+  EXPECT_TRUE(wire::decode_imm(wire::encode({wire::ImmType::rndv, 3, 255}), fault));
+  EXPECT_FALSE(wire::decode_imm(0x40000000u, fault));
   EXPECT_FALSE(wire::decode_imm(0x0, fault));
   EXPECT_EQ(fault, Fault::bad_kind);
   EXPECT_FALSE(wire::decode_imm(0xF0000000u, fault));
@@ -42,8 +42,12 @@ TEST(SlotHeader, RoundTripsAndChecksLengths) {
   EXPECT_FALSE(wire::decode_slot_header(std::span(slot).first(10), 112, fault));
   EXPECT_EQ(fault, Fault::truncated);
 
-  wire::encode(wire::SlotHeader{wire::SlotKind::rndv_request, 23, 0}, slot.data());
-  EXPECT_FALSE(wire::decode_slot_header(slot, 112, fault)) << "rendezvous requests are 24 bytes";
+  wire::encode(wire::SlotHeader{wire::SlotKind::connect, 23, 0}, slot.data());
+  EXPECT_FALSE(wire::decode_slot_header(slot, 112, fault)) << "connect requests have a fixed size";
+  EXPECT_EQ(fault, Fault::bad_length);
+  slot[0] = std::byte{3};
+  EXPECT_FALSE(wire::decode_slot_header(slot, 112, fault)) << "kind 3 is unused";
+  EXPECT_EQ(fault, Fault::bad_kind);
   wire::encode(wire::SlotHeader{wire::SlotKind::close, 1, 0}, slot.data());
   EXPECT_FALSE(wire::decode_slot_header(slot, 112, fault)) << "close carries nothing";
   slot[0] = std::byte{99};
@@ -92,8 +96,8 @@ TEST(ConnectMessages, RoundTripAndRangeChecks) {
   EXPECT_EQ(reply->connection, 5u);
   EXPECT_EQ(reply->peer_connection, 9u);
   EXPECT_EQ(reply->ring.slot_size, 256u);
-  EXPECT_EQ(reply->mailbox.address, 0x2000u);
-  EXPECT_EQ(reply->mailbox.rkey, 77u);
+  EXPECT_EQ(reply->rndv.address, 0x2000u);
+  EXPECT_EQ(reply->rndv.rkey, 77u);
 
   wire::encode(wire::ConnectRequest{wire::kMaxConnections, {0x1000, 3, 4, 256}, {}}, buffer.data());
   EXPECT_FALSE(wire::decode_connect_request(buffer, fault));
@@ -102,26 +106,39 @@ TEST(ConnectMessages, RoundTripAndRangeChecks) {
   EXPECT_FALSE(wire::decode_connect_request(buffer, fault)) << "a slot must hold more than its header";
 }
 
-TEST(Rendezvous, RequestsAndTargets) {
-  std::array<std::byte, wire::kRndvRequestSize> buffer{};
+TEST(Rendezvous, EntriesRoundTripAndAreChecked) {
+  std::array<std::byte, wire::kRndvEntrySize> buffer{};
   Fault fault{};
-  wire::encode(wire::RndvRequest{4096, 2}, buffer.data());
-  auto request = wire::decode_rndv_request(buffer, fault);
+  wire::encode(wire::RndvEntry{wire::RndvKind::request, 2, 4096, 0xFEEDull}, buffer.data());
+  auto request = wire::decode_rndv_entry(buffer, fault);
   ASSERT_TRUE(request);
-  EXPECT_EQ(request->size, 4096u);
+  EXPECT_EQ(request->kind, wire::RndvKind::request);
   EXPECT_EQ(request->id, 2u);
-  wire::encode(wire::RndvRequest{0, 2}, buffer.data());
-  EXPECT_FALSE(wire::decode_rndv_request(buffer, fault)) << "an empty rendezvous";
-  wire::encode(wire::RndvRequest{10, wire::kMaxRendezvous}, buffer.data());
-  EXPECT_FALSE(wire::decode_rndv_request(buffer, fault)) << "ids fit the immediate's 8 bits";
-  EXPECT_EQ(fault, Fault::bad_rendezvous);
+  EXPECT_EQ(request->size, 4096u);
+  EXPECT_EQ(request->tag, 0xFEEDull);
 
-  std::array<std::byte, wire::kRndvTargetSize> target{};
-  wire::encode(wire::RndvTarget{0x7f00deadbeef, 9, 65536}, target.data());
-  auto back = wire::decode_rndv_target(target);
-  EXPECT_EQ(back.address, 0x7f00deadbeefu);
-  EXPECT_EQ(back.rkey, 9u);
-  EXPECT_EQ(back.length, 65536u);
+  wire::RndvEntry ready{wire::RndvKind::ready, wire::kMaxRendezvous - 1};
+  ready.target = {0x7f00deadbeef, 9, 65536};
+  wire::encode(ready, buffer.data());
+  auto back = wire::decode_rndv_entry(buffer, fault);
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->id, wire::kMaxRendezvous - 1);
+  EXPECT_EQ(back->target.address, 0x7f00deadbeefu);
+  EXPECT_EQ(back->target.rkey, 9u);
+  EXPECT_EQ(back->target.length, 65536u);
+
+  wire::encode(wire::RndvEntry{wire::RndvKind::request, 2, 0, 1}, buffer.data());
+  EXPECT_FALSE(wire::decode_rndv_entry(buffer, fault)) << "an empty rendezvous";
+  EXPECT_EQ(fault, Fault::bad_length);
+  wire::encode(wire::RndvEntry{wire::RndvKind::written, wire::kMaxRendezvous}, buffer.data());
+  EXPECT_FALSE(wire::decode_rndv_entry(buffer, fault)) << "ids fit the immediate's 8 bits";
+  EXPECT_EQ(fault, Fault::bad_rendezvous);
+  buffer[0] = std::byte{0};
+  EXPECT_FALSE(wire::decode_rndv_entry(buffer, fault));
+  EXPECT_EQ(fault, Fault::bad_kind);
+  buffer[0] = std::byte{5};
+  EXPECT_FALSE(wire::decode_rndv_entry(buffer, fault));
+  EXPECT_EQ(fault, Fault::bad_kind);
 }
 
 TEST(SendRing, CreditsLimitTheSender) {
