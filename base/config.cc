@@ -12,10 +12,13 @@ namespace {
 
 // Kept sorted by name.
 const std::vector<Knob> kKnobs = {
+    {"RXIO_BACKEND", "choice", "auto",
+     "How to reach a peer: auto (shm on the same host, else verbs), verbs or shm. Both "
+     "ends must allow the backend; set it for tests, or to keep one off."},
     {"RXIO_CONNECT_TIMEOUT_MS", "milliseconds", "10000",
      "How long connecting (bootstrap and the link's set-up) may take before it fails."},
     {"RXIO_EAGER_LIMIT", "bytes", "0",
-     "Largest message sent through the ring; larger ones go by rendezvous (RDMA READ "
+     "Largest message sent through the ring; larger ones go by rendezvous (written "
      "straight into the receiver's buffer). 0: the slot payload (RXIO_SLOT_SIZE - 16)."},
     {"RXIO_POLL_US", "microseconds", "1000",
      "Busy-poll this long before blocking on the completion channel."},
@@ -25,6 +28,9 @@ const std::vector<Knob> kKnobs = {
      "RC ack timeout exponent: 4.096 us * 2^N per try (14 is about 67 ms)."},
     {"RXIO_RING_SLOTS", "count", "16",
      "Slots in each connection's receive ring: the credits a sender starts with."},
+    {"RXIO_SHM_ARENA", "bytes", "1G",
+     "Shared memory each side of an shm link may use for its rings (address space; "
+     "pages cost memory once touched). About 200 KiB per connection with the defaults."},
     {"RXIO_SLOT_SIZE", "bytes", "8K",
      "Bytes per ring slot, 16-byte header included."},
 };
@@ -94,5 +100,15 @@ uint64_t get_parsed(std::string_view name, bool (*parse)(std::string_view, uint6
 
 uint64_t get_count(std::string_view name) { return get_parsed(name, parse_count); }
 uint64_t get_bytes(std::string_view name) { return get_parsed(name, parse_bytes); }
+
+std::string get_choice(std::string_view name, std::initializer_list<std::string_view> allowed) {
+  const Knob& knob = require(name);
+  Setting s = setting(name);
+  if (std::find(allowed.begin(), allowed.end(), s.text) != allowed.end()) return s.text;
+  std::string list;
+  for (std::string_view a : allowed) list += (list.empty() ? "" : ", ") + std::string(a);
+  throw Error(EINVAL, "reading " + std::string(knob.name) + "='" + s.text + "'", {},
+              "expected one of " + list + "; unset it for the default " + std::string(knob.default_text));
+}
 
 }  // namespace rxio::config

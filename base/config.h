@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -31,6 +32,8 @@ Setting setting(std::string_view name);
 // not a valid value of its type (a typo must not silently become the default).
 uint64_t get_count(std::string_view name);
 uint64_t get_bytes(std::string_view name);  // accepts 4096, 64K, 64KiB, 1M, 1MiB, 2G
+// One of `allowed`, exactly.
+std::string get_choice(std::string_view name, std::initializer_list<std::string_view> allowed);
 
 // The parsers, separate for tests: false on bad input.
 bool parse_count(std::string_view text, uint64_t& out);

@@ -46,12 +46,27 @@ Options resolve(Options o) {
   if (o.connect_timeout.count() < 0) o.connect_timeout = milliseconds(config::get_count("RXIO_CONNECT_TIMEOUT_MS"));
   o.qp_timeout = pick<uint8_t>(o.qp_timeout, 0, "RXIO_QP_TIMEOUT", config::get_count, 1, 31);
   o.qp_retry_count = pick<uint8_t>(o.qp_retry_count, 0xff, "RXIO_QP_RETRY_COUNT", config::get_count, 0, 7);
+  o.shm_arena = pick<uint64_t>(o.shm_arena, 0, "RXIO_SHM_ARENA", config::get_bytes, 1u << 20, uint64_t(1) << 40);
+  if (o.backend == BackendChoice::from_environment) {
+    std::string b = config::get_choice("RXIO_BACKEND", {"auto", "verbs", "shm"});
+    o.backend = b == "verbs" ? BackendChoice::verbs : b == "shm" ? BackendChoice::shm : BackendChoice::automatic;
+  }
   uint32_t payload = o.slot_size - wire::kSlotHeaderSize;
   if (o.eager_limit == 0 || o.eager_limit > payload) o.eager_limit = payload;
   return o;
 }
 
+constexpr uint8_t bit(Backend b) { return static_cast<uint8_t>(1u << static_cast<int>(b)); }
+
 }  // namespace
+
+const char* to_string(Backend backend) {
+  switch (backend) {
+    case Backend::verbs: return "verbs";
+    case Backend::shm: return "shm";
+  }
+  return "?";
+}
 
 const char* to_string(Status status) {
   switch (status) {
@@ -67,45 +82,39 @@ const char* to_string(Status status) {
 
 // ---- connections -------------------------------------------------------------------
 
-Connection::Ring::Ring(verbs::ProtectionDomain& pd, uint32_t slots, uint32_t size)
+Connection::Ring::Ring(Port& port, uint32_t slots, uint32_t size)
     : slot_size(size),
-      memory(std::size_t(slots) * size),
-      mr(verbs::MemoryRegion::register_host(pd, memory.data(), memory.size(),
-                                            IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE)),
+      memory(port.allocate(std::size_t(slots) * size, true)),
       recv(slots),
       send(0),
       unexpected(slots + wire::kMaxRendezvous),
       stream(slots),
       rndv_sends(wire::kMaxRendezvous, nullptr),
       rndv_recvs(wire::kMaxRendezvous, nullptr),
-      rndv_in(std::size_t(wire::kRndvQueueEntries) * wire::kRndvEntrySize),
-      rndv_in_mr(verbs::MemoryRegion::register_host(pd, rndv_in.data(), rndv_in.size(),
-                                                    IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE)),
-      rndv_out(rndv_in.size()),
-      rndv_out_mr(verbs::MemoryRegion::register_host(pd, rndv_out.data(), rndv_out.size(), IBV_ACCESS_LOCAL_WRITE)) {}
+      rndv_in(port.allocate(std::size_t(wire::kRndvQueueEntries) * wire::kRndvEntrySize, true)),
+      rndv_out(port.allocate(rndv_in->size(), false)) {}
 
 wire::RingInfo Connection::Ring::info() const noexcept {
-  return {reinterpret_cast<uint64_t>(memory.data()), mr.rkey(), recv.slots(), slot_size};
+  return {reinterpret_cast<uint64_t>(memory->data()), memory->keys().rkey, recv.slots(), slot_size};
 }
 
 wire::RndvQueueInfo Connection::Ring::rndv_info() const noexcept {
-  return {reinterpret_cast<uint64_t>(rndv_in.data()), rndv_in_mr.rkey()};
+  return {reinterpret_cast<uint64_t>(rndv_in->data()), rndv_in->keys().rkey};
 }
 
 Connection::Connection(Link& link, uint32_t id) : link_(&link), id_(id) {
   const Options& o = link.engine.options;
-  ring_ = std::make_unique<Ring>(*link.engine.pd, o.ring_slots, o.slot_size);
+  ring_ = std::make_unique<Ring>(*link.port, o.ring_slots, o.slot_size);
 }
 
 Connection::~Connection() = default;
 
 // ---- links -------------------------------------------------------------------------
 
-Link::Link(Engine::Impl& e, std::string peer_name) : engine(e), peer(std::move(peer_name)) {
+Link::Link(Engine::Impl& e, std::string peer_name, std::unique_ptr<Port> p)
+    : engine(e), peer(std::move(peer_name)), port(std::move(p)) {
   staging_slots = kSendDepth;
-  staging.resize(std::size_t(staging_slots) * e.options.slot_size);
-  staging_mr.emplace(verbs::MemoryRegion::register_host(*e.pd, staging.data(), staging.size(),
-                                                        IBV_ACCESS_LOCAL_WRITE));
+  staging = port->allocate(std::size_t(staging_slots) * e.options.slot_size, false);
   add_connection();  // the control connection, id 0
 }
 
@@ -127,35 +136,9 @@ Connection& Link::add_connection() {
   return c;
 }
 
-int Link::liveness_fd() const noexcept {
-  if (error) return -1;
-  if (channel) return channel->native_fd();
-  if (cm_events) return cm_events->fd();
-  return -1;
-}
-
 void Link::check_liveness() noexcept {
   if (error) return;
-  if (channel) {
-    char byte;
-    ssize_t n = ::recv(channel->native_fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n == 0) fail(ECONNRESET, "the peer process closed its side (it exited or was killed)");
-    else if (n < 0 && errno != EAGAIN && errno != EINTR) fail(errno, std::string("the peer's socket failed: ") + std::strerror(errno));
-    return;
-  }
-  if (cm_events) {
-    try {
-      while (auto event = cm_events->next(milliseconds(0))) {
-        auto type = event->type();
-        if (type == RDMA_CM_EVENT_DISCONNECTED || type == RDMA_CM_EVENT_DEVICE_REMOVAL ||
-            type == RDMA_CM_EVENT_TIMEWAIT_EXIT || type == RDMA_CM_EVENT_UNREACHABLE ||
-            type == RDMA_CM_EVENT_CONNECT_ERROR || type == RDMA_CM_EVENT_REJECTED)
-          fail(ECONNRESET, "rdma_cm: " + event->describe());
-      }
-    } catch (const std::exception& e) {
-      fail(EIO, e.what());
-    }
-  }
+  if (std::string why = port->check_liveness(); !why.empty()) fail(ECONNRESET, why);
 }
 
 void Link::fail(int err, const std::string& why) noexcept {
@@ -180,22 +163,13 @@ void Link::fail(int err, const std::string& why) noexcept {
   deferred = {};
   waiting.clear();
   // Tear down, so the peer fails too and can no longer reach our memory.
-  if (raw_qp) {
-    ibv_qp_attr attr{};
-    attr.qp_state = IBV_QPS_ERR;
-    ibv_modify_qp(raw_qp, &attr, IBV_QP_STATE);
-  }
-  if (channel) ::shutdown(channel->native_fd(), SHUT_RDWR);
-  if (cm_id) rdma_disconnect(cm_id->get());
+  port->shut();
   engine.poll_fds_stale = true;
 }
 
 void Link::post_receives(uint32_t count) {
   for (uint32_t i = 0; i < count; ++i) {
-    ibv_recv_wr wr{};
-    wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrReceive;
-    ibv_recv_wr* bad = nullptr;
-    if (int rc = ibv_post_recv(raw_qp, &wr, &bad); rc != 0)
+    if (int rc = port->post_recv(reinterpret_cast<uint64_t>(this) | kWrReceive); rc != 0)
       throw Error(rc, "posting receives on the link to " + peer, engine.device_name);
   }
 }
@@ -207,10 +181,25 @@ void Link::count_fault(wire::Fault fault, const char* where) noexcept {
 
 // ---- the engine --------------------------------------------------------------------
 
-Engine::Impl::Impl(Options o) : options(resolve(std::move(o))) {
+Engine::Impl::Impl(Options o) : options(resolve(std::move(o))), host_id(shm::host_id()) {
+  BackendChoice choice = options.backend;
+  if (options.bootstrap == Bootstrap::rdma_cm) {
+    if (choice == BackendChoice::shm)
+      throw Error(EINVAL, "starting an engine with the rdma_cm bootstrap and RXIO_BACKEND=shm", {},
+                  "rdma_cm sets up verbs links only: use the tcp bootstrap for shm");
+    choice = BackendChoice::verbs;
+  }
+  if (choice != BackendChoice::shm) open_verbs(choice == BackendChoice::verbs);
+  if (choice != BackendChoice::verbs) backends |= bit(Backend::shm);
+}
+
+void Engine::Impl::open_verbs(bool required) {
   if (options.bootstrap == Bootstrap::tcp) {
     verbs::DeviceList devices;
-    if (devices.empty()) throw Error(ENODEV, verbs::no_device_message());
+    if (devices.empty()) {
+      if (required) throw Error(ENODEV, verbs::no_device_message());
+      return;  // shm only
+    }
     std::string name = options.device.empty() ? ibv_get_device_name(devices[0]) : options.device;
     endpoint = verbs::select_by_device(name);
     context.emplace(verbs::Context::open_by_name(endpoint.device));
@@ -234,7 +223,6 @@ Engine::Impl::Impl(Options o) : options(resolve(std::move(o))) {
     throw Error(rc, "querying port " + std::to_string(endpoint.port), device_name);
   mtu = port_attr.active_mtu;
   max_message = port_attr.max_msg_sz;
-  // Rendezvous are RDMA READs: let as many be in flight as the device allows.
   ibv_device_attr device_attr{};
   if (int rc = ibv_query_device(device, &device_attr); rc != 0)
     throw Error(rc, "querying the device (ibv_query_device)", device_name);
@@ -243,6 +231,7 @@ Engine::Impl::Impl(Options o) : options(resolve(std::move(o))) {
   channel.emplace(device);
   cq.emplace(device, kCqEntries, &*channel);
   cache.emplace(*pd);
+  backends |= bit(Backend::verbs);
 }
 
 Engine::Engine(Options options) : impl_(std::make_unique<Impl>(std::move(options))) {}
@@ -274,31 +263,44 @@ void Engine::Impl::retire(std::unique_ptr<Link> link) noexcept {
 }
 
 const std::string& Engine::device_name() const { return impl_->device_name; }
-std::size_t Engine::qp_count() const { return impl_->links.size(); }
+
+std::size_t Engine::qp_count() const {
+  return std::count_if(impl_->links.begin(), impl_->links.end(),
+                       [](const auto& link) { return link->port->backend() == Backend::verbs; });
+}
 uint16_t Engine::listen_port() const { return impl_->port; }
 
 EngineStats Engine::stats() const {
   EngineStats s;
   s.links = impl_->links.size();
-  for (const auto& link : impl_->links) s.connections += link->connections.size() - 1;
-  s.registrations = impl_->cache->misses();
+  for (const auto& link : impl_->links) {
+    s.connections += link->connections.size() - 1;
+    if (link->port->backend() == Backend::shm) ++s.shm_links;
+  }
+  s.registrations = impl_->cache ? impl_->cache->misses() : 0;
   std::copy(std::begin(impl_->faults), std::end(impl_->faults), s.faults);
   return s;
 }
 
 RemoteRegion Engine::expose(void* address, std::size_t length) {
-  const auto& mr = impl_->cache->get(address, length,
-                                     IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ);
-  return {reinterpret_cast<uint64_t>(address), length, mr.rkey()};
+  // shm peers reach any of this process's memory by cross-memory attach; verbs peers
+  // need the registration's key.
+  uint32_t rkey = 0;
+  if (impl_->cache)
+    rkey = impl_->cache->get(address, length, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ).rkey();
+  return {reinterpret_cast<uint64_t>(address), length, rkey};
 }
 
-void Engine::forget(const void* address, std::size_t length) { impl_->cache->invalidate(address, length); }
+void Engine::forget(const void* address, std::size_t length) {
+  if (impl_->cache) impl_->cache->invalidate(address, length);
+}
 
 void Engine::listen(const std::string& address, uint16_t port) {
   Impl& e = *impl_;
   if (e.options.bootstrap == Bootstrap::tcp) {
     e.listener.emplace(address, port);
     e.port = e.listener->port();
+    if (e.allows(Backend::shm)) e.shm_listener.emplace();
   } else {
     e.listen_events.emplace();
     e.cm_listener.emplace(*e.listen_events);
@@ -322,11 +324,67 @@ void Engine::Impl::prepare_link(Link& link) {
   link.post_receives(kRecvDepth);
 }
 
+std::unique_ptr<Link> Engine::Impl::new_verbs_link(const std::string& peer) {
+  auto link = std::make_unique<Link>(*this, peer, std::make_unique<VerbsPort>(*pd, *cache));
+  link->max_message = max_message;
+  return link;
+}
+
+std::unique_ptr<Link> Engine::Impl::new_shm_link(const std::string& peer) {
+  auto link = std::make_unique<Link>(*this, peer, std::make_unique<ShmPort>(options.shm_arena));
+  link->max_message = UINT32_MAX;  // rendezvous entries carry 32-bit lengths
+  prepare_link(*link);
+  return link;
+}
+
+wire::Choice Engine::Impl::choose(const wire::Offer& offer) const {
+  wire::Choice choice;
+  const uint8_t common = offer.backends & backends;
+  if ((common & bit(Backend::shm)) && shm_listener && offer.host == host_id && offer.uid == geteuid()) {
+    choice.backend = static_cast<uint8_t>(Backend::shm);
+    choice.pid = static_cast<uint32_t>(getpid());
+    choice.nonce = shm_listener->nonce();
+    choice.token = shm::random_token();
+  } else if (common & bit(Backend::verbs)) {
+    choice.backend = static_cast<uint8_t>(Backend::verbs);
+  }
+  return choice;
+}
+
 Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
   if (links.size() >= kMaxLinks)
     throw Error(EMFILE, "accepting a link from " + ch.peer(), device_name,
                 "an engine serves at most " + std::to_string(kMaxLinks) + " peers");
-  auto link = std::make_unique<Link>(*this, ch.peer());
+  wire::Fault fault{};
+  auto offer = wire::decode_offer(ch.receive(options.connect_timeout), fault);
+  if (!offer) {
+    ++faults[static_cast<int>(fault)];
+    throw Error(EPROTO, "reading the offer of " + ch.peer() + ": " + std::string(wire::to_string(fault)));
+  }
+  const wire::Choice choice = choose(*offer);
+  ch.send(wire::encode(choice));
+  if (choice.backend == wire::kNoBackend)
+    throw Error(EPROTONOSUPPORT, "refusing " + ch.peer() + ": no backend both ends allow", {},
+                "shm needs both on one host, verbs an RDMA device on both; check RXIO_BACKEND on each side");
+  std::unique_ptr<Link> link;
+  try {
+    if (choice.backend == static_cast<uint8_t>(Backend::shm)) {
+      link = new_shm_link(ch.peer());
+      set_up_shm_link(*link, &*shm_listener, choice, offer->pid);
+    } else {
+      link = new_verbs_link(ch.peer());
+      accept_verbs_link(*link, std::move(ch));
+    }
+  } catch (...) {
+    if (link) retire(std::move(link));
+    throw;
+  }
+  links.push_back(std::move(link));
+  rebuild_poll_fds();
+  return *links.back();
+}
+
+void Engine::Impl::accept_verbs_link(Link& link, oob::Channel ch) {
   wire::Fault fault{};
   auto frame = ch.receive(options.connect_timeout);
   auto hello = wire::decode_hello(frame, fault);
@@ -334,33 +392,40 @@ Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
     ++faults[static_cast<int>(fault)];
     throw Error(EPROTO, "reading the hello of " + ch.peer() + ": " + std::string(wire::to_string(fault)));
   }
+  VerbsPort& vp = link.verbs();
   verbs::QueueCaps caps{kSendDepth, kRecvDepth, 1, 1, 64};
-  link->qp.emplace(*pd, *cq, *cq, caps);
-  link->raw_qp = link->qp->get();
-  link->max_inline = link->qp->caps().max_inline_data;
+  vp.qp.emplace(*pd, *cq, *cq, caps);
+  vp.raw_qp = vp.qp->get();
+  vp.max_inline_ = vp.qp->caps().max_inline_data;
   uint32_t psn = random_psn();
   verbs::ReliabilityParams rel = reliability();
   verbs::PathParams path{endpoint.port, static_cast<uint8_t>(endpoint.gid.index), true,
                          std::min(mtu, static_cast<ibv_mtu>(hello->mtu))};
-  link->qp->to_init(endpoint.port);
-  link->qp->to_rtr({hello->qp_num, hello->psn, hello->gid, hello->lid}, path, rel);
-  prepare_link(*link);
-  try {
-    link->qp->to_rts(psn, rel);
-    link->control().ring_->peer = hello->control;
-    link->control().ring_->send = SendRing(hello->control.slots);
-    link->control().established_ = true;
-    wire::Hello mine{link->raw_qp->qp_num, psn, endpoint.gid.gid, 0, static_cast<uint8_t>(mtu),
-                     link->control().ring_->info()};
-    ch.send(wire::encode(mine));
-  } catch (...) {
-    retire(std::move(link));
-    throw;
-  }
-  link->channel.emplace(std::move(ch));
-  links.push_back(std::move(link));
-  rebuild_poll_fds();
-  return *links.back();
+  vp.qp->to_init(endpoint.port);
+  vp.qp->to_rtr({hello->qp_num, hello->psn, hello->gid, hello->lid}, path, rel);
+  prepare_link(link);
+  vp.qp->to_rts(psn, rel);
+  link.control().ring_->peer = hello->control;
+  link.control().ring_->send = SendRing(hello->control.slots);
+  link.control().established_ = true;
+  wire::Hello mine{vp.raw_qp->qp_num, psn, endpoint.gid.gid, 0, static_cast<uint8_t>(mtu),
+                   link.control().ring_->info()};
+  ch.send(wire::encode(mine));
+  vp.channel.emplace(std::move(ch));
+}
+
+void Engine::Impl::set_up_shm_link(Link& link, shm::Listener* unix_listener, const wire::Choice& choice,
+                                   uint32_t peer_pid) {
+  auto& sp = static_cast<ShmPort&>(*link.port);
+  UniqueFd socket = unix_listener ? unix_listener->accept(options.connect_timeout) : shm::connect(choice.pid, choice.nonce);
+  wire::ShmHello mine{choice.token,         static_cast<uint32_t>(getpid()), sp.arena_base(),
+                      sp.arena_size(),    sp.probe_address(),            sp.probe_value(),
+                      link.control().ring_->info()};
+  wire::ShmHello theirs;
+  shm::attach(sp, std::move(socket), unix_listener != nullptr, mine, peer_pid, options.connect_timeout, theirs);
+  link.control().ring_->peer = theirs.control;
+  link.control().ring_->send = SendRing(theirs.control.slots);
+  link.control().established_ = true;
 }
 
 Link& Engine::Impl::accept_cm_link(verbs::cm::Event& request) {
@@ -381,14 +446,14 @@ Link& Engine::Impl::accept_cm_link(verbs::cm::Event& request) {
     throw Error(EMFILE, "accepting an rdma_cm link", device_name,
                 "an engine serves at most " + std::to_string(kMaxLinks) + " peers");
   std::string peer = verbs::cm::SocketAddress::of_peer(id).to_string();
-  auto link = std::make_unique<Link>(*this, peer);
-  link->cm_events.emplace();
-  link->cm_id.emplace(std::move(id));
-  link->cm_id->set_ack_timeout(options.qp_timeout);
+  auto link = new_verbs_link(peer);
+  link->verbs().cm_events.emplace();
+  link->verbs().cm_id.emplace(std::move(id));
+  link->verbs().cm_id->set_ack_timeout(options.qp_timeout);
   verbs::QueueCaps caps{kSendDepth, kRecvDepth, 1, 1, 64};
-  link->cm_qp.emplace(*link->cm_id, *pd, *cq, *cq, caps);
-  link->raw_qp = link->cm_qp->get();
-  link->max_inline = caps.max_inline_data;
+  link->verbs().cm_qp.emplace(*link->verbs().cm_id, *pd, *cq, *cq, caps);
+  link->verbs().raw_qp = link->verbs().cm_qp->get();
+  link->verbs().max_inline_ = caps.max_inline_data;
   prepare_link(*link);
   try {
     link->control().ring_->peer = hello->control;
@@ -398,7 +463,7 @@ Link& Engine::Impl::accept_cm_link(verbs::cm::Event& request) {
     mine.mtu = static_cast<uint8_t>(mtu);
     mine.control = link->control().ring_->info();
     auto bytes = wire::encode(mine);
-    link->cm_id->accept({.private_data = bytes, .responder_resources = rd_atomic, .initiator_depth = rd_atomic,
+    link->verbs().cm_id->accept({.private_data = bytes, .responder_resources = rd_atomic, .initiator_depth = rd_atomic,
                          .retry_count = options.qp_retry_count, .rnr_retry_count = 7});
   } catch (...) {
     retire(std::move(link));
@@ -426,9 +491,9 @@ void Engine::Impl::accept_next_link(milliseconds timeout) {
     if (auto event = listen_events->next(timeout)) {
       if (event->type() == RDMA_CM_EVENT_CONNECT_REQUEST) {
         Link& link = accept_cm_link(*event);
-        rdma_cm_id* raw = link.cm_id->get();
+        rdma_cm_id* raw = link.verbs().cm_id->get();
         event.reset();  // acknowledged before the id moves to its own channel
-        if (rdma_migrate_id(raw, link.cm_events->get()) != 0)
+        if (rdma_migrate_id(raw, link.verbs().cm_events->get()) != 0)
           throw Error(errno, "moving an rdma_cm id to its link's channel (rdma_migrate_id)", device_name);
         rebuild_poll_fds();
       }
@@ -442,13 +507,54 @@ Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
   if (links.size() >= kMaxLinks)
     throw Error(EMFILE, "opening a link to " + key, device_name,
                 "an engine serves at most " + std::to_string(kMaxLinks) + " peers");
-
-  auto link = std::make_unique<Link>(*this, key);
-  try {
-    set_up_link(*link, host, peer_port);
-  } catch (...) {
-    retire(std::move(link));
-    throw;
+  std::unique_ptr<Link> link;
+  if (options.bootstrap == Bootstrap::rdma_cm) {
+    link = new_verbs_link(key);
+    try {
+      set_up_cm_link(*link, host, peer_port);
+    } catch (...) {
+      retire(std::move(link));
+      throw;
+    }
+  }
+  // The tcp bootstrap: offer what this engine allows, the acceptor chooses. When shm
+  // fails (cross-memory attach refused, say) and verbs is allowed, offer again without.
+  for (uint8_t offered = backends; !link;) {
+    auto ch = oob::Channel::connect(host, peer_port, options.connect_timeout);
+    ch.send(wire::encode(wire::Offer{offered, host_id, static_cast<uint32_t>(geteuid()), static_cast<uint32_t>(getpid())}));
+    wire::Fault fault{};
+    auto choice = wire::decode_choice(ch.receive(options.connect_timeout), fault);
+    if (!choice) {
+      ++faults[static_cast<int>(fault)];
+      throw Error(EPROTO, "reading the answer of " + key + ": " + std::string(wire::to_string(fault)), {},
+                  "is an rxio engine listening there?");
+    }
+    if (choice->backend == wire::kNoBackend)
+      throw Error(EPROTONOSUPPORT, "finding a backend both ends allow to reach " + key, {},
+                  "shm needs both on one host, verbs an RDMA device on both; check RXIO_BACKEND on each side");
+    if (!(offered & (1u << choice->backend))) {
+      ++faults[static_cast<int>(wire::Fault::bad_kind)];
+      throw Error(EPROTO, key + " chose a backend that was not offered");
+    }
+    if (choice->backend == static_cast<uint8_t>(Backend::verbs)) {
+      link = new_verbs_link(key);
+      try {
+        connect_verbs_link(*link, std::move(ch));
+      } catch (...) {
+        retire(std::move(link));
+        throw;
+      }
+      break;
+    }
+    link = new_shm_link(key);
+    try {
+      set_up_shm_link(*link, nullptr, *choice, choice->pid);
+    } catch (const std::exception& e) {
+      retire(std::move(link));
+      offered &= static_cast<uint8_t>(~bit(Backend::shm));
+      if (!(offered & bit(Backend::verbs))) throw;
+      log::warn("an shm link to " + key + " failed (" + e.what() + "); trying verbs");
+    }
   }
   Link& result = *link;
   links.push_back(std::move(link));
@@ -457,73 +563,90 @@ Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
   return result;
 }
 
-void Engine::Impl::set_up_link(Link& link, const std::string& host, uint16_t peer_port) {
+void Engine::Impl::connect_verbs_link(Link& link, oob::Channel ch) {
   const std::string& key = link.peer;
+  VerbsPort& vp = link.verbs();
   verbs::QueueCaps caps{kSendDepth, kRecvDepth, 1, 1, 64};
   verbs::ReliabilityParams rel = reliability();
   wire::Fault fault{};
-  if (options.bootstrap == Bootstrap::tcp) {
-    auto ch = oob::Channel::connect(host, peer_port, options.connect_timeout);
-    link.qp.emplace(*pd, *cq, *cq, caps);
-    link.raw_qp = link.qp->get();
-    link.max_inline = link.qp->caps().max_inline_data;
-    link.qp->to_init(endpoint.port);
-    uint32_t psn = random_psn();
-    wire::Hello mine{link.raw_qp->qp_num, psn, endpoint.gid.gid, 0, static_cast<uint8_t>(mtu),
-                     link.control().ring_->info()};
-    ch.send(wire::encode(mine));
-    auto frame = ch.receive(options.connect_timeout);
-    auto hello = wire::decode_hello(frame, fault);
-    if (!hello) {
-      ++faults[static_cast<int>(fault)];
-      throw Error(EPROTO, "reading the hello of " + key + ": " + std::string(wire::to_string(fault)), {},
-                  "is an rxio engine listening there?");
-    }
-    verbs::PathParams path{endpoint.port, static_cast<uint8_t>(endpoint.gid.index), true,
-                           std::min(mtu, static_cast<ibv_mtu>(hello->mtu))};
-    link.qp->to_rtr({hello->qp_num, hello->psn, hello->gid, hello->lid}, path, rel);
-    prepare_link(link);
-    link.qp->to_rts(psn, rel);
-    link.control().ring_->peer = hello->control;
-    link.control().ring_->send = SendRing(hello->control.slots);
-    link.channel.emplace(std::move(ch));
-  } else {
-    link.cm_events.emplace();
-    link.cm_id.emplace(*link.cm_events);
-    auto source = verbs::cm::SocketAddress::parse(options.local_address, 0);
-    link.cm_id->resolve_address(*link.cm_events, verbs::cm::SocketAddress::parse(host, peer_port),
-                                 options.connect_timeout, &source);
-    link.cm_id->resolve_route(*link.cm_events, options.connect_timeout);
-    if (link.cm_id->verbs() != device)
-      throw Error(EXDEV, "the route to " + key + " leaves through " + verbs::device_name(link.cm_id->verbs()),
-                  device_name, "give the engine the local address on that device");
-    link.cm_id->set_ack_timeout(options.qp_timeout);
-    link.cm_qp.emplace(*link.cm_id, *pd, *cq, *cq, caps);
-    link.raw_qp = link.cm_qp->get();
-    link.max_inline = caps.max_inline_data;
-    prepare_link(link);
-    wire::Hello mine{};
-    mine.mtu = static_cast<uint8_t>(mtu);
-    mine.control = link.control().ring_->info();
-    auto bytes = wire::encode(mine);
-    link.cm_id->connect({.private_data = bytes, .responder_resources = rd_atomic, .initiator_depth = rd_atomic,
-                          .retry_count = std::min<uint8_t>(options.qp_retry_count, 7), .rnr_retry_count = 7});
-    auto established = link.cm_events->expect(RDMA_CM_EVENT_ESTABLISHED, options.connect_timeout, key);
-    auto hello = wire::decode_hello(established.private_data(), fault);
-    if (!hello) {
-      ++faults[static_cast<int>(fault)];
-      throw Error(EPROTO, "reading the hello of " + key + ": " + std::string(wire::to_string(fault)));
-    }
-    link.control().ring_->peer = hello->control;
-    link.control().ring_->send = SendRing(hello->control.slots);
+  vp.qp.emplace(*pd, *cq, *cq, caps);
+  vp.raw_qp = vp.qp->get();
+  vp.max_inline_ = vp.qp->caps().max_inline_data;
+  vp.qp->to_init(endpoint.port);
+  uint32_t psn = random_psn();
+  wire::Hello mine{vp.raw_qp->qp_num, psn, endpoint.gid.gid, 0, static_cast<uint8_t>(mtu),
+                   link.control().ring_->info()};
+  ch.send(wire::encode(mine));
+  auto frame = ch.receive(options.connect_timeout);
+  auto hello = wire::decode_hello(frame, fault);
+  if (!hello) {
+    ++faults[static_cast<int>(fault)];
+    throw Error(EPROTO, "reading the hello of " + key + ": " + std::string(wire::to_string(fault)), {},
+                "is an rxio engine listening there?");
   }
+  verbs::PathParams path{endpoint.port, static_cast<uint8_t>(endpoint.gid.index), true,
+                         std::min(mtu, static_cast<ibv_mtu>(hello->mtu))};
+  vp.qp->to_rtr({hello->qp_num, hello->psn, hello->gid, hello->lid}, path, rel);
+  prepare_link(link);
+  vp.qp->to_rts(psn, rel);
+  link.control().ring_->peer = hello->control;
+  link.control().ring_->send = SendRing(hello->control.slots);
+  vp.channel.emplace(std::move(ch));
+  link.control().established_ = true;
+}
+
+void Engine::Impl::set_up_cm_link(Link& link, const std::string& host, uint16_t peer_port) {
+  const std::string& key = link.peer;
+  VerbsPort& vp = link.verbs();
+  verbs::QueueCaps caps{kSendDepth, kRecvDepth, 1, 1, 64};
+  wire::Fault fault{};
+  vp.cm_events.emplace();
+  vp.cm_id.emplace(*vp.cm_events);
+  auto source = verbs::cm::SocketAddress::parse(options.local_address, 0);
+  vp.cm_id->resolve_address(*vp.cm_events, verbs::cm::SocketAddress::parse(host, peer_port),
+                               options.connect_timeout, &source);
+  vp.cm_id->resolve_route(*vp.cm_events, options.connect_timeout);
+  if (vp.cm_id->verbs() != device)
+    throw Error(EXDEV, "the route to " + key + " leaves through " + verbs::device_name(vp.cm_id->verbs()),
+                device_name, "give the engine the local address on that device");
+  vp.cm_id->set_ack_timeout(options.qp_timeout);
+  vp.cm_qp.emplace(*vp.cm_id, *pd, *cq, *cq, caps);
+  vp.raw_qp = vp.cm_qp->get();
+  vp.max_inline_ = caps.max_inline_data;
+  prepare_link(link);
+  wire::Hello mine{};
+  mine.mtu = static_cast<uint8_t>(mtu);
+  mine.control = link.control().ring_->info();
+  auto bytes = wire::encode(mine);
+  vp.cm_id->connect({.private_data = bytes, .responder_resources = rd_atomic, .initiator_depth = rd_atomic,
+                        .retry_count = std::min<uint8_t>(options.qp_retry_count, 7), .rnr_retry_count = 7});
+  auto established = vp.cm_events->expect(RDMA_CM_EVENT_ESTABLISHED, options.connect_timeout, key);
+  auto hello = wire::decode_hello(established.private_data(), fault);
+  if (!hello) {
+    ++faults[static_cast<int>(fault)];
+    throw Error(EPROTO, "reading the hello of " + key + ": " + std::string(wire::to_string(fault)));
+  }
+  link.control().ring_->peer = hello->control;
+  link.control().ring_->send = SendRing(hello->control.slots);
   link.control().established_ = true;
 }
 
 void Engine::Impl::rebuild_poll_fds() {
   poll_fds.clear();
-  poll_fds.push_back({channel->fd(), POLLIN, 0});
-  for (const auto& link : links) poll_fds.push_back({link->liveness_fd(), POLLIN, 0});
+  watches.clear();
+  if (channel) {
+    poll_fds.push_back({channel->fd(), POLLIN, 0});
+    watches.push_back({Watch::completions, nullptr});
+  }
+  for (const auto& link : links) {
+    poll_fds.push_back({link->liveness_fd(), POLLIN, 0});
+    watches.push_back({Watch::liveness, link.get()});
+    if (int fd = link->error ? -1 : link->port->wake_fd(); fd >= 0) {
+      poll_fds.push_back({fd, POLLIN, 0});
+      watches.push_back({Watch::wake, link.get()});
+    }
+  }
+  poll_fds_stale = false;
 }
 
 template <typename Done>

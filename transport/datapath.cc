@@ -58,24 +58,23 @@ void Link::post_slot(Connection& c, wire::SlotKind kind, uint64_t tag,
   write_entries(c);  // rendezvous requests sent before this slot stay before it
   Connection::Ring& r = *c.ring_;
   const uint32_t stage_size = engine.options.slot_size;
-  std::byte* stage = staging.data() + std::size_t(staging_next % staging_slots) * stage_size;
+  std::byte* stage = staging->data() + std::size_t(staging_next % staging_slots) * stage_size;
   wire::encode(wire::SlotHeader{kind, static_cast<uint32_t>(payload.size()), tag}, stage);
   if (!payload.empty()) std::memcpy(stage + wire::kSlotHeaderSize, payload.data(), payload.size());
   const uint32_t length = static_cast<uint32_t>(wire::kSlotHeaderSize + payload.size());
   const uint32_t slot = r.send.take();
 
-  ibv_sge sge{reinterpret_cast<uint64_t>(stage), length, staging_mr->lkey()};
+  ibv_sge sge{reinterpret_cast<uint64_t>(stage), length, staging->keys().lkey};
   ibv_send_wr wr{};
   wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrSlot;
   wr.sg_list = &sge;
   wr.num_sge = 1;
   wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
-  wr.send_flags = IBV_SEND_SIGNALED | (length <= max_inline ? IBV_SEND_INLINE : 0);
+  wr.send_flags = IBV_SEND_SIGNALED | (length <= port->max_inline() ? IBV_SEND_INLINE : 0);
   wr.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::slot, c.peer_id_, 0}));
   wr.wr.rdma.remote_addr = r.peer.address + uint64_t(slot) * r.peer.slot_size;
   wr.wr.rdma.rkey = r.peer.rkey;
-  ibv_send_wr* bad = nullptr;
-  if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
+  if (int rc = port->post_send(wr); rc != 0) {
     fail(rc, std::string("posting a write failed: ") + std::strerror(rc));
     return;
   }
@@ -93,8 +92,7 @@ void Link::post_imm(Connection& c, wire::ImmType type, uint8_t value) noexcept {
   wr.imm_data = htonl(wire::encode(wire::Imm{type, c.peer_id_, value}));
   wr.wr.rdma.remote_addr = c.ring_->peer.address;
   wr.wr.rdma.rkey = c.ring_->peer.rkey;
-  ibv_send_wr* bad = nullptr;
-  if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
+  if (int rc = port->post_send(wr); rc != 0) {
     fail(rc, std::string("posting an immediate failed: ") + std::strerror(rc));
     return;
   }
@@ -122,8 +120,8 @@ void Link::post_request(Request& q) noexcept {
     return;
   }
   try {
-    const auto& mr = engine.cache->get(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE);
-    ibv_sge sge{reinterpret_cast<uint64_t>(q.buffer_), static_cast<uint32_t>(q.capacity_), mr.lkey()};
+    const Keys keys = port->keys_for(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE);
+    ibv_sge sge{reinterpret_cast<uint64_t>(q.buffer_), static_cast<uint32_t>(q.capacity_), keys.lkey};
     // A rendezvous writes its data with a plain RDMA WRITE: large writes with
     // immediate take Soft-RoCE's slower receive-queue path. The `written` entry that
     // follows on the same QP lands after the data.
@@ -135,8 +133,7 @@ void Link::post_request(Request& q) noexcept {
     wr.send_flags = IBV_SEND_SIGNALED;
     wr.wr.rdma.remote_addr = q.remote_address_;
     wr.wr.rdma.rkey = q.rkey_;
-    ibv_send_wr* bad = nullptr;
-    if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0) {
+    if (int rc = port->post_send(wr); rc != 0) {
       fail(rc, std::string("posting an RDMA operation failed: ") + std::strerror(rc));
       complete(q, Status::failed, 0);
       return;
@@ -162,7 +159,7 @@ void Link::mark_waiting(Connection& c) noexcept {
 void Link::stage(Connection& c, const wire::RndvEntry& entry) noexcept {
   Connection::Ring& r = *c.ring_;
   const std::size_t at = std::size_t(r.rndv_out_staged % wire::kRndvQueueEntries) * wire::kRndvEntrySize;
-  wire::encode(entry, r.rndv_out.data() + at);
+  wire::encode(entry, r.rndv_out->data() + at);
   ++r.rndv_out_staged;
 }
 
@@ -175,18 +172,17 @@ void Link::write_entries(Connection& c) noexcept {
         {r.rndv_out_staged - r.rndv_out_written, wire::kMaxRndvBatch, wire::kRndvQueueEntries - first}));
     const uint64_t offset = uint64_t(first) * wire::kRndvEntrySize;
     const uint32_t length = static_cast<uint32_t>(count * wire::kRndvEntrySize);
-    ibv_sge sge{reinterpret_cast<uint64_t>(r.rndv_out.data()) + offset, length, r.rndv_out_mr.lkey()};
+    ibv_sge sge{reinterpret_cast<uint64_t>(r.rndv_out->data()) + offset, length, r.rndv_out->keys().lkey};
     ibv_send_wr wr{};
     wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrLink;
     wr.sg_list = &sge;
     wr.num_sge = 1;
     wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
-    wr.send_flags = IBV_SEND_SIGNALED | (length <= max_inline ? IBV_SEND_INLINE : 0);
+    wr.send_flags = IBV_SEND_SIGNALED | (length <= port->max_inline() ? IBV_SEND_INLINE : 0);
     wr.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::rndv, c.peer_id_, static_cast<uint8_t>(count)}));
     wr.wr.rdma.remote_addr = r.peer_rndv.address + offset;
     wr.wr.rdma.rkey = r.peer_rndv.rkey;
-    ibv_send_wr* bad = nullptr;
-    if (int rc = ibv_post_send(raw_qp, &wr, &bad); rc != 0)
+    if (int rc = port->post_send(wr); rc != 0)
       return fail(rc, std::string("posting rendezvous entries failed: ") + std::strerror(rc));
     ++sq_used;
     r.rndv_out_written += count;
@@ -219,7 +215,7 @@ void Link::drain(Connection& c, bool write) noexcept {
     pop(r.sends);
     try {
       // Registered now, so that a failure shows here and the write later cannot fail.
-      engine.cache->get(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE);
+      port->keys_for(q.buffer_, q.capacity_, IBV_ACCESS_LOCAL_WRITE);
     } catch (const std::exception& e) {
       c.error_text_ = e.what();
       complete(q, Status::failed, 0);
@@ -286,14 +282,13 @@ void Link::deliver(Connection& c, const Arrival& arrival, Request& q) noexcept {
   mark_waiting(c);  // the answer goes out when the link next drains
   // The peer writes what fits; a larger message leaves the buffer holding its start.
   const std::size_t length = std::min<std::size_t>(q.capacity_, rndv.size);
-  if (length > engine.max_message) {
+  if (length > max_message) {
     complete(q, Status::failed, 0);
     stage(c, {wire::RndvKind::failed, rndv.id});
     return;
   }
   try {
-    const auto& mr = engine.cache->get(q.buffer_, length, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
-    q.rkey_ = mr.rkey();
+    q.rkey_ = port->keys_for(q.buffer_, length, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE).rkey;
   } catch (const std::exception& e) {
     c.error_text_ = e.what();
     complete(q, Status::failed, 0);
@@ -317,7 +312,7 @@ void Link::on_rndv_entries(Connection& c, uint32_t count) noexcept {
     // A copy: the peer may rewrite its entries at any time.
     std::array<std::byte, wire::kRndvEntrySize> entry;
     const std::size_t at = std::size_t(r.rndv_in_next++ % wire::kRndvQueueEntries) * wire::kRndvEntrySize;
-    std::memcpy(entry.data(), r.rndv_in.data() + at, entry.size());
+    std::memcpy(entry.data(), r.rndv_in->data() + at, entry.size());
     wire::Fault fault{};
     auto decoded = wire::decode_rndv_entry(entry, fault);
     if (!decoded) return count_fault(fault, "a rendezvous entry");
@@ -401,10 +396,7 @@ void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte>
 
 void Link::on_arrival(const ibv_wc& wc) noexcept {
   if (error) return;  // torn down: what still arrives is not trusted
-  ibv_recv_wr wr{};
-  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrReceive;
-  ibv_recv_wr* bad = nullptr;
-  if (int rc = ibv_post_recv(raw_qp, &wr, &bad); rc != 0)
+  if (int rc = port->post_recv(reinterpret_cast<uint64_t>(this) | kWrReceive); rc != 0)
     return fail(rc, std::string("re-posting a receive failed: ") + std::strerror(rc));
 
   wire::Fault fault{};
@@ -481,24 +473,33 @@ void Link::on_failed_completion(const ibv_wc& wc, Request* request) noexcept {
 
 // ---- progress ----------------------------------------------------------------------
 
+void Engine::Impl::handle(const ibv_wc& wc, Link* port_link) noexcept {
+  const uint64_t kind = wc.wr_id & kWrKindMask;
+  Request* request = kind == kWrRequest ? reinterpret_cast<Request*>(wc.wr_id) : nullptr;
+  Link& link = port_link ? *port_link
+                         : request ? Link::of(*request) : *reinterpret_cast<Link*>(wc.wr_id & ~kWrKindMask);
+  if (wc.status != IBV_WC_SUCCESS) return link.on_failed_completion(wc, request);
+  if (kind == kWrReceive) link.on_arrival(wc);
+  else if (request) link.on_request_completion(*request);
+  else link.on_send_completion(wc);
+}
+
 int Engine::Impl::poll_cq() noexcept {
   ibv_wc wcs[32];
-  int n = cq->poll(wcs);
-  if (n < 0) n = 0;
-  for (int i = 0; i < n; ++i) {
-    const ibv_wc& wc = wcs[i];
-    const uint64_t kind = wc.wr_id & kWrKindMask;
-    Request* request = kind == kWrRequest ? reinterpret_cast<Request*>(wc.wr_id) : nullptr;
-    Link& link = request ? Link::of(*request) : *reinterpret_cast<Link*>(wc.wr_id & ~kWrKindMask);
-    if (wc.status != IBV_WC_SUCCESS) {
-      link.on_failed_completion(wc, request);
-      continue;
-    }
-    if (kind == kWrReceive) link.on_arrival(wc);
-    else if (request) link.on_request_completion(*request);
-    else link.on_send_completion(wc);
+  int total = 0;
+  if (cq) {
+    int n = cq->poll(wcs);
+    for (int i = 0; i < n; ++i) handle(wcs[i], nullptr);
+    total += std::max(n, 0);
   }
-  return n;
+  // Software ports (shm) report per link; a verbs port returns nothing here.
+  for (std::size_t l = 0; l < links.size(); ++l) {
+    Link& link = *links[l];
+    int n = link.port->poll(wcs);
+    for (int i = 0; i < n; ++i) handle(wcs[i], &link);
+    total += n;
+  }
+  return total;
 }
 
 int Engine::Impl::progress() noexcept {
@@ -515,16 +516,21 @@ void Engine::Impl::check_links(int timeout_ms) noexcept {
   if (poll_fds_stale) rebuild_poll_fds();
   int ready = ::poll(poll_fds.data(), poll_fds.size(), timeout_ms);
   if (ready <= 0) return;
-  if (poll_fds[0].revents) cq->wait(std::chrono::milliseconds(0));
+  for (std::size_t i = 0; i < poll_fds.size(); ++i)
+    if (poll_fds[i].revents && watches[i].kind == Watch::completions) cq->wait(std::chrono::milliseconds(0));
   // Arrivals first: a departing peer's last messages precede its EOF.
   while (poll_cq() > 0) {
   }
-  for (std::size_t i = 1; i < poll_fds.size(); ++i)
-    if (poll_fds[i].revents) links[i - 1]->check_liveness();
+  for (std::size_t i = 0; i < poll_fds.size(); ++i)
+    if (poll_fds[i].revents && watches[i].kind == Watch::liveness) watches[i].link->check_liveness();
 }
 
 void Engine::Impl::block(std::chrono::milliseconds timeout) noexcept {
-  if (cq->arm() != 0 || progress() > 0) return;
+  // Arm, then look once more: what came in between must not wait for the timeout.
+  if (cq && cq->arm() != 0) return;
+  if (progress() > 0) return;
+  for (auto& link : links)
+    if (!link->error && !link->port->arm()) return;
   check_links(static_cast<int>(timeout.count()));
 }
 
@@ -560,7 +566,7 @@ Status Connection::send(std::span<const std::byte> data, uint64_t tag, Request& 
   q.buffer_ = const_cast<std::byte*>(data.data());  // only read from
   q.capacity_ = data.size();
   q.connection_ = this;
-  if (data.size() > link_->engine.max_message) return q.status_ = Status::failed;
+  if (data.size() > link_->max_message) return q.status_ = Status::failed;
   q.status_ = Status::pending;
   Ring& r = *ring_;
   if (r.sends.empty() && data.size() <= Link::eager_limit(r, link_->engine.options.eager_limit) &&
@@ -637,7 +643,7 @@ Status Connection::one_sided(bool write, std::byte* local, std::size_t size, con
   q = Request{};
   if (error_) return q.status_ = Status::failed;
   if (offset > remote.length || size > remote.length - offset) return q.status_ = Status::truncated;
-  if (size > link_->engine.max_message) return q.status_ = Status::failed;
+  if (size > link_->max_message) return q.status_ = Status::failed;
   q.op_ = write ? Request::Op::write : Request::Op::read;
   q.buffer_ = local;
   q.capacity_ = size;

@@ -87,8 +87,13 @@ struct RemoteRegion {
 
 enum class Bootstrap { tcp, rdma_cm };
 
+// Which backends may carry links. automatic: shm to a peer on the same host, verbs to
+// others; both ends must allow the one chosen. The rdma_cm bootstrap is verbs only.
+enum class BackendChoice : uint8_t { from_environment, automatic, verbs, shm };
+
 struct Options {
   Bootstrap bootstrap = Bootstrap::tcp;
+  BackendChoice backend = BackendChoice::from_environment;  // RXIO_BACKEND
   std::string device;         // tcp bootstrap: RDMA device (empty: the first one)
   std::string local_address;  // rdma_cm: this host's IP on the RDMA netdev (required)
   // The rest default to their RXIO_* settings (see base/config.cc).
@@ -99,10 +104,12 @@ struct Options {
   std::chrono::milliseconds connect_timeout{-1};
   uint8_t qp_timeout = 0;
   uint8_t qp_retry_count = 0xff;
+  uint64_t shm_arena = 0;  // RXIO_SHM_ARENA
 };
 
 struct EngineStats {
   std::size_t links = 0;
+  std::size_t shm_links = 0;
   std::size_t connections = 0;
   uint64_t registrations = 0;  // registration cache misses
   uint64_t faults[static_cast<int>(wire::Fault::count_)] = {};
@@ -135,8 +142,8 @@ class Engine {
   void forget(const void* address, std::size_t length);
 
   EngineStats stats() const;
-  std::size_t qp_count() const;  // one per link
-  const std::string& device_name() const;
+  std::size_t qp_count() const;  // one per verbs link
+  const std::string& device_name() const;  // the verbs device; empty without one
 
  private:
   friend class Connection;

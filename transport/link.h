@@ -11,14 +11,16 @@
 
 #include "transport/engine.h"
 #include "transport/oob.h"
+#include "transport/port.h"
 #include "transport/reg_cache.h"
 #include "transport/ring.h"
+#include "transport/shm_connect.h"
+#include "transport/verbs_port.h"
 #include "verbs/cm.h"
 #include "verbs/completion.h"
 #include "verbs/device.h"
 #include "verbs/gid.h"
 #include "verbs/memory.h"
-#include "verbs/queue_pair.h"
 
 namespace rxio::transport {
 
@@ -77,11 +79,10 @@ struct RequestList {
 };
 
 struct Connection::Ring {
-  Ring(verbs::ProtectionDomain& pd, uint32_t slots, uint32_t slot_size);
+  Ring(Port& port, uint32_t slots, uint32_t slot_size);
 
   uint32_t slot_size;
-  std::vector<std::byte> memory;  // slots * slot_size, the peer writes here
-  verbs::MemoryRegion mr;
+  std::unique_ptr<Region> memory;  // slots * slot_size, the peer writes here
   RecvRing recv;
   SendRing send;
   wire::RingInfo peer{};
@@ -93,48 +94,40 @@ struct Connection::Ring {
   std::vector<Request*> rndv_sends;   // our large sends, by rendezvous id
   std::vector<Request*> rndv_recvs;   // receives waiting for the peer's write, by its id
   // The peer appends rendezvous entries here; we read them from rndv_in_next on.
-  std::vector<std::byte> rndv_in;
-  verbs::MemoryRegion rndv_in_mr;
+  std::unique_ptr<Region> rndv_in;
   uint64_t rndv_in_next = 0;
   // Our entries, at the positions they take in the peer's queue: staged, then written
   // (several per write) when the link next drains.
-  std::vector<std::byte> rndv_out;
-  verbs::MemoryRegion rndv_out_mr;
+  std::unique_ptr<Region> rndv_out;
   uint64_t rndv_out_staged = 0;
   uint64_t rndv_out_written = 0;
   wire::RndvQueueInfo peer_rndv{};
   bool close_to_send = false;
   bool waiting = false;  // listed in Link::waiting
 
-  std::byte* slot(uint64_t seq) noexcept { return memory.data() + std::size_t(recv.index(seq)) * slot_size; }
+  std::byte* slot(uint64_t seq) noexcept { return memory->data() + std::size_t(recv.index(seq)) * slot_size; }
   wire::RingInfo info() const noexcept;
   wire::RndvQueueInfo rndv_info() const noexcept;
 };
 
 class Link {
  public:
-  Link(Engine::Impl& engine, std::string peer);
+  Link(Engine::Impl& engine, std::string peer, std::unique_ptr<Port> port);
   ~Link();
 
   Engine::Impl& engine;
   std::string peer;
-  // The QP is either ours (tcp bootstrap) or rdma_cm's.
-  std::optional<verbs::QueuePair> qp;
-  std::optional<verbs::cm::EventChannel> cm_events;
-  std::optional<verbs::cm::Id> cm_id;
-  std::optional<verbs::cm::QueuePair> cm_qp;
-  std::optional<oob::Channel> channel;  // tcp bootstrap: stays open to tell peer death
-  ibv_qp* raw_qp = nullptr;
-  uint32_t max_inline = 0;
+  std::unique_ptr<Port> port;
+  VerbsPort& verbs() noexcept { return static_cast<VerbsPort&>(*port); }  // verbs links only
 
-  std::vector<std::byte> staging;  // copies of outgoing slots while their writes fly
-  std::optional<verbs::MemoryRegion> staging_mr;
+  std::unique_ptr<Region> staging;  // copies of outgoing slots while their writes fly
   uint32_t staging_slots = 0;
   uint64_t staging_next = 0;
   uint64_t staging_done = 0;
   uint32_t sq_depth = 0;
   uint32_t sq_used = 0;
 
+  uint64_t max_message = 0;  // one RDMA operation at most (verbs: the port's max_msg_sz)
   std::vector<Connection*> connections;  // by our id; [0] is the control connection
   std::vector<std::unique_ptr<Connection>> owned;
   std::vector<Connection*> waiting;      // connections with queued work (each at most once)
@@ -147,9 +140,9 @@ class Link {
   Connection& control() noexcept { return *connections[0]; }
   Connection& add_connection();
   // -1 once failed, so that poll() ignores it.
-  int liveness_fd() const noexcept;
-  // Reads the liveness fd after poll() said it is readable; call with the CQ drained,
-  // since a departing peer's last messages come before its EOF.
+  int liveness_fd() const noexcept { return error ? -1 : port->liveness_fd(); }
+  // Asks the port after poll() said the liveness fd is readable; call with the
+  // completions drained, since a departing peer's last messages come before its EOF.
   void check_liveness() noexcept;
   // Fails every connection and tears the link down so the peer sees it too.
   void fail(int err, const std::string& why) noexcept;
@@ -205,8 +198,11 @@ struct Engine::Impl {
   std::optional<verbs::CompletionChannel> channel;
   std::optional<verbs::CompletionQueue> cq;
   std::optional<RegistrationCache> cache;
+  uint8_t backends = 0;  // 1 << Backend for each one this engine allows
+  std::array<uint8_t, 16> host_id;  // the kernel's boot id
 
   std::optional<oob::Listener> listener;
+  std::optional<shm::Listener> shm_listener;
   std::optional<verbs::cm::EventChannel> listen_events;
   std::optional<verbs::cm::Id> cm_listener;
   uint16_t port = 0;
@@ -217,15 +213,29 @@ struct Engine::Impl {
   std::vector<std::unique_ptr<Link>> retired;
   bool poll_fds_stale = false;
   uint32_t idle_polls = 0;
-  uint64_t max_message = 0;  // the port's max_msg_sz: one RDMA operation at most
+  uint64_t max_message = 0;  // verbs: the port's max_msg_sz
   uint8_t rd_atomic = 16;    // RDMA READs in flight per QP, both ways
   std::map<std::string, Link*> links_by_peer;
   std::vector<Connection*> accepted;  // opened by peers, not yet returned by accept()
+  // What to sleep on, and what each fd is for.
+  struct Watch {
+    enum Kind : uint8_t { completions, liveness, wake } kind;
+    Link* link;
+  };
   std::vector<pollfd> poll_fds;
+  std::vector<Watch> watches;
   uint64_t faults[static_cast<int>(wire::Fault::count_)] = {};
 
+  bool allows(Backend b) const noexcept { return backends & (1u << static_cast<int>(b)); }
   Link& link_to(const std::string& host, uint16_t peer_port);
-  void set_up_link(Link& link, const std::string& host, uint16_t peer_port);
+  std::unique_ptr<Link> new_verbs_link(const std::string& peer);
+  std::unique_ptr<Link> new_shm_link(const std::string& peer);
+  void open_verbs(bool required);
+  void connect_verbs_link(Link& link, oob::Channel channel);
+  void accept_verbs_link(Link& link, oob::Channel channel);
+  void set_up_cm_link(Link& link, const std::string& host, uint16_t peer_port);
+  void set_up_shm_link(Link& link, shm::Listener* unix_listener, const wire::Choice& choice, uint32_t peer_pid);
+  wire::Choice choose(const wire::Offer& offer) const;
   void accept_next_link(std::chrono::milliseconds timeout);
   Link& accept_tcp_link(oob::Channel channel);
   Link& accept_cm_link(verbs::cm::Event& request);
@@ -235,8 +245,9 @@ struct Engine::Impl {
   void rebuild_poll_fds();
   // Takes ownership of a link whose set-up is failing.
   void retire(std::unique_ptr<Link> link) noexcept;
-  // Polls the CQ and handles what completed.
+  // Polls the CQ and the software ports, and handles what completed.
   int poll_cq() noexcept;
+  void handle(const ibv_wc& wc, Link* port_link) noexcept;
   int progress() noexcept;
   // Waits up to `timeout_ms` for a completion or a liveness event and handles it.
   void check_links(int timeout_ms) noexcept;

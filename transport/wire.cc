@@ -78,6 +78,31 @@ std::string_view to_string(Fault fault) {
   return "?";
 }
 
+namespace {
+
+// Magic and version start every bootstrap message.
+void put_preamble(std::byte* out) {
+  put32(out, kMagic);
+  put16(out + 4, kVersion);
+}
+
+bool check_preamble(std::span<const std::byte> in, std::size_t size, Fault& fault) {
+  if (!long_enough(in, size, fault)) return false;
+  if (get32(in.data()) != kMagic) {
+    fault = Fault::bad_magic;
+    return false;
+  }
+  if (get16(in.data() + 4) != kVersion) {
+    fault = Fault::bad_version;
+    return false;
+  }
+  return true;
+}
+
+constexpr uint8_t kKnownBackends = 0x3;  // verbs, shm
+
+}  // namespace
+
 uint32_t encode(const Imm& imm) {
   return (uint32_t(imm.type) << 28) | ((imm.connection & (kMaxConnections - 1)) << 8) | imm.value;
 }
@@ -155,8 +180,7 @@ void encode(const ConnectReply& m, std::byte* out) {
 
 std::array<std::byte, kHelloSize> encode(const Hello& m) {
   std::array<std::byte, kHelloSize> out{};
-  put32(out.data(), kMagic);
-  put16(out.data() + 4, kVersion);
+  put_preamble(out.data());
   put32(out.data() + 8, m.qp_num);
   put32(out.data() + 12, m.psn);
   std::memcpy(out.data() + 16, m.gid.raw, 16);
@@ -213,16 +237,88 @@ std::optional<ConnectReply> decode_connect_reply(std::span<const std::byte> in, 
   return m;
 }
 
+
+std::array<std::byte, kOfferSize> encode(const Offer& m) {
+  std::array<std::byte, kOfferSize> out{};
+  put_preamble(out.data());
+  out[6] = static_cast<std::byte>(m.backends);
+  std::memcpy(out.data() + 8, m.host.data(), 16);
+  put32(out.data() + 24, m.uid);
+  put32(out.data() + 28, m.pid);
+  return out;
+}
+
+std::optional<Offer> decode_offer(std::span<const std::byte> in, Fault& fault) {
+  if (!check_preamble(in, kOfferSize, fault)) return std::nullopt;
+  Offer m;
+  m.backends = static_cast<uint8_t>(in[6]);
+  if (m.backends == 0 || (m.backends & ~kKnownBackends)) {
+    fault = Fault::bad_kind;
+    return std::nullopt;
+  }
+  std::memcpy(m.host.data(), in.data() + 8, 16);
+  m.uid = get32(in.data() + 24);
+  m.pid = get32(in.data() + 28);
+  return m;
+}
+
+std::array<std::byte, kChoiceSize> encode(const Choice& m) {
+  std::array<std::byte, kChoiceSize> out{};
+  put_preamble(out.data());
+  out[6] = static_cast<std::byte>(m.backend);
+  put32(out.data() + 8, m.pid);
+  put64(out.data() + 16, m.nonce);
+  std::memcpy(out.data() + 24, m.token.data(), 16);
+  return out;
+}
+
+std::optional<Choice> decode_choice(std::span<const std::byte> in, Fault& fault) {
+  if (!check_preamble(in, kChoiceSize, fault)) return std::nullopt;
+  Choice m;
+  m.backend = static_cast<uint8_t>(in[6]);
+  if (m.backend != kNoBackend && !((1u << m.backend) & kKnownBackends)) {
+    fault = Fault::bad_kind;
+    return std::nullopt;
+  }
+  m.pid = get32(in.data() + 8);
+  m.nonce = get64(in.data() + 16);
+  std::memcpy(m.token.data(), in.data() + 24, 16);
+  return m;
+}
+
+std::array<std::byte, kShmHelloSize> encode(const ShmHello& m) {
+  std::array<std::byte, kShmHelloSize> out{};
+  put_preamble(out.data());
+  std::memcpy(out.data() + 8, m.token.data(), 16);
+  put32(out.data() + 24, m.pid);
+  put64(out.data() + 32, m.arena_base);
+  put64(out.data() + 40, m.arena_size);
+  put64(out.data() + 48, m.probe_address);
+  put64(out.data() + 56, m.probe_value);
+  put_ring(out.data() + 64, m.control);
+  return out;
+}
+
+std::optional<ShmHello> decode_shm_hello(std::span<const std::byte> in, Fault& fault) {
+  if (!check_preamble(in, kShmHelloSize, fault)) return std::nullopt;
+  ShmHello m;
+  std::memcpy(m.token.data(), in.data() + 8, 16);
+  m.pid = get32(in.data() + 24);
+  m.arena_base = get64(in.data() + 32);
+  m.arena_size = get64(in.data() + 40);
+  m.probe_address = get64(in.data() + 48);
+  m.probe_value = get64(in.data() + 56);
+  // The arena must hold at least its doorbell, and fit the address space.
+  if (m.arena_size < (64u << 10) || m.arena_size > (uint64_t(1) << 40) || m.arena_base + m.arena_size < m.arena_base) {
+    fault = Fault::bad_length;
+    return std::nullopt;
+  }
+  if (!get_ring(in.data() + 64, m.control, fault)) return std::nullopt;
+  return m;
+}
+
 std::optional<Hello> decode_hello(std::span<const std::byte> in, Fault& fault) {
-  if (!long_enough(in, kHelloSize, fault)) return std::nullopt;
-  if (get32(in.data()) != kMagic) {
-    fault = Fault::bad_magic;
-    return std::nullopt;
-  }
-  if (get16(in.data() + 4) != kVersion) {
-    fault = Fault::bad_version;
-    return std::nullopt;
-  }
+  if (!check_preamble(in, kHelloSize, fault)) return std::nullopt;
   Hello m;
   m.qp_num = get32(in.data() + 8) & 0xffffff;
   m.psn = get32(in.data() + 12) & 0xffffff;

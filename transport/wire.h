@@ -145,6 +145,42 @@ struct Hello {
 };
 inline constexpr std::size_t kHelloSize = 56;
 
+// The TCP bootstrap's first message, connector to acceptor: the backends the connector
+// may use and who it is, so the acceptor can choose (Choice).
+struct Offer {
+  uint8_t backends = 0;               // 1 << Backend for each one allowed
+  std::array<uint8_t, 16> host{};     // the kernel's boot id: equal on the same host
+  uint32_t uid = 0;
+  uint32_t pid = 0;
+};
+inline constexpr std::size_t kOfferSize = 32;
+inline constexpr uint8_t kNoBackend = 0xff;
+
+// The acceptor's answer. For shm: where its unix socket is (an abstract name made of
+// its pid and a nonce) and the token that proves the connector heard this answer.
+struct Choice {
+  uint8_t backend = kNoBackend;  // a Backend, or kNoBackend: none both ends can use
+  uint32_t pid = 0;
+  uint64_t nonce = 0;
+  std::array<uint8_t, 16> token{};
+};
+inline constexpr std::size_t kChoiceSize = 40;
+
+// Both ways over the shm unix socket, with the arena's memfd and the eventfd attached.
+struct ShmHello {
+  std::array<uint8_t, 16> token{};
+  uint32_t pid = 0;
+  uint64_t arena_base = 0;
+  uint64_t arena_size = 0;
+  uint64_t probe_address = 0;  // a private word, read across processes to prove it works
+  uint64_t probe_value = 0;
+  RingInfo control;
+};
+inline constexpr std::size_t kShmHelloSize = 96;
+
+std::array<std::byte, kOfferSize> encode(const Offer& m);
+std::array<std::byte, kChoiceSize> encode(const Choice& m);
+std::array<std::byte, kShmHelloSize> encode(const ShmHello& m);
 void encode(const RndvEntry& m, std::byte* out);
 void encode(const ConnectRequest& m, std::byte* out);
 void encode(const ConnectReply& m, std::byte* out);
@@ -152,6 +188,9 @@ std::array<std::byte, kHelloSize> encode(const Hello& m);
 
 // Each decoder refuses short input, and rings no sane peer would offer (zero or
 // oversized slots, more slots than a connection may have).
+std::optional<Offer> decode_offer(std::span<const std::byte> in, Fault& fault);
+std::optional<Choice> decode_choice(std::span<const std::byte> in, Fault& fault);
+std::optional<ShmHello> decode_shm_hello(std::span<const std::byte> in, Fault& fault);
 // Refuses unknown kinds, ids past kMaxRendezvous and empty requests.
 std::optional<RndvEntry> decode_rndv_entry(std::span<const std::byte, kRndvEntrySize> in, Fault& fault);
 std::optional<ConnectRequest> decode_connect_request(std::span<const std::byte> in, Fault& fault);

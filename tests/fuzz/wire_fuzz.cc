@@ -40,6 +40,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         __builtin_trap();
     }
   }
+  if (auto offer = wire::decode_offer(in, fault)) {
+    auto again = wire::decode_offer(wire::encode(*offer), fault);
+    if (!again || again->backends != offer->backends || again->pid != offer->pid) __builtin_trap();
+  }
+  if (auto choice = wire::decode_choice(in, fault)) {
+    auto again = wire::decode_choice(wire::encode(*choice), fault);
+    if (!again || again->backend != choice->backend || again->token != choice->token) __builtin_trap();
+  }
+  if (auto hello = wire::decode_shm_hello(in, fault)) {
+    auto again = wire::decode_shm_hello(wire::encode(*hello), fault);
+    if (!again || again->arena_size != hello->arena_size || again->control.slots != hello->control.slots)
+      __builtin_trap();
+  }
   (void)wire::decode_connect_request(in, fault);
   (void)wire::decode_connect_reply(in, fault);
   (void)RemoteRegion::decode(in);
