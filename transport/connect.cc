@@ -181,7 +181,10 @@ void Link::count_fault(wire::Fault fault, const char* where) noexcept {
 
 // ---- the engine --------------------------------------------------------------------
 
-Engine::Impl::Impl(Options o) : options(resolve(std::move(o))), host_id(shm::host_id()) {
+Engine::Impl::Impl(Options o) : options(resolve(std::move(o))),
+      host_id(shm::host_id()),
+      net_ns(shm::namespace_id("net")),
+      pid_ns(shm::namespace_id("pid")) {
   BackendChoice choice = options.backend;
   if (options.bootstrap == Bootstrap::rdma_cm) {
     if (choice == BackendChoice::shm)
@@ -254,6 +257,9 @@ void Engine::Impl::shutdown() noexcept {
 
 void Engine::Impl::retire(std::unique_ptr<Link> link) noexcept {
   link->fail(ECANCELED, "its set-up failed");
+  // Only the engine's CQ may still name a failed link; an shm port has nothing queued
+  // there and goes at once, its memory and descriptors with it.
+  if (link->port->backend() == Backend::shm) return;
   try {
     retired.push_back(std::move(link));
   } catch (...) {
@@ -300,7 +306,6 @@ void Engine::listen(const std::string& address, uint16_t port) {
   if (e.options.bootstrap == Bootstrap::tcp) {
     e.listener.emplace(address, port);
     e.port = e.listener->port();
-    if (e.allows(Backend::shm)) e.shm_listener.emplace();
   } else {
     e.listen_events.emplace();
     e.cm_listener.emplace(*e.listen_events);
@@ -337,18 +342,15 @@ std::unique_ptr<Link> Engine::Impl::new_shm_link(const std::string& peer) {
   return link;
 }
 
-wire::Choice Engine::Impl::choose(const wire::Offer& offer) const {
-  wire::Choice choice;
+uint8_t Engine::Impl::choose(const wire::Offer& offer) const {
   const uint8_t common = offer.backends & backends;
-  if ((common & bit(Backend::shm)) && shm_listener && offer.host == host_id && offer.uid == geteuid()) {
-    choice.backend = static_cast<uint8_t>(Backend::shm);
-    choice.pid = static_cast<uint32_t>(getpid());
-    choice.nonce = shm_listener->nonce();
-    choice.token = shm::random_token();
-  } else if (common & bit(Backend::verbs)) {
-    choice.backend = static_cast<uint8_t>(Backend::verbs);
-  }
-  return choice;
+  // shm: one host, one user, and the namespaces in which unix sockets and pids mean
+  // the same to both.
+  if ((common & bit(Backend::shm)) && offer.host == host_id && offer.uid == geteuid() && offer.net_ns == net_ns &&
+      offer.pid_ns == pid_ns && net_ns != 0)
+    return static_cast<uint8_t>(Backend::shm);
+  if (common & bit(Backend::verbs)) return static_cast<uint8_t>(Backend::verbs);
+  return wire::kNoBackend;
 }
 
 Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
@@ -361,7 +363,15 @@ Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
     ++faults[static_cast<int>(fault)];
     throw Error(EPROTO, "reading the offer of " + ch.peer() + ": " + std::string(wire::to_string(fault)));
   }
-  const wire::Choice choice = choose(*offer);
+  wire::Choice choice;
+  choice.backend = choose(*offer);
+  std::optional<shm::Listener> unix_listener;
+  if (choice.backend == static_cast<uint8_t>(Backend::shm)) {
+    unix_listener.emplace();
+    choice.pid = static_cast<uint32_t>(getpid());
+    choice.nonce = unix_listener->nonce();
+    choice.token = shm::random_token();
+  }
   ch.send(wire::encode(choice));
   if (choice.backend == wire::kNoBackend)
     throw Error(EPROTONOSUPPORT, "refusing " + ch.peer() + ": no backend both ends allow", {},
@@ -370,7 +380,7 @@ Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
   try {
     if (choice.backend == static_cast<uint8_t>(Backend::shm)) {
       link = new_shm_link(ch.peer());
-      set_up_shm_link(*link, &*shm_listener, choice, offer->pid);
+      set_up_shm_link(*link, &*unix_listener, choice, offer->pid);
     } else {
       link = new_verbs_link(ch.peer());
       accept_verbs_link(*link, std::move(ch));
@@ -417,12 +427,12 @@ void Engine::Impl::accept_verbs_link(Link& link, oob::Channel ch) {
 void Engine::Impl::set_up_shm_link(Link& link, shm::Listener* unix_listener, const wire::Choice& choice,
                                    uint32_t peer_pid) {
   auto& sp = static_cast<ShmPort&>(*link.port);
-  UniqueFd socket = unix_listener ? unix_listener->accept(options.connect_timeout) : shm::connect(choice.pid, choice.nonce);
-  wire::ShmHello mine{choice.token,         static_cast<uint32_t>(getpid()), sp.arena_base(),
-                      sp.arena_size(),    sp.probe_address(),            sp.probe_value(),
+  wire::ShmHello mine{choice.token,      static_cast<uint32_t>(getpid()), sp.arena_base(),
+                      sp.arena_size(),   sp.probe_address(),              sp.probe_value(),
                       link.control().ring_->info()};
   wire::ShmHello theirs;
-  shm::attach(sp, std::move(socket), unix_listener != nullptr, mine, peer_pid, options.connect_timeout, theirs);
+  if (unix_listener) shm::accept_peer(sp, *unix_listener, peer_pid, mine, options.connect_timeout, theirs);
+  else shm::connect_peer(sp, choice, mine, options.connect_timeout, theirs);
   link.control().ring_->peer = theirs.control;
   link.control().ring_->send = SendRing(theirs.control.slots);
   link.control().established_ = true;
@@ -521,7 +531,8 @@ Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
   // fails (cross-memory attach refused, say) and verbs is allowed, offer again without.
   for (uint8_t offered = backends; !link;) {
     auto ch = oob::Channel::connect(host, peer_port, options.connect_timeout);
-    ch.send(wire::encode(wire::Offer{offered, host_id, static_cast<uint32_t>(geteuid()), static_cast<uint32_t>(getpid())}));
+    ch.send(wire::encode(wire::Offer{offered, host_id, static_cast<uint32_t>(geteuid()),
+                                     static_cast<uint32_t>(getpid()), net_ns, pid_ns}));
     wire::Fault fault{};
     auto choice = wire::decode_choice(ch.receive(options.connect_timeout), fault);
     if (!choice) {

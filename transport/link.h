@@ -200,9 +200,9 @@ struct Engine::Impl {
   std::optional<RegistrationCache> cache;
   uint8_t backends = 0;  // 1 << Backend for each one this engine allows
   std::array<uint8_t, 16> host_id;  // the kernel's boot id
+  uint64_t net_ns = 0, pid_ns = 0;
 
   std::optional<oob::Listener> listener;
-  std::optional<shm::Listener> shm_listener;
   std::optional<verbs::cm::EventChannel> listen_events;
   std::optional<verbs::cm::Id> cm_listener;
   uint16_t port = 0;
@@ -235,7 +235,8 @@ struct Engine::Impl {
   void accept_verbs_link(Link& link, oob::Channel channel);
   void set_up_cm_link(Link& link, const std::string& host, uint16_t peer_port);
   void set_up_shm_link(Link& link, shm::Listener* unix_listener, const wire::Choice& choice, uint32_t peer_pid);
-  wire::Choice choose(const wire::Offer& offer) const;
+  // The backend for a peer's offer, or kNoBackend.
+  uint8_t choose(const wire::Offer& offer) const;
   void accept_next_link(std::chrono::milliseconds timeout);
   Link& accept_tcp_link(oob::Channel channel);
   Link& accept_cm_link(verbs::cm::Event& request);

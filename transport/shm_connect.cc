@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -127,6 +128,12 @@ std::array<uint8_t, 16> random_token() {
   return token;
 }
 
+uint64_t namespace_id(const char* name) {
+  struct stat st{};
+  if (::stat((std::string("/proc/self/ns/") + name).c_str(), &st) != 0) return 0;
+  return st.st_ino;
+}
+
 Listener::Listener() {
   std::random_device random;
   fd_.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -138,47 +145,30 @@ Listener::Listener() {
     if (::bind(fd_.get(), reinterpret_cast<sockaddr*>(&a), length) == 0) break;
     if (errno != EADDRINUSE || attempt == 3) throw Error(errno, "binding the shm backend's unix socket");
   }
-  if (::listen(fd_.get(), 64) != 0) throw Error(errno, "listening on the shm backend's unix socket");
+  if (::listen(fd_.get(), 8) != 0) throw Error(errno, "listening on the shm backend's unix socket");
 }
 
-UniqueFd Listener::accept(std::chrono::milliseconds timeout) {
-  wait_readable(fd_.get(), timeout, "waiting for the shm peer to connect to the unix socket");
-  UniqueFd s(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-  if (!s) throw Error(errno, "accepting on the shm backend's unix socket");
-  return s;
-}
+namespace {
 
-UniqueFd connect(uint32_t pid, uint64_t nonce) {
-  UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!s) throw Error(errno, "creating a unix socket for the shm backend");
-  socklen_t length;
-  sockaddr_un a = address_of(pid, nonce, length);
-  if (::connect(s.get(), reinterpret_cast<sockaddr*>(&a), length) != 0)
-    throw Error(errno, "connecting to the shm peer's unix socket (process " + std::to_string(pid) + ")", {},
-                "the peers must share a network namespace; RXIO_BACKEND=verbs avoids shm");
-  return s;
-}
-
-void attach(ShmPort& port, UniqueFd socket, bool accepting, const wire::ShmHello& mine, uint32_t expected_pid,
-            std::chrono::milliseconds timeout, wire::ShmHello& theirs) {
-  allow_cross_memory_attach();
+ucred credentials(int socket) {
   ucred cred{};
-  socklen_t cred_length = sizeof cred;
-  if (getsockopt(socket.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0)
+  socklen_t length = sizeof cred;
+  if (getsockopt(socket, SOL_SOCKET, SO_PEERCRED, &cred, &length) != 0)
     throw Error(errno, "reading the shm peer's credentials (SO_PEERCRED)");
-  if (cred.uid != geteuid() || uint32_t(cred.pid) != expected_pid)
-    throw Error(EPERM, "refusing an shm peer: process " + std::to_string(cred.pid) + " of uid " +
-                           std::to_string(cred.uid) + " is not process " + std::to_string(expected_pid) +
-                           " of uid " + std::to_string(geteuid()));
-  // The connector speaks first: the acceptor hands out its arena only to a peer that
-  // proved it holds the token.
-  if (!accepting) send_hello(socket.get(), mine, port.arena_fd(), port.event_fd());
-  Received r = receive_hello(socket.get(), timeout);
-  if (r.hello.token != mine.token) throw Error(EPERM, "refusing an shm peer: wrong token");
-  if (r.hello.pid != expected_pid) throw Error(EPERM, "refusing an shm peer: it says it is another process");
-  if (accepting) send_hello(socket.get(), mine, port.arena_fd(), port.event_fd());
+  return cred;
+}
+
+std::chrono::milliseconds left(std::chrono::steady_clock::time_point deadline) {
+  return std::max(std::chrono::milliseconds(0), std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                    deadline - std::chrono::steady_clock::now()));
+}
+
+// Both roles, once the hellos have crossed: attach, probe both ways, agree.
+void finish(ShmPort& port, UniqueFd socket, Received r, uint32_t peer_pid, std::chrono::milliseconds timeout,
+            wire::ShmHello& theirs) {
+  allow_cross_memory_attach();
   const int raw_socket = socket.get();
-  port.attach(static_cast<pid_t>(expected_pid), std::move(r.arena), r.hello.arena_size, r.hello.arena_base,
+  port.attach(static_cast<pid_t>(peer_pid), std::move(r.arena), r.hello.arena_size, r.hello.arena_base,
               std::move(r.event), std::move(socket));
   // Both sides probe, then tell each other how it went, so that both fail alike.
   std::string problem = port.probe_peer(r.hello.probe_address, r.hello.probe_value);
@@ -192,6 +182,46 @@ void attach(ShmPort& port, UniqueFd socket, bool accepting, const wire::ShmHello
                 "(kernel.yama.ptrace_scope <= 1, and a seccomp profile that allows process_vm_readv)");
   if (theirs_verdict != 1) throw Error(EPERM, "the shm peer cannot reach this process by cross-memory attach");
   theirs = r.hello;
+}
+
+}  // namespace
+
+void connect_peer(ShmPort& port, const wire::Choice& choice, const wire::ShmHello& mine,
+                  std::chrono::milliseconds timeout, wire::ShmHello& theirs) {
+  UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!s) throw Error(errno, "creating a unix socket for the shm backend");
+  socklen_t length;
+  sockaddr_un a = address_of(choice.pid, choice.nonce, length);
+  if (::connect(s.get(), reinterpret_cast<sockaddr*>(&a), length) != 0)
+    throw Error(errno, "connecting to the shm peer's unix socket (process " + std::to_string(choice.pid) + ")", {},
+                "the peers must share a network namespace; RXIO_BACKEND=verbs avoids shm");
+  ucred cred = credentials(s.get());
+  if (cred.uid != geteuid() || uint32_t(cred.pid) != choice.pid)
+    throw Error(EPERM, "refusing the shm socket of process " + std::to_string(cred.pid) + ": expected process " +
+                           std::to_string(choice.pid) + " of uid " + std::to_string(geteuid()));
+  send_hello(s.get(), mine, port.arena_fd(), port.event_fd());
+  Received r = receive_hello(s.get(), timeout);
+  if (r.hello.token != mine.token || r.hello.pid != choice.pid)
+    throw Error(EPERM, "refusing an shm peer: its hello does not match its answer");
+  finish(port, std::move(s), std::move(r), choice.pid, timeout, theirs);
+}
+
+void accept_peer(ShmPort& port, Listener& listener, uint32_t expected_pid, const wire::ShmHello& mine,
+                 std::chrono::milliseconds timeout, wire::ShmHello& theirs) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    wait_readable(listener.fd(), left(deadline), "waiting for the shm peer to connect to the unix socket");
+    UniqueFd s(::accept4(listener.fd(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!s) throw Error(errno, "accepting on the shm backend's unix socket");
+    ucred cred = credentials(s.get());
+    if (cred.uid != geteuid() || uint32_t(cred.pid) != expected_pid) continue;  // not the peer: drop it
+    // The peer itself: from here on, anything wrong refuses the link.
+    Received r = receive_hello(s.get(), left(deadline));
+    if (r.hello.token != mine.token) throw Error(EPERM, "refusing an shm peer: wrong token");
+    if (r.hello.pid != expected_pid) throw Error(EPERM, "refusing an shm peer: it says it is another process");
+    send_hello(s.get(), mine, port.arena_fd(), port.event_fd());
+    return finish(port, std::move(s), std::move(r), expected_pid, left(deadline), theirs);
+  }
 }
 
 }  // namespace rxio::transport::shm

@@ -1,11 +1,11 @@
 // Internal: the shm backend's control path. A link between two processes on one host
-// is set up over a unix socket (abstract name, so nothing is left in the file system):
-// the connector proves with the token from the acceptor's Choice that it is the peer
-// that asked over TCP, and the acceptor checks its credentials (SO_PEERCRED: same uid,
-// the pid it offered). Each side then sends its ShmHello with its arena's memfd and its
-// eventfd (SCM_RIGHTS), maps the other's arena, and proves that cross-memory attach
-// works by reading the other's probe word. The socket stays open: its EOF is how a
-// dead peer is noticed.
+// is set up over a unix socket (abstract name, so nothing is left in the file system;
+// a fresh one per hand-shake): the acceptor checks the connector's credentials
+// (SO_PEERCRED: same uid, the pid it offered) and the token it sent in its Choice
+// before it hands out anything. Each side sends its ShmHello with its arena's memfd
+// and its eventfd (SCM_RIGHTS), maps the other's arena, and proves that cross-memory
+// attach works by reading the other's probe word. The socket stays open: its EOF is
+// how a dead peer is noticed.
 #pragma once
 
 #include <array>
@@ -21,26 +21,29 @@ namespace rxio::transport::shm {
 
 // The kernel's boot id: two processes with the same one run on the same host.
 std::array<uint8_t, 16> host_id();
+// This process's network and pid namespaces (inode numbers; 0 if unknown).
+uint64_t namespace_id(const char* name);
 std::array<uint8_t, 16> random_token();
 
+// A unix listener for one hand-shake, at a fresh abstract name.
 class Listener {
  public:
   Listener();  // throws rxio::Error
   uint64_t nonce() const noexcept { return nonce_; }
-  // The next connection, within `timeout`; throws rxio::Error on timeout.
-  UniqueFd accept(std::chrono::milliseconds timeout);
+  int fd() const noexcept { return fd_.get(); }
 
  private:
   UniqueFd fd_;
   uint64_t nonce_ = 0;
 };
 
-UniqueFd connect(uint32_t pid, uint64_t nonce);
-
-// The hand-shake after the unix connection: hellos both ways (the connector's first),
-// attach, probe both ways. `expected_pid` is the peer's pid as the TCP bootstrap told
-// it. Throws rxio::Error saying what failed and the fix.
-void attach(ShmPort& port, UniqueFd socket, bool accepting, const wire::ShmHello& mine, uint32_t expected_pid,
-            std::chrono::milliseconds timeout, wire::ShmHello& theirs);
+// Connector: connects to the acceptor named in its Choice, hellos (ours first), then
+// attaches and probes. Throws rxio::Error saying what failed and the fix.
+void connect_peer(ShmPort& port, const wire::Choice& choice, const wire::ShmHello& mine,
+                  std::chrono::milliseconds timeout, wire::ShmHello& theirs);
+// Acceptor: takes the connection of the process that made the offer (others, which
+// anyone may open to an abstract name, are dropped), checks its token, answers.
+void accept_peer(ShmPort& port, Listener& listener, uint32_t expected_pid, const wire::ShmHello& mine,
+                 std::chrono::milliseconds timeout, wire::ShmHello& theirs);
 
 }  // namespace rxio::transport::shm

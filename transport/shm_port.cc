@@ -2,10 +2,14 @@
 // cross-memory attach. The hand-shake that sets a link up is in shm_connect.cc.
 #include "transport/shm_port.h"
 
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -26,36 +30,52 @@ class ArenaRegion final : public Region {
 
 }  // namespace
 
+Mapping::Mapping(int fd, std::size_t size) : size_(size) {
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) throw Error(errno, "mapping " + format_bytes(size) + " of shared memory", {}, "lower RXIO_SHM_ARENA");
+  data_ = static_cast<std::byte*>(p);
+}
+
+Mapping& Mapping::operator=(Mapping&& other) noexcept {
+  if (this != &other) {
+    if (data_) munmap(data_, size_);
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = other.size_;
+  }
+  return *this;
+}
+
+Mapping::~Mapping() {
+  if (data_) munmap(data_, size_);
+}
+
 ShmPort::ShmPort(std::size_t arena_size) : arena_size_(arena_size) {
   arena_fd_.reset(memfd_create("rxio-shm-arena", MFD_CLOEXEC));
   if (!arena_fd_) throw Error(errno, "creating a shared-memory arena (memfd_create)");
   if (ftruncate(arena_fd_.get(), static_cast<off_t>(arena_size_)) != 0)
     throw Error(errno, "sizing the shared-memory arena to " + format_bytes(arena_size_), {},
                 "lower RXIO_SHM_ARENA");
-  void* p = mmap(nullptr, arena_size_, PROT_READ | PROT_WRITE, MAP_SHARED, arena_fd_.get(), 0);
-  if (p == MAP_FAILED) throw Error(errno, "mapping the shared-memory arena", {}, "lower RXIO_SHM_ARENA");
-  arena_ = static_cast<std::byte*>(p);
-  doorbell_ = new (arena_) Doorbell{};
+  arena_ = Mapping(arena_fd_.get(), arena_size_);
+  doorbell_ = new (arena_.data()) Doorbell{};
   event_fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!event_fd_) throw Error(errno, "creating an eventfd for the shm backend");
   std::random_device random;
   probe_ = (uint64_t(random()) << 32) | random();
 }
 
-ShmPort::~ShmPort() {
-  if (arena_) munmap(arena_, arena_size_);
-  if (peer_arena_) munmap(peer_arena_, peer_size_);
-}
-
 void ShmPort::attach(pid_t peer, UniqueFd arena, std::size_t size, uint64_t base, UniqueFd event, UniqueFd socket) {
-  if (size < kArenaReserved) throw Error(EPROTO, "attaching a peer's arena of " + format_bytes(size));
-  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, arena.get(), 0);
-  if (p == MAP_FAILED) throw Error(errno, "mapping the peer's shared-memory arena (" + format_bytes(size) + ")");
+  // A file shorter than it claims would fault (SIGBUS) on the first copy past its end.
+  struct stat st{};
+  if (size < kArenaReserved || fstat(arena.get(), &st) != 0 || !S_ISREG(st.st_mode) || uint64_t(st.st_size) < size)
+    throw Error(EPROTO, "attaching the shm peer's arena: it is not the " + format_bytes(size) + " of memory it claims");
+  // Never block on the peer's eventfd, whatever it really is.
+  if (fcntl(event.get(), F_SETFL, O_NONBLOCK) != 0) throw Error(errno, "setting up the shm peer's eventfd");
+  peer_pidfd_.reset(static_cast<int>(syscall(SYS_pidfd_open, peer, 0)));
+  if (!peer_pidfd_ && errno != ENOSYS) throw Error(errno, "opening a pidfd for shm peer process " + std::to_string(peer));
+  peer_arena_ = Mapping(arena.get(), size);
   peer_ = peer;
-  peer_arena_ = static_cast<std::byte*>(p);
-  peer_size_ = size;
   peer_base_ = base;
-  peer_doorbell_ = reinterpret_cast<Doorbell*>(peer_arena_);
+  peer_doorbell_ = reinterpret_cast<Doorbell*>(peer_arena_.data());
   peer_event_ = std::move(event);
   socket_ = std::move(socket);
 }
@@ -79,7 +99,7 @@ std::unique_ptr<Region> ShmPort::allocate(std::size_t size, bool) {
     throw Error(ENOMEM, "allocating " + format_bytes(size) + " in the shared-memory arena of " +
                             format_bytes(arena_size_), {}, "raise RXIO_SHM_ARENA, or open fewer connections per peer");
   used_ = start + size;
-  return std::make_unique<ArenaRegion>(arena_ + start, size);
+  return std::make_unique<ArenaRegion>(arena_.data() + start, size);
 }
 
 // ---- the data path: no allocation, no locks; system calls only for cross-memory
@@ -89,12 +109,16 @@ bool ShmPort::copy(std::byte* local, std::size_t length, uint64_t remote, bool t
   if (length == 0) return true;
   // The peer's arena is mapped here: copy directly. Anything else is the peer's
   // private memory, reached by cross-memory attach.
-  if (remote >= peer_base_ && remote - peer_base_ <= peer_size_ && length <= peer_size_ - (remote - peer_base_)) {
-    std::byte* there = peer_arena_ + (remote - peer_base_);
+  const std::size_t peer_size = peer_arena_.size();
+  if (remote >= peer_base_ && remote - peer_base_ <= peer_size && length <= peer_size - (remote - peer_base_)) {
+    std::byte* there = peer_arena_.data() + (remote - peer_base_);
     if (to_peer) std::memcpy(there, local, length);
     else std::memcpy(local, there, length);
     return true;
   }
+  // The pid must still be the peer's: once it has exited, a reused pid could name
+  // another process. (A pidfd signals 0 fine only while its process lives.)
+  if (peer_pidfd_ && syscall(SYS_pidfd_send_signal, peer_pidfd_.get(), 0, nullptr, 0) != 0) return false;
   iovec mine{local, length};
   iovec theirs{reinterpret_cast<void*>(remote), length};
   ssize_t n = to_peer ? process_vm_writev(peer_, &mine, 1, &theirs, 1, 0)
@@ -130,6 +154,7 @@ bool ShmPort::execute(const ibv_send_wr& wr) noexcept {
   }
   if (!ok) {
     complete(wr, IBV_WC_REM_ACCESS_ERR);
+    break_down();
     return true;
   }
   if (imm) {
@@ -157,8 +182,16 @@ bool ShmPort::retry_queued() noexcept {
   return true;
 }
 
+void ShmPort::break_down() noexcept {
+  broken_ = true;
+  for (; queued_count_ > 0; --queued_count_) {
+    complete(queued_[queued_head_].wr, IBV_WC_WR_FLUSH_ERR);
+    queued_head_ = (queued_head_ + 1) % kQueued;
+  }
+}
+
 int ShmPort::post_send(const ibv_send_wr& wr) noexcept {
-  if (shut_ || !peer_arena_) return ENOTCONN;
+  if (shut_ || broken_ || !peer_arena_.data()) return EIO;
   if (wr.num_sge > 1) return EINVAL;
   // In order behind anything that already waits for the peer's doorbell.
   if ((queued_count_ == 0 || retry_queued()) && execute(wr)) return 0;
@@ -194,7 +227,7 @@ int ShmPort::poll(std::span<ibv_wc> out) noexcept {
     ssize_t ignored = ::read(event_fd_.get(), &count, sizeof count);
     (void)ignored;  // EAGAIN: nobody wrote it
   }
-  if (queued_count_ > 0) retry_queued();
+  if (queued_count_ > 0 && !broken_) retry_queued();
   std::size_t n = 0;
   while (n < out.size() && done_count_ > 0) {
     out[n++] = done_[done_head_];
@@ -249,6 +282,7 @@ std::string ShmPort::check_liveness() noexcept {
 
 void ShmPort::shut() noexcept {
   if (shut_) return;
+  break_down();
   shut_ = true;
   if (socket_) ::shutdown(socket_.get(), SHUT_RDWR);
 }

@@ -13,6 +13,7 @@
 
 #include <array>
 #include <atomic>
+#include <utility>
 
 #include "base/fd.h"
 #include "transport/port.h"
@@ -28,16 +29,31 @@ struct Doorbell {
   std::array<uint32_t, kSlots> imm;            // network order, as in ibv_wc
 };
 
+// A shared mapping, unmapped when it goes.
+class Mapping {
+ public:
+  Mapping() = default;
+  Mapping(int fd, std::size_t size);  // throws rxio::Error
+  Mapping(Mapping&& other) noexcept : data_(std::exchange(other.data_, nullptr)), size_(other.size_) {}
+  Mapping& operator=(Mapping&& other) noexcept;
+  ~Mapping();
+  std::byte* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+
+ private:
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
 class ShmPort final : public Port {
  public:
   static constexpr std::size_t kArenaReserved = 64 * 1024;  // the doorbell's page(s)
   // Creates this side's arena (sparse: pages cost memory only once touched) and eventfd.
   explicit ShmPort(std::size_t arena_size);
-  ~ShmPort() override;
 
   int arena_fd() const noexcept { return arena_fd_.get(); }
   int event_fd() const noexcept { return event_fd_.get(); }
-  uint64_t arena_base() const noexcept { return reinterpret_cast<uint64_t>(arena_); }
+  uint64_t arena_base() const noexcept { return reinterpret_cast<uint64_t>(arena_.data()); }
   std::size_t arena_size() const noexcept { return arena_size_; }
   // A word of private memory with a random value: the peer reads it to prove that
   // cross-memory attach works between the two processes.
@@ -45,7 +61,7 @@ class ShmPort final : public Port {
   uint64_t probe_value() const noexcept { return probe_; }
 
   // Maps the peer's arena and takes its eventfd; `socket` then tells whether it lives.
-  // Throws rxio::Error when the arena cannot be mapped.
+  // Throws rxio::Error when the arena cannot be mapped or is not what the peer says.
   void attach(pid_t peer, UniqueFd arena, std::size_t size, uint64_t base, UniqueFd event, UniqueFd socket);
   // Reads the peer's probe word; an empty string if it matches, else why not.
   std::string probe_peer(uint64_t address, uint64_t value) const;
@@ -76,23 +92,26 @@ class ShmPort final : public Port {
   bool copy(std::byte* local, std::size_t length, uint64_t remote, bool to_peer) const noexcept;
   void complete(const ibv_send_wr& wr, ibv_wc_status status) noexcept;
   bool retry_queued() noexcept;
+  // As a QP going to error: what waits is flushed, nothing more is carried out.
+  void break_down() noexcept;
 
   std::size_t arena_size_;
   UniqueFd arena_fd_;
+  Mapping arena_;
   UniqueFd event_fd_;
-  std::byte* arena_ = nullptr;
   Doorbell* doorbell_ = nullptr;  // ours: the peer pushes, we pop
   std::size_t used_ = kArenaReserved;
   uint64_t probe_ = 0;
 
   pid_t peer_ = 0;
-  std::byte* peer_arena_ = nullptr;
-  std::size_t peer_size_ = 0;
+  UniqueFd peer_pidfd_;  // tells whether `peer_` is still the peer, not a reused pid
+  Mapping peer_arena_;
   uint64_t peer_base_ = 0;
   Doorbell* peer_doorbell_ = nullptr;
   UniqueFd peer_event_;
   UniqueFd socket_;
   bool shut_ = false;
+  bool broken_ = false;  // a request failed: later ones are flushed, as after a QP error
   bool armed_ = false;
 
   std::array<Queued, kQueued> queued_{};

@@ -245,6 +245,8 @@ std::array<std::byte, kOfferSize> encode(const Offer& m) {
   std::memcpy(out.data() + 8, m.host.data(), 16);
   put32(out.data() + 24, m.uid);
   put32(out.data() + 28, m.pid);
+  put64(out.data() + 32, m.net_ns);
+  put64(out.data() + 40, m.pid_ns);
   return out;
 }
 
@@ -259,6 +261,8 @@ std::optional<Offer> decode_offer(std::span<const std::byte> in, Fault& fault) {
   std::memcpy(m.host.data(), in.data() + 8, 16);
   m.uid = get32(in.data() + 24);
   m.pid = get32(in.data() + 28);
+  m.net_ns = get64(in.data() + 32);
+  m.pid_ns = get64(in.data() + 40);
   return m;
 }
 

@@ -152,8 +152,10 @@ struct Offer {
   std::array<uint8_t, 16> host{};     // the kernel's boot id: equal on the same host
   uint32_t uid = 0;
   uint32_t pid = 0;
+  uint64_t net_ns = 0;  // namespaces (inode numbers): shm needs the same network
+  uint64_t pid_ns = 0;  // namespace (abstract unix sockets) and pid namespace (pids)
 };
-inline constexpr std::size_t kOfferSize = 32;
+inline constexpr std::size_t kOfferSize = 48;
 inline constexpr uint8_t kNoBackend = 0xff;
 
 // The acceptor's answer. For shm: where its unix socket is (an abstract name made of

@@ -2,6 +2,7 @@
 // every byte checked, the backend choice, and a local impostor refused.
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cstdint>
@@ -25,6 +26,18 @@ transport::Options shm_options() {
   transport::Options o;
   o.backend = transport::BackendChoice::shm;
   return o;
+}
+
+// What a connector does first: connect to the acceptor's abstract name.
+UniqueFd connect_unix(uint32_t pid, uint64_t nonce) {
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::string name = "rxio.shm." + std::to_string(pid) + "." + std::to_string(nonce);
+  std::memcpy(a.sun_path + 1, name.data(), name.size());
+  UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  auto length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+  if (::connect(s.get(), reinterpret_cast<sockaddr*>(&a), length) != 0) return UniqueFd();
+  return s;
 }
 
 // Cheap to make and to check at memory speed: word i of message m.
@@ -138,12 +151,12 @@ TEST(Shm, ImpostorWithoutTheTokenIsRefused) {
         using namespace transport;
         auto channel = oob::Channel::connect("127.0.0.1", port, 10s);
         wire::Offer offer{1u << static_cast<int>(Backend::shm), shm::host_id(), static_cast<uint32_t>(geteuid()),
-                          static_cast<uint32_t>(getpid())};
+                          static_cast<uint32_t>(getpid()), shm::namespace_id("net"), shm::namespace_id("pid")};
         channel.send(wire::encode(offer));
         wire::Fault fault{};
         auto choice = wire::decode_choice(channel.receive(10s), fault);
         CLIENT_CHECK(choice && choice->backend == static_cast<uint8_t>(Backend::shm));
-        UniqueFd socket = shm::connect(choice->pid, choice->nonce);
+        UniqueFd socket = connect_unix(choice->pid, choice->nonce);
         wire::ShmHello hello;
         hello.token = choice->token;
         hello.token[0] ^= 1;  // not the token

@@ -141,6 +141,52 @@ TEST(Rendezvous, EntriesRoundTripAndAreChecked) {
   EXPECT_EQ(fault, Fault::bad_kind);
 }
 
+TEST(Bootstrap, OfferChoiceAndShmHelloRoundTripAndAreChecked) {
+  Fault fault{};
+  wire::Offer offer{3, {}, 1000, 4242, 77, 88};
+  offer.host[3] = 9;
+  auto o = wire::decode_offer(wire::encode(offer), fault);
+  ASSERT_TRUE(o);
+  EXPECT_EQ(o->backends, 3);
+  EXPECT_EQ(o->host, offer.host);
+  EXPECT_EQ(o->pid, 4242u);
+  EXPECT_EQ(o->net_ns, 77u);
+  EXPECT_EQ(o->pid_ns, 88u);
+  offer.backends = 0x80;
+  EXPECT_FALSE(wire::decode_offer(wire::encode(offer), fault)) << "an unknown backend";
+  EXPECT_EQ(fault, Fault::bad_kind);
+  auto bytes = wire::encode(wire::Offer{1});
+  bytes[0] = std::byte{0};
+  EXPECT_FALSE(wire::decode_offer(bytes, fault));
+  EXPECT_EQ(fault, Fault::bad_magic);
+
+  wire::Choice choice{1, 4242, 0xABCDEF, {}};
+  choice.token[15] = 1;
+  auto c = wire::decode_choice(wire::encode(choice), fault);
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->nonce, 0xABCDEFu);
+  EXPECT_EQ(c->token, choice.token);
+  EXPECT_TRUE(wire::decode_choice(wire::encode(wire::Choice{wire::kNoBackend}), fault)) << "no backend is an answer";
+  EXPECT_FALSE(wire::decode_choice(wire::encode(wire::Choice{7}), fault));
+
+  wire::ShmHello hello;
+  hello.arena_size = 1 << 30;
+  hello.arena_base = 0x7f0000000000;
+  hello.control = {0x7f0000010000, 0, 16, 8192};
+  auto h = wire::decode_shm_hello(wire::encode(hello), fault);
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->arena_size, uint64_t(1) << 30);
+  EXPECT_EQ(h->control.slots, 16u);
+  hello.arena_size = 4096;
+  EXPECT_FALSE(wire::decode_shm_hello(wire::encode(hello), fault)) << "smaller than a doorbell";
+  hello.arena_size = 1 << 20;
+  hello.arena_base = ~uint64_t{0} - 10;
+  EXPECT_FALSE(wire::decode_shm_hello(wire::encode(hello), fault)) << "wraps around";
+  auto encoded = wire::encode(hello);
+  EXPECT_FALSE(wire::decode_shm_hello(std::span(encoded).first(40), fault));
+  EXPECT_EQ(fault, Fault::truncated);
+}
+
 TEST(SendRing, CreditsLimitTheSender) {
   SendRing ring(4);
   EXPECT_EQ(ring.credits(), 4u);
