@@ -13,8 +13,8 @@ namespace {
 // Kept sorted by name.
 const std::vector<Knob> kKnobs = {
     {"RXIO_BACKEND", "choice", "auto",
-     "How to reach a peer: auto (shm on the same host, else verbs), verbs or shm. Both "
-     "ends must allow the backend; set it for tests, or to keep one off."},
+     "How to reach a peer: auto (shm on the same host, else verbs where both ends have "
+     "an RDMA device, else tcp), verbs, shm or tcp. Both ends must allow the backend."},
     {"RXIO_CONNECT_TIMEOUT_MS", "milliseconds", "10000",
      "How long connecting (bootstrap and the link's set-up) may take before it fails."},
     {"RXIO_EAGER_LIMIT", "bytes", "0",

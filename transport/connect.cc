@@ -1,5 +1,6 @@
 // The control path: engine set-up, links (bootstrap over TCP or rdma_cm), opening and
 // accepting connections, failure. The data path is in datapath.cc.
+#include <fcntl.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -48,8 +49,11 @@ Options resolve(Options o) {
   o.qp_retry_count = pick<uint8_t>(o.qp_retry_count, 0xff, "RXIO_QP_RETRY_COUNT", config::get_count, 0, 7);
   o.shm_arena = pick<uint64_t>(o.shm_arena, 0, "RXIO_SHM_ARENA", config::get_bytes, 1u << 20, uint64_t(1) << 40);
   if (o.backend == BackendChoice::from_environment) {
-    std::string b = config::get_choice("RXIO_BACKEND", {"auto", "verbs", "shm"});
-    o.backend = b == "verbs" ? BackendChoice::verbs : b == "shm" ? BackendChoice::shm : BackendChoice::automatic;
+    std::string b = config::get_choice("RXIO_BACKEND", {"auto", "verbs", "shm", "tcp"});
+    o.backend = b == "verbs" ? BackendChoice::verbs
+                : b == "shm" ? BackendChoice::shm
+                : b == "tcp" ? BackendChoice::tcp
+                             : BackendChoice::automatic;
   }
   uint32_t payload = o.slot_size - wire::kSlotHeaderSize;
   if (o.eager_limit == 0 || o.eager_limit > payload) o.eager_limit = payload;
@@ -64,6 +68,7 @@ const char* to_string(Backend backend) {
   switch (backend) {
     case Backend::verbs: return "verbs";
     case Backend::shm: return "shm";
+    case Backend::tcp: return "tcp";
   }
   return "?";
 }
@@ -192,8 +197,13 @@ Engine::Impl::Impl(Options o) : options(resolve(std::move(o))),
                   "rdma_cm sets up verbs links only: use the tcp bootstrap for shm");
     choice = BackendChoice::verbs;
   }
-  if (choice != BackendChoice::shm) open_verbs(choice == BackendChoice::verbs);
-  if (choice != BackendChoice::verbs) backends |= bit(Backend::shm);
+  const bool any = choice == BackendChoice::automatic;
+  if (any || choice == BackendChoice::verbs) open_verbs(choice == BackendChoice::verbs);
+  if (any || choice == BackendChoice::shm) backends |= bit(Backend::shm);
+  if (any || choice == BackendChoice::tcp) {
+    backends |= bit(Backend::tcp);
+    tcp_keys.emplace();
+  }
 }
 
 void Engine::Impl::open_verbs(bool required) {
@@ -282,6 +292,8 @@ EngineStats Engine::stats() const {
   for (const auto& link : impl_->links) {
     s.connections += link->connections.size() - 1;
     if (link->port->backend() == Backend::shm) ++s.shm_links;
+    if (link->port->backend() == Backend::tcp) ++s.tcp_links;
+    if (link->error) ++s.failed_links;
   }
   s.registrations = impl_->cache ? impl_->cache->misses() : 0;
   std::copy(std::begin(impl_->faults), std::end(impl_->faults), s.faults);
@@ -292,13 +304,16 @@ RemoteRegion Engine::expose(void* address, std::size_t length) {
   // shm peers reach any of this process's memory by cross-memory attach; verbs peers
   // need the registration's key.
   uint32_t rkey = 0;
-  if (impl_->cache)
-    rkey = impl_->cache->get(address, length, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ).rkey();
+  constexpr int kAccess = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+  if (impl_->cache) rkey = impl_->cache->get(address, length, kAccess).rkey();
+  // tcp peers are checked against a key of ours: the same one, so one region serves all.
+  if (impl_->tcp_keys) rkey = impl_->tcp_keys->add(address, length, kAccess, rkey).rkey;
   return {reinterpret_cast<uint64_t>(address), length, rkey};
 }
 
 void Engine::forget(const void* address, std::size_t length) {
   if (impl_->cache) impl_->cache->invalidate(address, length);
+  if (impl_->tcp_keys) impl_->tcp_keys->forget(address, length);
 }
 
 void Engine::listen(const std::string& address, uint16_t port) {
@@ -342,6 +357,29 @@ std::unique_ptr<Link> Engine::Impl::new_shm_link(const std::string& peer) {
   return link;
 }
 
+std::unique_ptr<Link> Engine::Impl::new_tcp_link(oob::Channel ch, bool accepting) {
+  const std::string peer = ch.peer();
+  UniqueFd socket(::fcntl(ch.native_fd(), F_DUPFD_CLOEXEC, 0));
+  if (!socket) throw Error(errno, "taking over the connection to " + peer);
+  auto link = std::make_unique<Link>(*this, peer, std::make_unique<TcpPort>(*tcp_keys, std::move(socket)));
+  link->max_message = UINT32_MAX;  // rendezvous entries carry 32-bit lengths
+  prepare_link(*link);
+  wire::Fault fault{};
+  std::optional<wire::TcpHello> hello;
+  auto mine = wire::encode(wire::TcpHello{link->control().ring_->info()});
+  if (!accepting) ch.send(mine);
+  hello = wire::decode_tcp_hello(ch.receive(options.connect_timeout), fault);
+  if (!hello) {
+    ++faults[static_cast<int>(fault)];
+    throw Error(EPROTO, "reading the tcp hello of " + peer + ": " + std::string(wire::to_string(fault)));
+  }
+  if (accepting) ch.send(mine);
+  link->control().ring_->peer = hello->control;
+  link->control().ring_->send = SendRing(hello->control.slots);
+  link->control().established_ = true;
+  return link;
+}
+
 uint8_t Engine::Impl::choose(const wire::Offer& offer) const {
   const uint8_t common = offer.backends & backends;
   // shm: one host, one user, and the namespaces in which unix sockets and pids mean
@@ -350,6 +388,7 @@ uint8_t Engine::Impl::choose(const wire::Offer& offer) const {
       offer.pid_ns == pid_ns && net_ns != 0)
     return static_cast<uint8_t>(Backend::shm);
   if (common & bit(Backend::verbs)) return static_cast<uint8_t>(Backend::verbs);
+  if (common & bit(Backend::tcp)) return static_cast<uint8_t>(Backend::tcp);
   return wire::kNoBackend;
 }
 
@@ -381,6 +420,8 @@ Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
     if (choice.backend == static_cast<uint8_t>(Backend::shm)) {
       link = new_shm_link(ch.peer());
       set_up_shm_link(*link, &*unix_listener, choice, offer->pid);
+    } else if (choice.backend == static_cast<uint8_t>(Backend::tcp)) {
+      link = new_tcp_link(std::move(ch), true);
     } else {
       link = new_verbs_link(ch.peer());
       accept_verbs_link(*link, std::move(ch));
@@ -547,6 +588,10 @@ Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
       ++faults[static_cast<int>(wire::Fault::bad_kind)];
       throw Error(EPROTO, key + " chose a backend that was not offered");
     }
+    if (choice->backend == static_cast<uint8_t>(Backend::tcp)) {
+      link = new_tcp_link(std::move(ch), false);
+      break;
+    }
     if (choice->backend == static_cast<uint8_t>(Backend::verbs)) {
       link = new_verbs_link(key);
       try {
@@ -563,8 +608,8 @@ Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
     } catch (const std::exception& e) {
       retire(std::move(link));
       offered &= static_cast<uint8_t>(~bit(Backend::shm));
-      if (!(offered & bit(Backend::verbs))) throw;
-      log::warn("an shm link to " + key + " failed (" + e.what() + "); trying verbs");
+      if (!(offered & (bit(Backend::verbs) | bit(Backend::tcp)))) throw;
+      log::warn("an shm link to " + key + " failed (" + e.what() + "); offering the other backends");
     }
   }
   Link& result = *link;

@@ -531,6 +531,9 @@ void Engine::Impl::block(std::chrono::milliseconds timeout) noexcept {
   if (progress() > 0) return;
   for (auto& link : links)
     if (!link->error && !link->port->arm()) return;
+  if (poll_fds_stale) rebuild_poll_fds();
+  for (std::size_t i = 0; i < poll_fds.size(); ++i)
+    if (watches[i].kind == Watch::wake) poll_fds[i].events = watches[i].link->port->wake_events();
   check_links(static_cast<int>(timeout.count()));
 }
 

@@ -87,9 +87,10 @@ struct RemoteRegion {
 
 enum class Bootstrap { tcp, rdma_cm };
 
-// Which backends may carry links. automatic: shm to a peer on the same host, verbs to
-// others; both ends must allow the one chosen. The rdma_cm bootstrap is verbs only.
-enum class BackendChoice : uint8_t { from_environment, automatic, verbs, shm };
+// Which backends may carry links. automatic: shm to a peer on the same host, else verbs
+// where both ends have an RDMA device, else tcp; both ends must allow the one chosen.
+// The rdma_cm bootstrap is verbs only.
+enum class BackendChoice : uint8_t { from_environment, automatic, verbs, shm, tcp };
 
 struct Options {
   Bootstrap bootstrap = Bootstrap::tcp;
@@ -110,6 +111,8 @@ struct Options {
 struct EngineStats {
   std::size_t links = 0;
   std::size_t shm_links = 0;
+  std::size_t tcp_links = 0;
+  std::size_t failed_links = 0;  // links that failed (their connections report why)
   std::size_t connections = 0;
   uint64_t registrations = 0;  // registration cache misses
   uint64_t faults[static_cast<int>(wire::Fault::count_)] = {};

@@ -15,6 +15,7 @@
 #include "transport/reg_cache.h"
 #include "transport/ring.h"
 #include "transport/shm_connect.h"
+#include "transport/tcp_port.h"
 #include "transport/verbs_port.h"
 #include "verbs/cm.h"
 #include "verbs/completion.h"
@@ -198,6 +199,7 @@ struct Engine::Impl {
   std::optional<verbs::CompletionChannel> channel;
   std::optional<verbs::CompletionQueue> cq;
   std::optional<RegistrationCache> cache;
+  std::optional<TcpKeys> tcp_keys;  // memory tcp peers may reach
   uint8_t backends = 0;  // 1 << Backend for each one this engine allows
   std::array<uint8_t, 16> host_id;  // the kernel's boot id
   uint64_t net_ns = 0, pid_ns = 0;
@@ -230,6 +232,8 @@ struct Engine::Impl {
   Link& link_to(const std::string& host, uint16_t peer_port);
   std::unique_ptr<Link> new_verbs_link(const std::string& peer);
   std::unique_ptr<Link> new_shm_link(const std::string& peer);
+  // The bootstrap connection becomes the link; the hellos cross on it first.
+  std::unique_ptr<Link> new_tcp_link(oob::Channel channel, bool accepting);
   void open_verbs(bool required);
   void connect_verbs_link(Link& link, oob::Channel channel);
   void accept_verbs_link(Link& link, oob::Channel channel);

@@ -2,11 +2,13 @@
 // (rings, credits, rendezvous; datapath.cc) is written once against RDMA semantics:
 // writes into memory the peer registered, writes that carry a 32-bit immediate to the
 // peer, reads. The verbs backend maps a port onto an RC QP; the shm backend performs
-// the same operations with shared memory and cross-memory attach, so every backend
-// speaks the same protocol and passes the same tests.
+// the same operations with shared memory and cross-memory attach, the tcp backend as
+// frames on a socket, so every backend speaks the same protocol and passes the same
+// tests.
 #pragma once
 
 #include <infiniband/verbs.h>
+#include <poll.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -16,7 +18,7 @@
 
 namespace rxio::transport {
 
-enum class Backend : uint8_t { verbs, shm };
+enum class Backend : uint8_t { verbs, shm, tcp };
 const char* to_string(Backend backend);
 
 struct Keys {
@@ -60,6 +62,8 @@ class Port {
   virtual int poll(std::span<ibv_wc> out) noexcept = 0;
   // Readable when poll() may have something to say after a sleep (-1: none).
   virtual int wake_fd() const noexcept = 0;
+  // The poll(2) events to wait for on wake_fd(): POLLOUT too while sends wait for room.
+  virtual short wake_events() const noexcept { return POLLIN; }
   // Arms wake_fd() before a sleep; false if something arrived meanwhile (do not sleep).
   virtual bool arm() noexcept = 0;
 

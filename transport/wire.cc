@@ -99,7 +99,7 @@ bool check_preamble(std::span<const std::byte> in, std::size_t size, Fault& faul
   return true;
 }
 
-constexpr uint8_t kKnownBackends = 0x3;  // verbs, shm
+constexpr uint8_t kKnownBackends = 0x7;  // verbs, shm, tcp
 
 }  // namespace
 
@@ -318,6 +318,20 @@ std::optional<ShmHello> decode_shm_hello(std::span<const std::byte> in, Fault& f
     return std::nullopt;
   }
   if (!get_ring(in.data() + 64, m.control, fault)) return std::nullopt;
+  return m;
+}
+
+std::array<std::byte, kTcpHelloSize> encode(const TcpHello& m) {
+  std::array<std::byte, kTcpHelloSize> out{};
+  put_preamble(out.data());
+  put_ring(out.data() + 8, m.control);
+  return out;
+}
+
+std::optional<TcpHello> decode_tcp_hello(std::span<const std::byte> in, Fault& fault) {
+  if (!check_preamble(in, kTcpHelloSize, fault)) return std::nullopt;
+  TcpHello m;
+  if (!get_ring(in.data() + 8, m.control, fault)) return std::nullopt;
   return m;
 }
 

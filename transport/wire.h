@@ -180,7 +180,14 @@ struct ShmHello {
 };
 inline constexpr std::size_t kShmHelloSize = 96;
 
+// Both ways on the bootstrap connection when it becomes the tcp backend's link.
+struct TcpHello {
+  RingInfo control;
+};
+inline constexpr std::size_t kTcpHelloSize = 32;
+
 std::array<std::byte, kOfferSize> encode(const Offer& m);
+std::array<std::byte, kTcpHelloSize> encode(const TcpHello& m);
 std::array<std::byte, kChoiceSize> encode(const Choice& m);
 std::array<std::byte, kShmHelloSize> encode(const ShmHello& m);
 void encode(const RndvEntry& m, std::byte* out);
@@ -193,6 +200,7 @@ std::array<std::byte, kHelloSize> encode(const Hello& m);
 std::optional<Offer> decode_offer(std::span<const std::byte> in, Fault& fault);
 std::optional<Choice> decode_choice(std::span<const std::byte> in, Fault& fault);
 std::optional<ShmHello> decode_shm_hello(std::span<const std::byte> in, Fault& fault);
+std::optional<TcpHello> decode_tcp_hello(std::span<const std::byte> in, Fault& fault);
 // Refuses unknown kinds, ids past kMaxRendezvous and empty requests.
 std::optional<RndvEntry> decode_rndv_entry(std::span<const std::byte, kRndvEntrySize> in, Fault& fault);
 std::optional<ConnectRequest> decode_connect_request(std::span<const std::byte> in, Fault& fault);

@@ -27,7 +27,11 @@ class Conformance : public ::testing::TestWithParam<transport::BackendChoice> {
   bool one_link(const Engine& engine) const {
     auto stats = engine.stats();
     if (stats.links != 1) return false;
-    return GetParam() == transport::BackendChoice::shm ? stats.shm_links == 1 : engine.qp_count() == 1;
+    switch (GetParam()) {
+      case transport::BackendChoice::shm: return stats.shm_links == 1;
+      case transport::BackendChoice::tcp: return stats.tcp_links == 1;
+      default: return engine.qp_count() == 1;
+    }
   }
 };
 

@@ -1,0 +1,124 @@
+// Internal: the tcp backend's port, for peers with neither shared memory nor an RDMA
+// route. The link protocol's RDMA operations travel as frames on the bootstrap's own
+// TCP connection: a 32-byte header (what, where, which key, how long) and the bytes.
+// The receiver checks every write and read against the keys it gave out (TcpKeys)
+// and reads payloads straight into their target: the rendezvous still lands in the
+// posted buffer with the kernel's one copy, as with any socket. Sends complete when
+// the kernel has their bytes. Non-blocking sockets, woken through poll(2).
+#pragma once
+
+#include <poll.h>
+
+#include <array>
+#include <map>
+#include <unordered_map>
+#include <vector>
+
+#include "base/fd.h"
+#include "transport/port.h"
+
+namespace rxio::transport {
+
+// Keys for memory tcp peers may write or read, per engine, cached by exact range.
+class TcpKeys {
+ public:
+  // A key covering the range with at least `access`; `key` nonzero asks for that one
+  // (the verbs key of an exposed region, so that one RemoteRegion serves both).
+  Keys add(const void* address, std::size_t length, int access, uint32_t key = 0);
+  void remove(uint32_t key) noexcept;
+  std::size_t forget(const void* address, std::size_t length);
+  // Whether `key` covers [address, address + length) with `access`.
+  bool allows(uint32_t key, uint64_t address, uint64_t length, int access) const noexcept;
+
+ private:
+  struct Entry {
+    uintptr_t start;
+    uintptr_t end;
+    int access;
+    uint32_t key;
+  };
+  std::multimap<uintptr_t, Entry> by_start_;
+  std::unordered_map<uint32_t, Entry> by_key_;
+  uint32_t next_key_ = 1;
+};
+
+namespace tcp_frame {
+enum Op : uint8_t { write = 1, write_imm = 2, read_request = 3, read_response = 4, read_refused = 5 };
+inline constexpr std::size_t kHeaderSize = 32;
+}  // namespace tcp_frame
+
+class TcpPort final : public Port {
+ public:
+  // Takes over the connected socket (made non-blocking, Nagle off).
+  TcpPort(TcpKeys& keys, UniqueFd socket);
+
+  Backend backend() const noexcept override { return Backend::tcp; }
+  std::unique_ptr<Region> allocate(std::size_t size, bool peer_writes) override;
+  Keys keys_for(const void* address, std::size_t length, int access) override;
+  int post_send(const ibv_send_wr& wr) noexcept override;
+  int post_recv(uint64_t wr_id) noexcept override;
+  uint32_t max_inline() const noexcept override { return kMaxInline; }
+  int poll(std::span<ibv_wc> out) noexcept override;
+  int wake_fd() const noexcept override { return closed_ ? -1 : socket_.get(); }
+  short wake_events() const noexcept override { return out_count_ ? POLLIN | POLLOUT : POLLIN; }
+  bool arm() noexcept override { return done_count_ == 0 && !frame_ready(); }
+  int liveness_fd() const noexcept override { return socket_.get(); }
+  std::string check_liveness() noexcept override { return closed_ ? why_ : std::string(); }
+  void shut() noexcept override;
+
+ private:
+  static constexpr uint32_t kMaxInline = 256;
+  static constexpr uint32_t kQueued = 512;  // a link's send queue plus read responses
+  static constexpr uint32_t kMaxReads = 256;
+  static constexpr std::size_t kInputBuffer = 64 * 1024;
+  struct Out {
+    std::array<std::byte, tcp_frame::kHeaderSize + kMaxInline> head;
+    uint32_t head_length;
+    const std::byte* payload;  // large payloads stay where they are until sent
+    uint32_t payload_length;
+    uint64_t sent;
+    uint64_t wr_id;
+    bool signaled;  // complete it when sent (responses are internal: never)
+  };
+  struct PendingRead {
+    std::byte* local = nullptr;
+    uint32_t length = 0;
+    uint64_t wr_id = 0;
+    bool in_use = false;
+  };
+  Out* queue(uint8_t op, uint32_t imm, uint32_t length, uint32_t key, uint64_t remote, uint64_t tag) noexcept;
+  void flush() noexcept;
+  // Reads what the socket has and turns whole frames into completions; false once the
+  // connection is gone.
+  int take_input(std::span<ibv_wc> out) noexcept;
+  bool start_frame() noexcept;
+  bool frame_ready() const noexcept;
+  void push_done(uint64_t wr_id, ibv_wc_status status, ibv_wc_opcode opcode) noexcept;
+  void close_with(std::string why) noexcept;
+
+  TcpKeys& keys_;
+  UniqueFd socket_;
+  bool closed_ = false;
+  std::string why_;
+
+  std::array<Out, kQueued> out_{};
+  uint32_t out_head_ = 0, out_count_ = 0;
+  std::array<PendingRead, kMaxReads> reads_{};
+  uint32_t next_read_ = 0;
+  static constexpr uint32_t kDone = kQueued + kMaxReads;  // every send and read flushed at once
+  std::array<ibv_wc, kDone> done_{};
+  uint32_t done_head_ = 0, done_count_ = 0;
+  uint64_t recv_wr_id_ = 0;
+  uint32_t recvs_posted_ = 0;
+
+  std::vector<std::byte> in_;  // bytes read ahead, so that small frames cost no system call each
+  std::size_t in_begin_ = 0, in_end_ = 0;
+  bool in_frame_ = false;  // a header was taken; its payload goes to `target_`
+  uint8_t op_ = 0;
+  uint32_t imm_ = 0;
+  uint64_t tag_ = 0;
+  std::byte* target_ = nullptr;
+  uint64_t remaining_ = 0;
+};
+
+}  // namespace rxio::transport
