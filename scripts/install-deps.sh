@@ -6,12 +6,14 @@ set -euo pipefail
 packages=(
   # build
   g++ meson ninja-build pkg-config python3
-  libibverbs-dev librdmacm-dev libgtest-dev libgmock-dev libboost-dev
+  libibverbs-dev librdmacm-dev libgtest-dev libgmock-dev libboost-dev liburing-dev
   # fuzzing (libFuzzer)
   clang libclang-rt-14-dev
   # the Soft-RoCE guest of the rxe tier (tests/rxe/guest.sh)
   qemu-system-x86 linux-image-amd64 busybox-static cpio kmod iproute2
   rdma-core ibverbs-providers ibverbs-utils rdmacm-utils perftest
+  # the kernel TCP loopback that bench/compare-local.sh measures against
+  sockperf iperf3
 )
 
 missing=()

@@ -67,6 +67,9 @@ struct Session {
       throw Error(ENOTSUP, std::string(o.mode->name) + " with -D", {}, "use -n ITERATIONS for the msg_* tests");
     transport::Options t;
     t.device = o.device;
+    if (o.backend == "verbs") t.backend = transport::BackendChoice::verbs;
+    if (o.backend == "shm") t.backend = transport::BackendChoice::shm;
+    if (o.backend == "tcp") t.backend = transport::BackendChoice::tcp;
     if (o.rdma_cm) {
       t.bootstrap = transport::Bootstrap::rdma_cm;
       verbs::DeviceList devices;
@@ -77,9 +80,11 @@ struct Session {
   }
 
   std::vector<Field> fields(const Options& o) {
-    return {{"Device", "Device", engine.device_name(), "", false},
-            {"Transport", "Transport_type", "rxio Connection (verbs backend)", "", false},
-            {"Connection type", "Connection_type", "RC (one QP per peer)", "", false},
+    auto stats = engine.stats();
+    std::string backend = stats.shm_links ? "shm" : stats.tcp_links ? "tcp" : "verbs";
+    return {{"Device", "Device", backend == "verbs" ? engine.device_name() : "-", "", false},
+            {"Transport", "Transport_type", "rxio Connection (" + backend + " backend)", "", false},
+            {"Connection type", "Connection_type", "one link per peer", "", false},
             {"TX depth", "TX_depth", std::to_string(o.tx_depth), "", true},
             {"Data ex. method", "Data_ex_method", o.rdma_cm ? "rdma_cm" : "TCP", "", false}};
   }

@@ -15,7 +15,7 @@ namespace {
 constexpr uint64_t kMaxSize = 1ull << 30;
 constexpr unsigned kAllSizesLog2Max = 23;  // --all: 2 B to 8 MiB, as perftest
 
-enum LongOnly { kReportGbits = 1000, kOutJson, kOutJsonFile };
+enum LongOnly { kReportGbits = 1000, kOutJson, kOutJsonFile, kBackend };
 
 uint64_t parse_number(const char* text, uint64_t min, uint64_t max, std::string_view flag) {
   errno = 0;
@@ -59,6 +59,8 @@ std::string usage() {
          "      --report_gbits      bandwidth in Gb/sec (10^9 bits) instead of MB/sec (2^20 bytes)\n"
          "      --out_json          also write the report as JSON (perftest's keys)\n"
          "      --out_json_file F   ... to F (default perftest_out.json; implies --out_json)\n"
+         "      --backend NAME      msg_*: the transport backend, verbs, shm or tcp (default:\n"
+         "                          RXIO_BACKEND, else shm on one host, verbs, then tcp)\n"
          "  -h, --help              this text\n"
          "\n"
          "The server waits up to 2 minutes for a client. Every wait on the peer or the device\n"
@@ -89,6 +91,7 @@ Options parse_options(int argc, char** argv) {
       {"report_gbits", no_argument, nullptr, kReportGbits},
       {"out_json", no_argument, nullptr, kOutJson},
       {"out_json_file", required_argument, nullptr, kOutJsonFile},
+      {"backend", required_argument, nullptr, kBackend},
       {"help", no_argument, nullptr, 'h'},
       {nullptr, 0, nullptr, 0}};
 
@@ -127,6 +130,11 @@ Options parse_options(int argc, char** argv) {
         options.json_file = optarg;
         options.out_json = true;
         break;
+      case kBackend:
+        options.backend = optarg;
+        if (options.backend != "verbs" && options.backend != "shm" && options.backend != "tcp")
+          throw UsageError("--backend wants verbs, shm or tcp, not '" + options.backend + "'");
+        break;
       case 'h': throw UsageError("");
       case ':': throw UsageError(std::string(sub_argv[optind - 1]) + " needs a value");
       default:
@@ -143,6 +151,8 @@ Options parse_options(int argc, char** argv) {
   if (options.inline_size != 0 && !options.mode->can_inline)
     throw UsageError(std::string(options.mode->name) + " cannot send inline (-I): READ carries no data out");
   if (!bandwidth && have_cq_mod) throw UsageError("-Q/--cq-mod is for the *_bw subcommands");
+  if (!options.backend.empty() && !std::string_view(options.mode->name).starts_with("msg_"))
+    throw UsageError("--backend is for msg_bw and msg_lat; the other subcommands are verbs");
 
   if (options.all_sizes) {
     options.sizes.clear();

@@ -30,6 +30,7 @@ struct Options {
   bool out_json = false;
   std::string json_file = "perftest_out.json";
   std::string server;          // empty: this process is the server
+  std::string backend;         // msg_*: verbs, shm or tcp (empty: RXIO_BACKEND)
 
   bool is_server() const noexcept { return server.empty(); }
   std::size_t max_size() const noexcept { return sizes.back(); }
