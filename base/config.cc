@@ -20,6 +20,9 @@ const std::vector<Knob> kKnobs = {
     {"RXIO_EAGER_LIMIT", "bytes", "0",
      "Largest message sent through the ring; larger ones go by rendezvous (written "
      "straight into the receiver's buffer). 0: the slot payload (RXIO_SLOT_SIZE - 16)."},
+    {"RXIO_LOG", "choice", "warn",
+     "What rxio writes on stderr: warn (problems only) or info (also each link's backend "
+     "and why it was chosen)."},
     {"RXIO_POLL_US", "microseconds", "1000",
      "Busy-poll this long before blocking on the completion channel."},
     {"RXIO_QP_RETRY_COUNT", "count", "7",

@@ -1,4 +1,5 @@
-// Minimal diagnostics for paths that must not throw (destructors, teardown).
+// Minimal diagnostics: warnings always, information when RXIO_LOG=info asks for it.
+// Safe on paths that must not throw (destructors, teardown).
 #pragma once
 
 #include <string_view>
@@ -7,5 +8,7 @@ namespace rxio::log {
 
 // One line on stderr, prefixed "rxio: warning: ".
 void warn(std::string_view message) noexcept;
+// One line on stderr, prefixed "rxio: ", only with RXIO_LOG=info (read once).
+void info(std::string_view message) noexcept;
 
 }  // namespace rxio::log

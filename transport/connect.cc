@@ -392,6 +392,24 @@ uint8_t Engine::Impl::choose(const wire::Offer& offer) const {
   return wire::kNoBackend;
 }
 
+std::string Engine::Impl::explain(const wire::Offer& offer, uint8_t chosen) const {
+  const uint8_t common = offer.backends & backends;
+  std::string not_shm;
+  if (!(common & bit(Backend::shm))) not_shm = "shm not allowed at both ends";
+  else if (offer.host != host_id) not_shm = "another host";
+  else if (offer.uid != geteuid()) not_shm = "another user";
+  else not_shm = "other namespaces";
+  std::string not_verbs = (common & bit(Backend::verbs)) ? ""
+                          : !(backends & bit(Backend::verbs)) ? "no RDMA device here (or verbs not allowed)"
+                                                              : "none at the peer (or verbs not allowed there)";
+  switch (chosen) {
+    case static_cast<uint8_t>(Backend::shm): return "shm: same host, user and namespaces";
+    case static_cast<uint8_t>(Backend::verbs): return "verbs on " + device_name + ": " + not_shm;
+    case static_cast<uint8_t>(Backend::tcp): return "tcp: " + not_shm + "; verbs: " + not_verbs;
+    default: return "none: " + not_shm + "; verbs: " + not_verbs + "; tcp not allowed at both ends";
+  }
+}
+
 Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
   if (links.size() >= kMaxLinks)
     throw Error(EMFILE, "accepting a link from " + ch.peer(), device_name,
@@ -404,6 +422,7 @@ Link& Engine::Impl::accept_tcp_link(oob::Channel ch) {
   }
   wire::Choice choice;
   choice.backend = choose(*offer);
+  log::info("link from " + ch.peer() + ": " + explain(*offer, choice.backend));
   std::optional<shm::Listener> unix_listener;
   if (choice.backend == static_cast<uint8_t>(Backend::shm)) {
     unix_listener.emplace();
@@ -588,6 +607,8 @@ Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
       ++faults[static_cast<int>(wire::Fault::bad_kind)];
       throw Error(EPROTO, key + " chose a backend that was not offered");
     }
+    log::info("link to " + key + ": " + to_string(static_cast<Backend>(choice->backend)) +
+              ", the peer's choice (its log says why)");
     if (choice->backend == static_cast<uint8_t>(Backend::tcp)) {
       link = new_tcp_link(std::move(ch), false);
       break;

@@ -239,8 +239,9 @@ struct Engine::Impl {
   void accept_verbs_link(Link& link, oob::Channel channel);
   void set_up_cm_link(Link& link, const std::string& host, uint16_t peer_port);
   void set_up_shm_link(Link& link, shm::Listener* unix_listener, const wire::Choice& choice, uint32_t peer_pid);
-  // The backend for a peer's offer, or kNoBackend.
+  // The backend for a peer's offer, or kNoBackend, and why, for the log.
   uint8_t choose(const wire::Offer& offer) const;
+  std::string explain(const wire::Offer& offer, uint8_t chosen) const;
   void accept_next_link(std::chrono::milliseconds timeout);
   Link& accept_tcp_link(oob::Channel channel);
   Link& accept_cm_link(verbs::cm::Event& request);
