@@ -1,17 +1,20 @@
-// The transport engine: ordered, reliable connections between processes over RDMA.
+// The transport engine: ordered, reliable connections between processes, over RDMA
+// verbs, shared memory (same host) or TCP, behind one API (docs/transport.md).
 //
 // Threading model: an Engine and everything made from it belong to one thread at a
 // time (as a NCCL communicator does); nothing inside takes a lock. Progress happens
 // only inside calls on the engine (progress(), wait(), the blocking helpers): there is
 // no background thread, and never a thread per connection. Busy-polling lasts
-// RXIO_POLL_US, then a waiting call sleeps on the completion channel and on each
-// link's liveness fd, so an idle process costs nothing.
+// RXIO_POLL_US, then a waiting call sleeps on the completion channel, the shm
+// eventfds, the tcp sockets and each link's liveness fd, so an idle process costs
+// nothing.
 //
-// Links, not QPs per connection: every connection between the same two engines shares
-// one RC QP (the link). Each connection has a receive ring in registered memory on
-// each side; the sender RDMA-writes a slot with immediate data and spends a credit, the
-// receiver returns credits as the application consumes slots. Messages over the eager
-// limit go by rendezvous: the receiver RDMA-READs them straight into the posted buffer.
+// Links, not queue pairs per connection: every connection between the same two
+// engines shares one link. Each connection has a receive ring on each side; the
+// sender writes a slot with an immediate and spends a credit, the receiver returns
+// credits as the application consumes slots. Messages over the eager limit go by
+// rendezvous: the sender writes them straight into the receiver's posted buffer once
+// the receiver says where.
 #pragma once
 
 #include <chrono>
