@@ -48,6 +48,9 @@ Options resolve(Options o) {
   o.qp_timeout = pick<uint8_t>(o.qp_timeout, 0, "RXIO_QP_TIMEOUT", config::get_count, 1, 31);
   o.qp_retry_count = pick<uint8_t>(o.qp_retry_count, 0xff, "RXIO_QP_RETRY_COUNT", config::get_count, 0, 7);
   o.shm_arena = pick<uint64_t>(o.shm_arena, 0, "RXIO_SHM_ARENA", config::get_bytes, 1u << 20, uint64_t(1) << 40);
+  if (o.tcp_io.empty()) o.tcp_io = config::get_choice("RXIO_TCP_IO", {"uring", "plain"});
+  if (o.tcp_io != "uring" && o.tcp_io != "plain")
+    throw Error(EINVAL, "using tcp_io '" + o.tcp_io + "'", {}, "it must be uring or plain");
   if (o.backend == BackendChoice::from_environment) {
     std::string b = config::get_choice("RXIO_BACKEND", {"auto", "verbs", "shm", "tcp"});
     o.backend = b == "verbs" ? BackendChoice::verbs
@@ -361,8 +364,10 @@ std::unique_ptr<Link> Engine::Impl::new_tcp_link(oob::Channel ch, bool accepting
   const std::string peer = ch.peer();
   UniqueFd socket(::fcntl(ch.native_fd(), F_DUPFD_CLOEXEC, 0));
   if (!socket) throw Error(errno, "taking over the connection to " + peer);
-  auto link = std::make_unique<Link>(*this, peer, std::make_unique<TcpPort>(*tcp_keys, std::move(socket)));
+  auto link = std::make_unique<Link>(*this, peer, std::make_unique<TcpPort>(*tcp_keys, std::move(socket), options.tcp_io == "uring"));
   link->max_message = UINT32_MAX;  // rendezvous entries carry 32-bit lengths
+  log::info("tcp link with " + peer + ": " +
+            (static_cast<TcpPort&>(*link->port).uses_uring() ? "io_uring" : "plain system calls"));
   prepare_link(*link);
   wire::Fault fault{};
   std::optional<wire::TcpHello> hello;

@@ -109,6 +109,7 @@ struct Options {
   uint8_t qp_timeout = 0;
   uint8_t qp_retry_count = 0xff;
   uint64_t shm_arena = 0;  // RXIO_SHM_ARENA
+  std::string tcp_io;      // RXIO_TCP_IO: "uring" or "plain"
 };
 
 struct EngineStats {

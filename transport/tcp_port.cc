@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "base/error.h"
+#include "base/log.h"
 
 namespace rxio::transport {
 namespace {
@@ -116,12 +117,33 @@ bool TcpKeys::allows(uint32_t key, uint64_t address, uint64_t length, int access
 
 // ---- the port ----------------------------------------------------------------------
 
-TcpPort::TcpPort(TcpKeys& keys, UniqueFd socket) : keys_(keys), socket_(std::move(socket)), in_(kInputBuffer) {
+TcpPort::TcpPort(TcpKeys& keys, UniqueFd socket, bool use_uring)
+    : keys_(keys), socket_(std::move(socket)), in_(kInputBuffer) {
   int flags = fcntl(socket_.get(), F_GETFL);
   if (flags < 0 || fcntl(socket_.get(), F_SETFL, flags | O_NONBLOCK) != 0)
     throw Error(errno, "making the tcp backend's socket non-blocking");
   int one = 1;
   setsockopt(socket_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (!use_uring) return;
+  try {
+    uring_.emplace(socket_.get(), std::span(in_));
+  } catch (const std::exception& e) {
+    // Said once per process: every tcp link would say the same.
+    static bool said = false;
+    if (!std::exchange(said, true)) log::warn(std::string("tcp backend without io_uring: ") + e.what());
+  }
+}
+
+ssize_t TcpPort::receive(std::byte* where, std::size_t length) noexcept {
+  if (uring_) return uring_->recv(where, length);
+  ssize_t got = ::recv(socket_.get(), where, length, 0);
+  return got >= 0 ? got : -errno;
+}
+
+bool TcpPort::receive_failed(ssize_t got) noexcept {
+  if (got == 0) close_with("the peer process closed its side (it exited or was killed)");
+  else if (got != -EAGAIN && got != -EINTR) close_with(std::string("reading from the peer failed: ") + std::strerror(int(-got)));
+  return closed_;
 }
 
 std::unique_ptr<Region> TcpPort::allocate(std::size_t size, bool peer_writes) {
@@ -239,10 +261,18 @@ void TcpPort::flush() noexcept {
       if (o.payload_length > skip)
         iov[n++] = {const_cast<std::byte*>(o.payload) + skip, o.payload_length - skip};
     }
-    ssize_t written = ::writev(socket_.get(), iov, n);
+    ssize_t written;
+    if (uring_) {
+      std::size_t bytes = 0;
+      for (int i = 0; i < n; ++i) bytes += iov[i].iov_len;
+      written = uring_->send(iov, n, bytes);
+    } else {
+      written = ::writev(socket_.get(), iov, n);
+      if (written < 0) written = -errno;
+    }
     if (written < 0) {
-      if (errno == EAGAIN || errno == EINTR) return;
-      return close_with(std::string("writing to the peer failed: ") + std::strerror(errno));
+      if (written == -EAGAIN || written == -EINTR) return;
+      return close_with(std::string("writing to the peer failed: ") + std::strerror(int(-written)));
     }
     uint64_t left = static_cast<uint64_t>(written);
     while (out_count_ > 0) {
@@ -340,13 +370,12 @@ int TcpPort::take_input(std::span<ibv_wc> out) noexcept {
         in_end_ -= in_begin_;
         in_begin_ = 0;
       }
-      ssize_t got = ::recv(socket_.get(), in_.data() + in_end_, in_.size() - in_end_, 0);
+      ssize_t got = receive(in_.data() + in_end_, in_.size() - in_end_);
       if (got > 0) {
         in_end_ += static_cast<std::size_t>(got);
         continue;
       }
-      if (got == 0) close_with("the peer process closed its side (it exited or was killed)");
-      else if (errno != EAGAIN && errno != EINTR) close_with(std::string("reading from the peer failed: ") + std::strerror(errno));
+      receive_failed(got);
       break;
     }
     if (remaining_ > 0) {
@@ -362,23 +391,21 @@ int TcpPort::take_input(std::span<ibv_wc> out) noexcept {
       if (remaining_ < in_.size() / 4) {
         // Small: read ahead into the buffer, with the frames behind it.
         in_begin_ = in_end_ = 0;
-        ssize_t got = ::recv(socket_.get(), in_.data(), in_.size(), 0);
+        ssize_t got = receive(in_.data(), in_.size());
         if (got > 0) {
           in_end_ = static_cast<std::size_t>(got);
           continue;
         }
-        if (got == 0) close_with("the peer process closed its side (it exited or was killed)");
-        else if (errno != EAGAIN && errno != EINTR) close_with(std::string("reading from the peer failed: ") + std::strerror(errno));
+        receive_failed(got);
         break;
       }
-      ssize_t got = ::recv(socket_.get(), target_, remaining_, 0);
+      ssize_t got = receive(target_, remaining_);
       if (got > 0) {
         target_ += got;
         remaining_ -= static_cast<uint64_t>(got);
         continue;
       }
-      if (got == 0) close_with("the peer process closed its side (it exited or was killed)");
-      else if (errno != EAGAIN && errno != EINTR) close_with(std::string("reading from the peer failed: ") + std::strerror(errno));
+      receive_failed(got);
       break;
     }
     // The frame is complete.
@@ -407,6 +434,7 @@ int TcpPort::take_input(std::span<ibv_wc> out) noexcept {
 }
 
 int TcpPort::poll(std::span<ibv_wc> out) noexcept {
+  if (uring_) uring_->reap();
   if (out_count_ > 0) flush();
   int n = 0;
   while (n < int(out.size()) && done_count_ > 0) {

@@ -11,11 +11,13 @@
 
 #include <array>
 #include <map>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
 #include "base/fd.h"
 #include "transport/port.h"
+#include "transport/tcp_uring.h"
 
 namespace rxio::transport {
 
@@ -49,8 +51,10 @@ inline constexpr std::size_t kHeaderSize = 32;
 
 class TcpPort final : public Port {
  public:
-  // Takes over the connected socket (made non-blocking, Nagle off).
-  TcpPort(TcpKeys& keys, UniqueFd socket);
+  // Takes over the connected socket (made non-blocking, Nagle off). Uses io_uring
+  // when `use_uring` and the kernel allows it, plain system calls otherwise.
+  TcpPort(TcpKeys& keys, UniqueFd socket, bool use_uring);
+  bool uses_uring() const noexcept { return uring_.has_value(); }
 
   Backend backend() const noexcept override { return Backend::tcp; }
   std::unique_ptr<Region> allocate(std::size_t size, bool peer_writes) override;
@@ -59,9 +63,9 @@ class TcpPort final : public Port {
   int post_recv(uint64_t wr_id) noexcept override;
   uint32_t max_inline() const noexcept override { return kMaxInline; }
   int poll(std::span<ibv_wc> out) noexcept override;
-  int wake_fd() const noexcept override { return closed_ ? -1 : socket_.get(); }
-  short wake_events() const noexcept override { return out_count_ ? POLLIN | POLLOUT : POLLIN; }
-  bool arm() noexcept override { return done_count_ == 0 && !frame_ready(); }
+  int wake_fd() const noexcept override { return closed_ ? -1 : uring_ ? uring_->fd() : socket_.get(); }
+  short wake_events() const noexcept override { return out_count_ && !uring_ ? POLLIN | POLLOUT : POLLIN; }
+  bool arm() noexcept override { return done_count_ == 0 && !frame_ready() && !(uring_ && uring_->ready()); }
   int liveness_fd() const noexcept override { return socket_.get(); }
   std::string check_liveness() noexcept override { return closed_ ? why_ : std::string(); }
   void shut() noexcept override;
@@ -95,6 +99,10 @@ class TcpPort final : public Port {
   bool frame_ready() const noexcept;
   void push_done(uint64_t wr_id, ibv_wc_status status, ibv_wc_opcode opcode) noexcept;
   void close_with(std::string why) noexcept;
+  // Bytes read into `where`, 0 at EOF, -EAGAIN for not yet, -errno on failure.
+  ssize_t receive(std::byte* where, std::size_t length) noexcept;
+  // A receive that did not move bytes: closes on EOF or failure; false then.
+  bool receive_failed(ssize_t got) noexcept;
 
   TcpKeys& keys_;
   UniqueFd socket_;
@@ -119,6 +127,8 @@ class TcpPort final : public Port {
   uint64_t tag_ = 0;
   std::byte* target_ = nullptr;
   uint64_t remaining_ = 0;
+  // Last: goes first, so that nothing in flight outlives the buffers above.
+  std::optional<TcpUring> uring_;
 };
 
 }  // namespace rxio::transport
