@@ -126,7 +126,10 @@ Link::Link(Engine::Impl& e, std::string peer_name, std::unique_ptr<Port> p)
   add_connection();  // the control connection, id 0
 }
 
-Link::~Link() = default;
+Link::~Link() {
+  // The port first: what it still has in flight may name the rings and staging memory.
+  port.reset();
+}
 
 Connection& Link::add_connection() {
   auto id = static_cast<uint32_t>(connections.size());
@@ -310,7 +313,8 @@ RemoteRegion Engine::expose(void* address, std::size_t length) {
   constexpr int kAccess = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
   if (impl_->cache) rkey = impl_->cache->get(address, length, kAccess).rkey();
   // tcp peers are checked against a key of ours: the same one, so one region serves all.
-  if (impl_->tcp_keys) rkey = impl_->tcp_keys->add(address, length, kAccess, rkey).rkey;
+  if (impl_->tcp_keys) rkey = rkey ? impl_->tcp_keys->add_as(address, length, kAccess, rkey).rkey
+                                   : impl_->tcp_keys->add(address, length, kAccess).rkey;
   return {reinterpret_cast<uint64_t>(address), length, rkey};
 }
 

@@ -351,6 +351,7 @@ void Link::on_rndv_entry(Connection& c, const wire::RndvEntry& entry) noexcept {
       Request* q = r.rndv_recvs[entry.id];
       if (!q) return count_fault(wire::Fault::bad_rendezvous, "a rendezvous write");
       r.rndv_recvs[entry.id] = nullptr;
+      port->release(q->rkey_);
       complete(*q, q->bytes_ > q->capacity_ ? Status::truncated : Status::ok, q->bytes_);
       return;
     }

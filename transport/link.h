@@ -199,7 +199,7 @@ struct Engine::Impl {
   std::optional<verbs::CompletionChannel> channel;
   std::optional<verbs::CompletionQueue> cq;
   std::optional<RegistrationCache> cache;
-  std::optional<TcpKeys> tcp_keys;  // memory tcp peers may reach
+  std::optional<TcpKeys> tcp_keys;  // regions exposed to tcp peers
   uint8_t backends = 0;  // 1 << Backend for each one this engine allows
   std::array<uint8_t, 16> host_id;  // the kernel's boot id
   uint64_t net_ns = 0, pid_ns = 0;

@@ -50,6 +50,9 @@ class Port {
   virtual std::unique_ptr<Region> allocate(std::size_t size, bool peer_writes) = 0;
   // Keys for the application's memory, cached where registering costs.
   virtual Keys keys_for(const void* address, std::size_t length, int access) = 0;
+  // The peer is done with a key keys_for() gave for it (its rendezvous landed): a
+  // port that can take the key back does.
+  virtual void release(uint32_t rkey) noexcept { (void)rkey; }
 
   // One work request (wr.next is ignored): RDMA WRITE, WRITE_WITH_IMM or READ, as
   // ibv_post_send would take it. Returns 0 or an errno value.

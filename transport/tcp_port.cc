@@ -37,19 +37,16 @@ uint64_t get64(const std::byte* p) {
   return le64toh(v);
 }
 
+// Lives as long as its link, and so does its key (in the link's port).
 class TcpRegion final : public Region {
  public:
-  TcpRegion(TcpKeys& registry, std::size_t size, bool peer_writes) : registry_(registry), memory_(size) {
+  TcpRegion(TcpKeys& keys, std::size_t size, bool peer_writes) : memory_(size) {
     data_ = memory_.data();
     size_ = size;
-    if (peer_writes) keys_ = registry.add(data_, size, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
-  }
-  ~TcpRegion() override {
-    if (keys_.rkey) registry_.remove(keys_.rkey);
+    if (peer_writes) keys_ = keys.add(data_, size, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
   }
 
  private:
-  TcpKeys& registry_;
   std::vector<std::byte> memory_;
 };
 
@@ -57,55 +54,29 @@ class TcpRegion final : public Region {
 
 // ---- keys --------------------------------------------------------------------------
 
-Keys TcpKeys::add(const void* address, std::size_t length, int access, uint32_t key) {
+TcpKeys::TcpKeys() : random_(std::random_device{}()) {}
+
+Keys TcpKeys::add(const void* address, std::size_t length, int access) {
+  if (length == 0) return {};
+  uint32_t key;
+  do key = static_cast<uint32_t>(random_());
+  while (key == 0 || by_key_.count(key));
+  return add_as(address, length, access, key);
+}
+
+Keys TcpKeys::add_as(const void* address, std::size_t length, int access, uint32_t key) {
+  if (length == 0 || key == 0) return {};
   auto start = reinterpret_cast<uintptr_t>(address);
-  uintptr_t end = start + (length ? length : 1);
-  if (key == 0) {
-    // As the verbs registration cache: the few nearest entries at or before `start`.
-    constexpr int kLookBack = 16;
-    auto it = by_start_.upper_bound(start);
-    for (int i = 0; i < kLookBack && it != by_start_.begin(); ++i) {
-      --it;
-      const Entry& e = it->second;
-      if (e.end >= end && (e.access & access) == access) return {e.key, e.key};
-    }
-    do key = next_key_++;
-    while (key == 0 || by_key_.count(key));
-  } else if (auto found = by_key_.find(key); found != by_key_.end()) {
-    return {key, key};  // already known under that key
-  }
-  Entry entry{start, end, access, key};
-  by_key_.emplace(key, entry);
-  by_start_.emplace(start, entry);
+  by_key_[key] = Entry{start, start + length, access};
   return {key, key};
 }
 
-void TcpKeys::remove(uint32_t key) noexcept {
-  auto found = by_key_.find(key);
-  if (found == by_key_.end()) return;
-  auto [first, last] = by_start_.equal_range(found->second.start);
-  for (auto i = first; i != last; ++i)
-    if (i->second.key == key) {
-      by_start_.erase(i);
-      break;
-    }
-  by_key_.erase(found);
-}
+void TcpKeys::remove(uint32_t key) noexcept { by_key_.erase(key); }
 
 std::size_t TcpKeys::forget(const void* address, std::size_t length) {
   auto start = reinterpret_cast<uintptr_t>(address);
   uintptr_t end = start + length;
-  std::size_t dropped = 0;
-  for (auto i = by_start_.begin(); i != by_start_.end();) {
-    if (i->first < end && i->second.end > start) {
-      by_key_.erase(i->second.key);
-      i = by_start_.erase(i);
-      ++dropped;
-    } else {
-      ++i;
-    }
-  }
-  return dropped;
+  return std::erase_if(by_key_, [&](const auto& item) { return item.second.start < end && item.second.end > start; });
 }
 
 bool TcpKeys::allows(uint32_t key, uint64_t address, uint64_t length, int access) const noexcept {
@@ -117,20 +88,32 @@ bool TcpKeys::allows(uint32_t key, uint64_t address, uint64_t length, int access
 
 // ---- the port ----------------------------------------------------------------------
 
-TcpPort::TcpPort(TcpKeys& keys, UniqueFd socket, bool use_uring)
-    : keys_(keys), socket_(std::move(socket)), in_(kInputBuffer) {
-  int flags = fcntl(socket_.get(), F_GETFL);
-  if (flags < 0 || fcntl(socket_.get(), F_SETFL, flags | O_NONBLOCK) != 0)
-    throw Error(errno, "making the tcp backend's socket non-blocking");
+TcpPort::TcpPort(const TcpKeys& exposed, UniqueFd socket, bool use_uring)
+    : exposed_(exposed), socket_(std::move(socket)), in_(kInputBuffer) {
   int one = 1;
   setsockopt(socket_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  if (!use_uring) return;
-  try {
-    uring_.emplace(socket_.get(), std::span(in_));
-  } catch (const std::exception& e) {
-    // Said once per process: every tcp link would say the same.
-    static bool said = false;
-    if (!std::exchange(said, true)) log::warn(std::string("tcp backend without io_uring: ") + e.what());
+  int flags = fcntl(socket_.get(), F_GETFL);
+  if (flags < 0) throw Error(errno, "reading the tcp backend's socket flags");
+  if (use_uring) {
+    try {
+      uring_.emplace(socket_.get(), std::span(in_));
+    } catch (const std::exception& e) {
+      // Said once per process: every tcp link would say the same.
+      static bool said = false;
+      if (!std::exchange(said, true)) log::warn(std::string("tcp backend without io_uring: ") + e.what());
+    }
+  }
+  // io_uring waits for the socket itself; a non-blocking one would make some kernels
+  // answer EAGAIN at once. The plain path must not block.
+  flags = uring_ ? flags & ~O_NONBLOCK : flags | O_NONBLOCK;
+  if (fcntl(socket_.get(), F_SETFL, flags) != 0) throw Error(errno, "setting the tcp backend's socket flags");
+}
+
+TcpPort::~TcpPort() {
+  // A dead or stuck peer must not hold the ring's teardown: end the connection first.
+  if (uring_) {
+    ::shutdown(socket_.get(), SHUT_RDWR);
+    uring_.reset();
   }
 }
 
@@ -151,7 +134,8 @@ std::unique_ptr<Region> TcpPort::allocate(std::size_t size, bool peer_writes) {
 }
 
 Keys TcpPort::keys_for(const void* address, std::size_t length, int access) {
-  // Only what a peer may reach needs a key; local buffers are used as they are.
+  // Only what a peer may reach needs a key, a fresh one taken back by release();
+  // local buffers are used as they are.
   if (!(access & (IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ))) return {};
   return keys_.add(address, length, access);
 }
@@ -316,7 +300,8 @@ bool TcpPort::start_frame() noexcept {
     case tcp_frame::write:
     case tcp_frame::write_imm:
       // Only into memory we gave the peer a key for.
-      if (length && !keys_.allows(key, remote, length, IBV_ACCESS_REMOTE_WRITE)) {
+      if (length && !keys_.allows(key, remote, length, IBV_ACCESS_REMOTE_WRITE) &&
+          !exposed_.allows(key, remote, length, IBV_ACCESS_REMOTE_WRITE)) {
         close_with("the peer wrote where it has no key (" + std::to_string(length) + " bytes, key " +
                    std::to_string(key) + ")");
         return false;
@@ -326,7 +311,8 @@ bool TcpPort::start_frame() noexcept {
       break;
     case tcp_frame::read_request: {
       // Answered at once, with the bytes themselves when the key allows it.
-      const bool allowed = keys_.allows(key, remote, length, IBV_ACCESS_REMOTE_READ);
+      const bool allowed = length == 0 || keys_.allows(key, remote, length, IBV_ACCESS_REMOTE_READ) ||
+                           exposed_.allows(key, remote, length, IBV_ACCESS_REMOTE_READ);
       Out* o = queue(allowed ? tcp_frame::read_response : tcp_frame::read_refused, 0, allowed ? length : 0, 0, 0, tag_);
       if (!o) {
         close_with("the peer asked for more reads than it may have in flight");

@@ -10,7 +10,7 @@
 #include <poll.h>
 
 #include <array>
-#include <map>
+#include <random>
 #include <optional>
 #include <unordered_map>
 #include <vector>
@@ -21,12 +21,17 @@
 
 namespace rxio::transport {
 
-// Keys for memory tcp peers may write or read, per engine, cached by exact range.
+// Keys for memory tcp peers may write or read: random, so that a peer cannot guess
+// one it was not given. Each link has its own (rings, rendezvous targets, taken back
+// when the rendezvous lands); the engine has one more for regions it exposed.
 class TcpKeys {
  public:
-  // A key covering the range with at least `access`; `key` nonzero asks for that one
-  // (the verbs key of an exposed region, so that one RemoteRegion serves both).
-  Keys add(const void* address, std::size_t length, int access, uint32_t key = 0);
+  TcpKeys();
+  // A fresh key for [address, address + length); none ({}) for an empty range.
+  Keys add(const void* address, std::size_t length, int access);
+  // The range under `key` (an exposed region's verbs key, so that one RemoteRegion
+  // serves both backends), replacing what that key named before.
+  Keys add_as(const void* address, std::size_t length, int access, uint32_t key);
   void remove(uint32_t key) noexcept;
   std::size_t forget(const void* address, std::size_t length);
   // Whether `key` covers [address, address + length) with `access`.
@@ -37,11 +42,9 @@ class TcpKeys {
     uintptr_t start;
     uintptr_t end;
     int access;
-    uint32_t key;
   };
-  std::multimap<uintptr_t, Entry> by_start_;
   std::unordered_map<uint32_t, Entry> by_key_;
-  uint32_t next_key_ = 1;
+  std::mt19937 random_;
 };
 
 namespace tcp_frame {
@@ -51,14 +54,17 @@ inline constexpr std::size_t kHeaderSize = 32;
 
 class TcpPort final : public Port {
  public:
-  // Takes over the connected socket (made non-blocking, Nagle off). Uses io_uring
-  // when `use_uring` and the kernel allows it, plain system calls otherwise.
-  TcpPort(TcpKeys& keys, UniqueFd socket, bool use_uring);
+  // Takes over the connected socket (Nagle off). Uses io_uring when `use_uring` and the
+  // kernel allows it, non-blocking system calls otherwise. `exposed`: the engine's
+  // exposed regions, which every tcp peer may reach too.
+  TcpPort(const TcpKeys& exposed, UniqueFd socket, bool use_uring);
+  ~TcpPort() override;
   bool uses_uring() const noexcept { return uring_.has_value(); }
 
   Backend backend() const noexcept override { return Backend::tcp; }
   std::unique_ptr<Region> allocate(std::size_t size, bool peer_writes) override;
   Keys keys_for(const void* address, std::size_t length, int access) override;
+  void release(uint32_t rkey) noexcept override { keys_.remove(rkey); }
   int post_send(const ibv_send_wr& wr) noexcept override;
   int post_recv(uint64_t wr_id) noexcept override;
   uint32_t max_inline() const noexcept override { return kMaxInline; }
@@ -104,7 +110,8 @@ class TcpPort final : public Port {
   // A receive that did not move bytes: closes on EOF or failure; false then.
   bool receive_failed(ssize_t got) noexcept;
 
-  TcpKeys& keys_;
+  const TcpKeys& exposed_;
+  TcpKeys keys_;
   UniqueFd socket_;
   bool closed_ = false;
   std::string why_;

@@ -62,7 +62,8 @@ bool TcpUring::start(io_uring_sqe* sqe, uint64_t tag) noexcept {
 ssize_t TcpUring::send(const iovec* iov, int count, std::size_t bytes) noexcept {
   if (send_.done) {
     send_.done = false;
-    return send_.result;
+    // Nothing moved and nothing wrong: start it again rather than report a stall.
+    if (send_.result != -EAGAIN && send_.result != -EINTR) return send_.result;
   }
   if (send_.in_flight) return -EAGAIN;
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
@@ -82,7 +83,7 @@ ssize_t TcpUring::send(const iovec* iov, int count, std::size_t bytes) noexcept 
 ssize_t TcpUring::recv(std::byte* where, std::size_t length) noexcept {
   if (recv_.done) {
     recv_.done = false;
-    return recv_.result;
+    if (recv_.result != -EAGAIN && recv_.result != -EINTR) return recv_.result;
   }
   if (recv_.in_flight) return -EAGAIN;
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
