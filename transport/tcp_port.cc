@@ -38,6 +38,19 @@ uint64_t get64(const std::byte* p) {
 }
 
 // Lives as long as its link, and so does its key (in the link's port).
+bool on_loopback(int socket) {
+  sockaddr_storage peer{};
+  socklen_t length = sizeof peer;
+  if (getpeername(socket, reinterpret_cast<sockaddr*>(&peer), &length) != 0) return false;
+  if (peer.ss_family == AF_INET)
+    return (ntohl(reinterpret_cast<sockaddr_in&>(peer).sin_addr.s_addr) >> 24) == 127;
+  if (peer.ss_family == AF_INET6) {
+    const in6_addr& a = reinterpret_cast<sockaddr_in6&>(peer).sin6_addr;
+    return IN6_IS_ADDR_LOOPBACK(&a) || (IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127);
+  }
+  return false;
+}
+
 class TcpRegion final : public Region {
  public:
   TcpRegion(TcpKeys& keys, std::size_t size, bool peer_writes) : memory_(size) {
@@ -96,16 +109,14 @@ TcpPort::TcpPort(const TcpKeys& exposed, UniqueFd socket, bool use_uring)
   if (flags < 0) throw Error(errno, "reading the tcp backend's socket flags");
   if (use_uring) {
     try {
-      uring_.emplace(socket_.get(), std::span(in_));
+      uring_.emplace(socket_.get(), std::span(in_), !on_loopback(socket_.get()));
     } catch (const std::exception& e) {
       // Said once per process: every tcp link would say the same.
       static bool said = false;
       if (!std::exchange(said, true)) log::warn(std::string("tcp backend without io_uring: ") + e.what());
     }
   }
-  // io_uring waits for the socket itself; a non-blocking one would make some kernels
-  // answer EAGAIN at once. The plain path must not block.
-  flags = uring_ ? flags & ~O_NONBLOCK : flags | O_NONBLOCK;
+  flags = flags | O_NONBLOCK;  // io_uring too: sockets then complete without a worker thread
   if (fcntl(socket_.get(), F_SETFL, flags) != 0) throw Error(errno, "setting the tcp backend's socket flags");
 }
 

@@ -18,21 +18,27 @@ constexpr std::size_t kZeroCopyFrom = 64 * 1024;
 
 }  // namespace
 
-TcpUring::TcpUring(int socket, std::span<std::byte> read_ahead)
+TcpUring::TcpUring(int socket, std::span<std::byte> read_ahead, bool zero_copy)
     : socket_(socket), fixed_(read_ahead.data()), fixed_size_(read_ahead.size()) {
   std::ifstream disabled("/proc/sys/kernel/io_uring_disabled");
   int value = 0;
   if (disabled >> value && value == 2) throw Error(EPERM, "io_uring is disabled (kernel.io_uring_disabled=2)");
-  if (int rc = io_uring_queue_init(8, &ring_, 0); rc < 0)
+  // Completions run when the engine next asks for them (it polls, or sleeps on the
+  // ring's fd), not through an interrupt of a spinning thread: an inter-processor
+  // interrupt per message costs more than the message on a virtual machine.
+  int rc = io_uring_queue_init(8, &ring_, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN);
+  if (rc == -EINVAL) rc = io_uring_queue_init(8, &ring_, IORING_SETUP_COOP_TASKRUN);
+  if (rc == -EINVAL) rc = io_uring_queue_init(8, &ring_, 0);
+  if (rc < 0)
     throw Error(-rc, std::string("setting up io_uring") +
                          (value == 1 ? " (kernel.io_uring_disabled=1: only for its group)" : ""));
   iovec fixed{fixed_, fixed_size_};
-  if (int rc = io_uring_register_buffers(&ring_, &fixed, 1); rc < 0) {
+  if (int registered = io_uring_register_buffers(&ring_, &fixed, 1); registered < 0) {
     io_uring_queue_exit(&ring_);
-    throw Error(-rc, "registering the read-ahead buffer with io_uring", {}, "raise `ulimit -l`");
+    throw Error(-registered, "registering the read-ahead buffer with io_uring", {}, "raise `ulimit -l`");
   }
   if (io_uring_probe* probe = io_uring_get_probe_ring(&ring_)) {
-    zero_copy_ = io_uring_opcode_supported(probe, IORING_OP_SENDMSG_ZC);
+    zero_copy_ = zero_copy && io_uring_opcode_supported(probe, IORING_OP_SENDMSG_ZC);
     io_uring_free_probe(probe);
   }
 }
@@ -90,6 +96,7 @@ ssize_t TcpUring::recv(std::byte* where, std::size_t length) noexcept {
   if (!sqe) return -EAGAIN;
   recv_where_ = where;
   recv_length_ = length;
+  // The read-ahead buffer is registered: no page pinning per receive.
   if (where >= fixed_ && where + length <= fixed_ + fixed_size_)
     io_uring_prep_read_fixed(sqe, socket_, where, static_cast<unsigned>(length), 0, 0);
   else io_uring_prep_recv(sqe, socket_, where, length, 0);

@@ -1,9 +1,11 @@
 // Internal: the tcp backend's io_uring path. One send and one receive in flight at a
 // time, as the stream needs: a send is every queued frame in one SENDMSG (zero-copy,
-// SENDMSG_ZC, for batches carrying 64 KiB or more where the kernel has it), a receive
-// goes into the read-ahead buffer (registered: READ_FIXED) or straight into a large
-// payload's target. Receives are single-shot: a multishot receive would land payloads
-// in provided buffers and cost them a second copy.
+// SENDMSG_ZC, for batches carrying 64 KiB or more where the kernel has it and the peer
+// is not on loopback, where zero-copy only waits for the reader), a receive goes into
+// the read-ahead buffer or straight into a large payload's target. Receives are
+// single-shot: a multishot receive would land payloads in provided buffers and cost
+// them a second copy. The ring defers completion work to the engine's own calls
+// (DEFER_TASKRUN) rather than interrupting a spinning thread for each.
 #pragma once
 
 #include <liburing.h>
@@ -18,7 +20,7 @@ namespace rxio::transport {
 class TcpUring {
  public:
   // Throws rxio::Error saying why io_uring cannot be used here.
-  TcpUring(int socket, std::span<std::byte> read_ahead);
+  TcpUring(int socket, std::span<std::byte> read_ahead, bool zero_copy);
   ~TcpUring();
   TcpUring(const TcpUring&) = delete;
   TcpUring& operator=(const TcpUring&) = delete;
