@@ -65,38 +65,36 @@ void Link::post_slot(Connection& c, wire::SlotKind kind, uint64_t tag,
   const uint32_t slot = r.send.take();
 
   ibv_sge sge{reinterpret_cast<uint64_t>(stage), length, staging->keys().lkey};
-  ibv_send_wr wr{};
-  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrSlot;
-  wr.sg_list = &sge;
-  wr.num_sge = 1;
-  wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
-  wr.send_flags = IBV_SEND_SIGNALED | (length <= port->max_inline() ? IBV_SEND_INLINE : 0);
-  wr.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::slot, c.peer_id_, 0}));
-  wr.wr.rdma.remote_addr = r.peer.address + uint64_t(slot) * r.peer.slot_size;
-  wr.wr.rdma.rkey = r.peer.rkey;
-  if (int rc = port->post_send(wr); rc != 0) {
-    fail(rc, std::string("posting a write failed: ") + std::strerror(rc));
+  if (!post_write_imm(kWrSlot, &sge, r.peer.address + uint64_t(slot) * r.peer.slot_size, r.peer.rkey,
+                      wire::Imm{wire::ImmType::slot, c.peer_id_, 0}, "a slot"))
     return;
+  ++staging_next;
+}
+
+bool Link::post_write_imm(uint64_t kind, ibv_sge* sge, uint64_t remote, uint32_t rkey, const wire::Imm& imm,
+                          const char* what) noexcept {
+  ibv_send_wr wr{};
+  wr.wr_id = reinterpret_cast<uint64_t>(this) | kind;
+  wr.sg_list = sge;
+  wr.num_sge = sge ? 1 : 0;
+  wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+  wr.send_flags = IBV_SEND_SIGNALED | (sge && sge->length <= port->max_inline() ? IBV_SEND_INLINE : 0);
+  wr.imm_data = htonl(wire::encode(imm));
+  wr.wr.rdma.remote_addr = remote;
+  wr.wr.rdma.rkey = rkey;
+  if (int rc = port->post_send(wr); rc != 0) {
+    fail(rc, std::string("posting ") + what + " failed: " + std::strerror(rc));
+    return false;
   }
   ++sq_used;
-  ++staging_next;
+  return true;
 }
 
 void Link::post_imm(Connection& c, wire::ImmType type, uint8_t value) noexcept {
   // A zero-length write: it carries only the immediate, needs no credit and touches no
   // memory at the peer.
-  ibv_send_wr wr{};
-  wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrLink;
-  wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
-  wr.send_flags = IBV_SEND_SIGNALED;
-  wr.imm_data = htonl(wire::encode(wire::Imm{type, c.peer_id_, value}));
-  wr.wr.rdma.remote_addr = c.ring_->peer.address;
-  wr.wr.rdma.rkey = c.ring_->peer.rkey;
-  if (int rc = port->post_send(wr); rc != 0) {
-    fail(rc, std::string("posting an immediate failed: ") + std::strerror(rc));
-    return;
-  }
-  ++sq_used;
+  post_write_imm(kWrLink, nullptr, c.ring_->peer.address, c.ring_->peer.rkey, wire::Imm{type, c.peer_id_, value},
+                 "an immediate");
 }
 
 void Link::return_credits(Connection& c, bool force) noexcept {
@@ -173,18 +171,9 @@ void Link::write_entries(Connection& c) noexcept {
     const uint64_t offset = uint64_t(first) * wire::kRndvEntrySize;
     const uint32_t length = static_cast<uint32_t>(count * wire::kRndvEntrySize);
     ibv_sge sge{reinterpret_cast<uint64_t>(r.rndv_out->data()) + offset, length, r.rndv_out->keys().lkey};
-    ibv_send_wr wr{};
-    wr.wr_id = reinterpret_cast<uint64_t>(this) | kWrLink;
-    wr.sg_list = &sge;
-    wr.num_sge = 1;
-    wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
-    wr.send_flags = IBV_SEND_SIGNALED | (length <= port->max_inline() ? IBV_SEND_INLINE : 0);
-    wr.imm_data = htonl(wire::encode(wire::Imm{wire::ImmType::rndv, c.peer_id_, static_cast<uint8_t>(count)}));
-    wr.wr.rdma.remote_addr = r.peer_rndv.address + offset;
-    wr.wr.rdma.rkey = r.peer_rndv.rkey;
-    if (int rc = port->post_send(wr); rc != 0)
-      return fail(rc, std::string("posting rendezvous entries failed: ") + std::strerror(rc));
-    ++sq_used;
+    if (!post_write_imm(kWrLink, &sge, r.peer_rndv.address + offset, r.peer_rndv.rkey,
+                        wire::Imm{wire::ImmType::rndv, c.peer_id_, static_cast<uint8_t>(count)}, "rendezvous entries"))
+      return;
     r.rndv_out_written += count;
   }
 }

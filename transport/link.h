@@ -151,6 +151,10 @@ class Link {
 
   // Data path (datapath.cc).
   bool can_post_slot(Connection& c) const noexcept;
+  // A signaled RDMA WRITE_WITH_IMM of `sge` (none: zero-length); fails the link and
+  // returns false if it cannot be posted.
+  bool post_write_imm(uint64_t kind, ibv_sge* sge, uint64_t remote, uint32_t rkey, const wire::Imm& imm,
+                      const char* what) noexcept;
   void post_imm(Connection& c, wire::ImmType type, uint8_t value) noexcept;
   void post_slot(Connection& c, wire::SlotKind kind, uint64_t tag, std::span<const std::byte> payload) noexcept;
   void return_credits(Connection& c, bool force) noexcept;

@@ -41,6 +41,17 @@ class Region {
   Keys keys_;
 };
 
+// The completion of an immediate's arrival, as a device reports it.
+inline ibv_wc arrival(uint64_t wr_id, uint32_t imm_data) noexcept {
+  ibv_wc wc{};
+  wc.wr_id = wr_id;
+  wc.status = IBV_WC_SUCCESS;
+  wc.opcode = IBV_WC_RECV_RDMA_WITH_IMM;
+  wc.wc_flags = IBV_WC_WITH_IMM;
+  wc.imm_data = imm_data;
+  return wc;
+}
+
 class Port {
  public:
   virtual ~Port() = default;

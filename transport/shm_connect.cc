@@ -36,21 +36,8 @@ void wait_readable(int fd, std::chrono::milliseconds timeout, const char* what) 
 
 void send_hello(int socket, const wire::ShmHello& hello, int arena, int event) {
   auto bytes = wire::encode(hello);
-  iovec iov{bytes.data(), bytes.size()};
-  alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof control;
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(2 * sizeof(int));
-  int fds[2] = {arena, event};
-  std::memcpy(CMSG_DATA(c), fds, sizeof fds);
-  if (::sendmsg(socket, &msg, MSG_NOSIGNAL) != ssize_t(bytes.size()))
-    throw Error(errno ? errno : EIO, "sending the shm hello to the peer");
+  const int fds[2] = {arena, event};
+  if (!send_with_fds(socket, bytes, fds)) throw Error(errno ? errno : EIO, "sending the shm hello to the peer");
 }
 
 struct Received {
@@ -106,6 +93,24 @@ void allow_cross_memory_attach() {
 }
 
 }  // namespace
+
+bool send_with_fds(int socket, std::span<const std::byte> message, std::span<const int> fds) {
+  constexpr std::size_t kMaxFds = 4;
+  if (fds.size() > kMaxFds) return false;
+  iovec iov{const_cast<std::byte*>(message.data()), message.size()};
+  alignas(cmsghdr) char control[CMSG_SPACE(kMaxFds * sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = CMSG_SPACE(fds.size() * sizeof(int));
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
+  std::memcpy(CMSG_DATA(c), fds.data(), fds.size_bytes());
+  return ::sendmsg(socket, &msg, MSG_NOSIGNAL) == ssize_t(message.size());
+}
 
 std::array<uint8_t, 16> host_id() {
   std::array<uint8_t, 16> id{};

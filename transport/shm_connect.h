@@ -11,6 +11,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <span>
 #include <string>
 
 #include "base/fd.h"
@@ -24,6 +25,8 @@ std::array<uint8_t, 16> host_id();
 // This process's network and pid namespaces (inode numbers; 0 if unknown).
 uint64_t namespace_id(const char* name);
 std::array<uint8_t, 16> random_token();
+// One message with file descriptors attached (SCM_RIGHTS); false on failure (errno).
+bool send_with_fds(int socket, std::span<const std::byte> message, std::span<const int> fds);
 
 // A unix listener for one hand-shake, at a fresh abstract name.
 class Listener {

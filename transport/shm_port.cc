@@ -249,13 +249,7 @@ int ShmPort::poll(std::span<ibv_wc> out) noexcept {
     return static_cast<int>(n);
   }
   while (n < out.size() && head != tail && recvs_posted_ > 0) {
-    ibv_wc& wc = out[n++];
-    wc = ibv_wc{};
-    wc.wr_id = recv_wr_id_;
-    wc.status = IBV_WC_SUCCESS;
-    wc.opcode = IBV_WC_RECV_RDMA_WITH_IMM;
-    wc.wc_flags = IBV_WC_WITH_IMM;
-    wc.imm_data = doorbell_->imm[head % Doorbell::kSlots];
+    out[n++] = arrival(recv_wr_id_, doorbell_->imm[head % Doorbell::kSlots]);
     ++head;
     --recvs_posted_;
   }

@@ -1,7 +1,6 @@
 // The tcp backend's port: RDMA-style operations as frames on a TCP connection.
 #include "transport/tcp_port.h"
 
-#include <endian.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -12,32 +11,18 @@
 #include <cerrno>
 #include <cstring>
 
+#include "base/bytes.h"
 #include "base/error.h"
 #include "base/log.h"
 
 namespace rxio::transport {
 namespace {
 
-void put32(std::byte* p, uint32_t v) {
-  v = htole32(v);
-  std::memcpy(p, &v, 4);
-}
-void put64(std::byte* p, uint64_t v) {
-  v = htole64(v);
-  std::memcpy(p, &v, 8);
-}
-uint32_t get32(const std::byte* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return le32toh(v);
-}
-uint64_t get64(const std::byte* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
-  return le64toh(v);
-}
+using bytes::get32;
+using bytes::get64;
+using bytes::put32;
+using bytes::put64;
 
-// Lives as long as its link, and so does its key (in the link's port).
 bool on_loopback(int socket) {
   sockaddr_storage peer{};
   socklen_t length = sizeof peer;
@@ -409,13 +394,7 @@ int TcpPort::take_input(std::span<ibv_wc> out) noexcept {
     if (op_ == tcp_frame::write_imm) {
       if (recvs_posted_ == 0) break;  // as an RNR: delivered once a receive is posted
       --recvs_posted_;
-      ibv_wc& wc = out[n++];
-      wc = ibv_wc{};
-      wc.wr_id = recv_wr_id_;
-      wc.status = IBV_WC_SUCCESS;
-      wc.opcode = IBV_WC_RECV_RDMA_WITH_IMM;
-      wc.wc_flags = IBV_WC_WITH_IMM;
-      wc.imm_data = imm_;
+      out[n++] = arrival(recv_wr_id_, imm_);
     } else if (op_ == tcp_frame::read_response || op_ == tcp_frame::read_refused) {
       PendingRead& r = reads_[tag_];
       r.in_use = false;

@@ -1,41 +1,21 @@
 #include "transport/wire.h"
 
-#include "transport/engine.h"
-
 #include <endian.h>
 
 #include <cstring>
 
+#include "base/bytes.h"
+#include "transport/engine.h"
+
 namespace rxio::transport::wire {
 namespace {
 
-void put32(std::byte* out, uint32_t v) {
-  v = htole32(v);
-  std::memcpy(out, &v, 4);
-}
-void put16(std::byte* out, uint16_t v) {
-  v = htole16(v);
-  std::memcpy(out, &v, 2);
-}
-void put64(std::byte* out, uint64_t v) {
-  v = htole64(v);
-  std::memcpy(out, &v, 8);
-}
-uint32_t get32(const std::byte* in) {
-  uint32_t v;
-  std::memcpy(&v, in, 4);
-  return le32toh(v);
-}
-uint16_t get16(const std::byte* in) {
-  uint16_t v;
-  std::memcpy(&v, in, 2);
-  return le16toh(v);
-}
-uint64_t get64(const std::byte* in) {
-  uint64_t v;
-  std::memcpy(&v, in, 8);
-  return le64toh(v);
-}
+using bytes::get16;
+using bytes::get32;
+using bytes::get64;
+using bytes::put16;
+using bytes::put32;
+using bytes::put64;
 
 void put_ring(std::byte* out, const RingInfo& ring) {
   put64(out, ring.address);

@@ -166,20 +166,8 @@ TEST(Shm, ImpostorWithoutTheTokenIsRefused) {
         // With two file descriptors, as a peer's hello comes, so that the token is what fails.
         auto bytes = wire::encode(hello);
         UniqueFd a(eventfd(0, EFD_CLOEXEC)), b(eventfd(0, EFD_CLOEXEC));
-        iovec iov{bytes.data(), bytes.size()};
-        alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
-        msghdr msg{};
-        msg.msg_iov = &iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control;
-        msg.msg_controllen = sizeof control;
-        cmsghdr* cm = CMSG_FIRSTHDR(&msg);
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(2 * sizeof(int));
-        int fds[2] = {a.get(), b.get()};
-        std::memcpy(CMSG_DATA(cm), fds, sizeof fds);
-        CLIENT_CHECK(::sendmsg(socket.get(), &msg, MSG_NOSIGNAL) == ssize_t(bytes.size()));
+        const int fds[2] = {a.get(), b.get()};
+        CLIENT_CHECK(shm::send_with_fds(socket.get(), bytes, fds));
         // The acceptor closes without a word: no hello, no file descriptors.
         char answer;
         CLIENT_CHECK(::recv(socket.get(), &answer, 1, 0) == 0);
