@@ -34,11 +34,11 @@ const std::vector<Knob> kKnobs = {
     {"RXIO_SHM_ARENA", "bytes", "1G",
      "Shared memory each side of an shm link may use for its rings (address space; "
      "pages cost memory once touched). About 200 KiB per connection with the defaults."},
+    {"RXIO_SLOT_SIZE", "bytes", "8K",
+     "Bytes per ring slot, 16-byte header included."},
     {"RXIO_TCP_IO", "choice", "uring",
      "How the tcp backend moves bytes: uring (io_uring where the kernel allows it, with "
      "the reason logged where not) or plain (non-blocking system calls)."},
-    {"RXIO_SLOT_SIZE", "bytes", "8K",
-     "Bytes per ring slot, 16-byte header included."},
 };
 
 const Knob* find(std::string_view name) {
