@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every test tier: `unit` in plain, ASan+UBSan and TSan builds, a bounded libFuzzer
-# run over the wire decoders, then `rxe` inside the Soft-RoCE guest. Ends with one line 'total: N passed, M failed, K skipped'.
+# run over the wire decoders, `apps` (real programs under rxio-run, plain build: a
+# sanitized shim cannot be preloaded into unsanitized programs), then `rxe` inside the
+# Soft-RoCE guest. Ends with one line 'total: N passed, M failed, K skipped'.
 set -uo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
@@ -34,11 +36,13 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print
   meson_test build-asan unit --suite unit
 TSAN_OPTIONS=halt_on_error=1 meson_test build-tsan unit --suite unit
 meson_test build-fuzz fuzz --suite fuzz --no-rebuild
+meson_test build apps --suite apps
 # --verbose: the guest's output belongs in the log.
 meson_test build rxe --suite rxe --verbose
 
 scripts/summarize-tests.py build/meson-logs/unit.junit.xml build-asan/meson-logs/unit.junit.xml \
-  build-tsan/meson-logs/unit.junit.xml build-fuzz/meson-logs/fuzz.junit.xml build/meson-logs/rxe.junit.xml || failed+=("summary")
+  build-tsan/meson-logs/unit.junit.xml build-fuzz/meson-logs/fuzz.junit.xml build/meson-logs/apps.junit.xml \
+  build/meson-logs/rxe.junit.xml || failed+=("summary")
 if ((${#failed[@]})); then
   echo "test.sh: failed: ${failed[*]}" >&2
   exit 1
