@@ -13,12 +13,12 @@ namespace rxio::config {
 
 struct Knob {
   std::string_view name;         // "RXIO_RING_SLOTS"
-  std::string_view type;         // "count", "bytes", "microseconds", "milliseconds", "string"
+  std::string_view type;         // "count", "bytes", "microseconds", "milliseconds", "choice"
   std::string_view default_text;
   std::string_view description;
 };
 
-// Every knob, sorted by name (what `rxio-stat --config` prints).
+// Every knob, sorted by name (for the settings tables and, later, `rxio-stat --config`).
 const std::vector<Knob>& knobs();
 
 // A knob's value and where it came from ("default" or "environment").

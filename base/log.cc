@@ -26,7 +26,7 @@ bool info_enabled() noexcept {
     try {
       return config::get_choice("RXIO_LOG", {"warn", "info"}) == "info";
     } catch (...) {
-      return false;  // a bad value is reported where settings are read
+      return false;  // a bad value is refused when an engine reads its settings
     }
   }();
   return enabled;

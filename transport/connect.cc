@@ -48,6 +48,7 @@ Options resolve(Options o) {
   o.qp_timeout = pick<uint8_t>(o.qp_timeout, 0, "RXIO_QP_TIMEOUT", config::get_count, 1, 31);
   o.qp_retry_count = pick<uint8_t>(o.qp_retry_count, 0xff, "RXIO_QP_RETRY_COUNT", config::get_count, 0, 7);
   o.shm_arena = pick<uint64_t>(o.shm_arena, 0, "RXIO_SHM_ARENA", config::get_bytes, 1u << 20, uint64_t(1) << 40);
+  config::get_choice("RXIO_LOG", {"warn", "info"});  // a typo is an error here, not a silent default
   if (o.tcp_io.empty()) o.tcp_io = config::get_choice("RXIO_TCP_IO", {"uring", "plain"});
   if (o.tcp_io != "uring" && o.tcp_io != "plain")
     throw Error(EINVAL, "using tcp_io '" + o.tcp_io + "'", {}, "it must be uring or plain");
@@ -597,7 +598,8 @@ Link& Engine::Impl::link_to(const std::string& host, uint16_t peer_port) {
     }
   }
   // The tcp bootstrap: offer what this engine allows, the acceptor chooses. When shm
-  // fails (cross-memory attach refused, say) and verbs is allowed, offer again without.
+  // fails (cross-memory attach refused, say) and verbs or tcp is allowed, offer again
+  // without it.
   for (uint8_t offered = backends; !link;) {
     auto ch = oob::Channel::connect(host, peer_port, options.connect_timeout);
     ch.send(wire::encode(wire::Offer{offered, host_id, static_cast<uint32_t>(geteuid()),

@@ -482,7 +482,7 @@ int Engine::Impl::poll_cq() noexcept {
     for (int i = 0; i < n; ++i) handle(wcs[i], nullptr);
     total += std::max(n, 0);
   }
-  // Software ports (shm) report per link; a verbs port returns nothing here.
+  // Software ports (shm, tcp) report per link; a verbs port returns nothing here.
   for (std::size_t l = 0; l < links.size(); ++l) {
     Link& link = *links[l];
     int n = link.port->poll(wcs);

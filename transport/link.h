@@ -39,7 +39,6 @@ class FixedQueue {
   explicit FixedQueue(std::size_t capacity = 0) : items_(capacity) {}
   bool empty() const noexcept { return count_ == 0; }
   std::size_t size() const noexcept { return count_; }
-  std::size_t capacity() const noexcept { return items_.size(); }
   bool full() const noexcept { return count_ == items_.size(); }
   T& at(std::size_t i) noexcept { return items_[(head_ + i) % items_.size()]; }
   T& front() noexcept { return at(0); }

@@ -119,10 +119,9 @@ ssize_t TcpPort::receive(std::byte* where, std::size_t length) noexcept {
   return got >= 0 ? got : -errno;
 }
 
-bool TcpPort::receive_failed(ssize_t got) noexcept {
+void TcpPort::receive_failed(ssize_t got) noexcept {
   if (got == 0) close_with("the peer process closed its side (it exited or was killed)");
   else if (got != -EAGAIN && got != -EINTR) close_with(std::string("reading from the peer failed: ") + std::strerror(int(-got)));
-  return closed_;
 }
 
 std::unique_ptr<Region> TcpPort::allocate(std::size_t size, bool peer_writes) {

@@ -98,8 +98,7 @@ class TcpPort final : public Port {
   };
   Out* queue(uint8_t op, uint32_t imm, uint32_t length, uint32_t key, uint64_t remote, uint64_t tag) noexcept;
   void flush() noexcept;
-  // Reads what the socket has and turns whole frames into completions; false once the
-  // connection is gone.
+  // Reads what the socket has and turns whole frames into completions (how many).
   int take_input(std::span<ibv_wc> out) noexcept;
   bool start_frame() noexcept;
   bool frame_ready() const noexcept;
@@ -107,8 +106,8 @@ class TcpPort final : public Port {
   void close_with(std::string why) noexcept;
   // Bytes read into `where`, 0 at EOF, -EAGAIN for not yet, -errno on failure.
   ssize_t receive(std::byte* where, std::size_t length) noexcept;
-  // A receive that did not move bytes: closes on EOF or failure; false then.
-  bool receive_failed(ssize_t got) noexcept;
+  // A receive that did not move bytes: closes the link on EOF or failure.
+  void receive_failed(ssize_t got) noexcept;
 
   const TcpKeys& exposed_;
   TcpKeys keys_;

@@ -337,22 +337,15 @@ namespace rxio::transport {
 
 std::array<std::byte, RemoteRegion::kEncodedSize> RemoteRegion::encode() const {
   std::array<std::byte, kEncodedSize> out{};
-  uint64_t a = htole64(address), l = htole64(length);
-  uint32_t k = htole32(rkey);
-  std::memcpy(out.data(), &a, 8);
-  std::memcpy(out.data() + 8, &l, 8);
-  std::memcpy(out.data() + 16, &k, 4);
+  bytes::put64(out.data(), address);
+  bytes::put64(out.data() + 8, length);
+  bytes::put32(out.data() + 16, rkey);
   return out;
 }
 
-std::optional<RemoteRegion> RemoteRegion::decode(std::span<const std::byte> bytes) {
-  if (bytes.size() != kEncodedSize) return std::nullopt;
-  uint64_t a, l;
-  uint32_t k;
-  std::memcpy(&a, bytes.data(), 8);
-  std::memcpy(&l, bytes.data() + 8, 8);
-  std::memcpy(&k, bytes.data() + 16, 4);
-  RemoteRegion r{le64toh(a), le64toh(l), le32toh(k)};
+std::optional<RemoteRegion> RemoteRegion::decode(std::span<const std::byte> in) {
+  if (in.size() != kEncodedSize) return std::nullopt;
+  RemoteRegion r{bytes::get64(in.data()), bytes::get64(in.data() + 8), bytes::get32(in.data() + 16)};
   if (r.length == 0 || r.address + r.length < r.address) return std::nullopt;
   return r;
 }

@@ -53,6 +53,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!again || again->arena_size != hello->arena_size || again->control.slots != hello->control.slots)
       __builtin_trap();
   }
+  if (auto hello = wire::decode_tcp_hello(in, fault)) {
+    auto again = wire::decode_tcp_hello(wire::encode(*hello), fault);
+    if (!again || again->control.slot_size != hello->control.slot_size) __builtin_trap();
+  }
   (void)wire::decode_connect_request(in, fault);
   (void)wire::decode_connect_reply(in, fault);
   (void)RemoteRegion::decode(in);
