@@ -246,7 +246,11 @@ void TcpPort::flush() noexcept {
       for (int i = 0; i < n; ++i) bytes += iov[i].iov_len;
       written = uring_->send(iov, n, bytes);
     } else {
-      written = ::writev(socket_.get(), iov, n);
+      // sendmsg, not writev: a peer that is gone must fail the link, not raise SIGPIPE.
+      msghdr message{};
+      message.msg_iov = iov;
+      message.msg_iovlen = static_cast<std::size_t>(n);
+      written = ::sendmsg(socket_.get(), &message, MSG_NOSIGNAL);
       if (written < 0) written = -errno;
     }
     if (written < 0) {

@@ -186,6 +186,39 @@ TEST_P(Conformance, KilledPeerFailsCallsInBoundedTime) {
   EXPECT_EQ(rc, 128 + SIGKILL);
 }
 
+// The receiver's process ends while the sender still writes: the sender's calls fail,
+// and its process lives. Two writes with pauses between them and no progress call:
+// the first meets the closed socket (and draws a reset), the second the reset, where a
+// plain write would raise SIGPIPE.
+TEST_P(Conformance, SenderSurvivesAReceiverThatVanishes) {
+  int rc = run_pair(
+      options(),
+      [&](Engine& engine) {
+        Connection& c = engine.accept(30s);
+        std::array<std::byte, 100> out{};
+        Request send;
+        c.send(out, 1, send);
+        ASSERT_EQ(engine.wait(send, 30s), Status::ok);
+        std::this_thread::sleep_for(300ms);  // the receiver is gone by now
+        c.stream_write(out);
+        std::this_thread::sleep_for(300ms);
+        c.stream_write(out);
+        Request after;
+        c.recv(out, 2, after);
+        EXPECT_EQ(engine.wait(after, 20s), Status::failed) << c.error_text();
+      },
+      [&](Engine& engine, uint16_t port) {
+        Connection& c = engine.connect("127.0.0.1", port);
+        std::array<std::byte, 100> in;
+        Request first;
+        c.recv(in, 1, first);
+        CLIENT_CHECK(engine.wait(first, 30s) == Status::ok);
+        _exit(0);  // no goodbye: the sender finds out by writing
+      },
+      "127.0.0.1");
+  EXPECT_EQ(rc, 0);
+}
+
 TEST_P(Conformance, ByteStreamAndOneSidedAccess) {
   constexpr std::size_t kStream = 1 << 20;
   int rc = run_pair(
