@@ -224,7 +224,7 @@ int TcpPort::post_send(const ibv_send_wr& wr) noexcept {
 
 void TcpPort::flush() noexcept {
   while (out_count_ > 0 && !closed_) {
-    // One writev for as many queued frames as fit: the batch is one system call.
+    // As many queued frames as fit in one system call (or one io_uring submission).
     constexpr int kMaxIov = 64;
     iovec iov[kMaxIov];
     int n = 0;

@@ -4,7 +4,7 @@
 // The receiver checks every write and read against the keys it gave out (TcpKeys)
 // and reads payloads straight into their target: the rendezvous still lands in the
 // posted buffer with the kernel's one copy, as with any socket. Sends complete when
-// the kernel has their bytes. Non-blocking sockets, woken through poll(2).
+// the kernel has their bytes. io_uring (tcp_uring.h) or non-blocking calls.
 #pragma once
 
 #include <poll.h>
