@@ -128,7 +128,7 @@ compare write_lat "$LAT_ROUNDS" 5 lower 1.1 -- \
 # The transport's Connection API against the raw RDMA WRITE it is built on.
 compare msg_bw "$BW_ROUNDS" 4 higher 0.9 -- \
 	"$rxio_perf" write_bw -d "$dev" -x 1 -s 65536 -n "$BW_ITERS" -- \
-	"$rxio_perf" msg_bw -d "$dev" -s 65536 -n "$BW_ITERS"
+	"$rxio_perf" msg_bw --backend verbs -d "$dev" -s 65536 -n "$BW_ITERS"
 
 echo
 echo "medians over the rounds (MB/sec for *_bw: BW average; usec for *_lat: t_typical);"
