@@ -120,7 +120,7 @@ RXIO_EXPORT int fcntl64(int fd, int command, ...) {
   va_start(args, command);
   void* argument = va_arg(args, void*);
   va_end(args);
-  return real().fcntl(fd, command, argument);
+  return fcntl(fd, command, argument);
 }
 RXIO_EXPORT int ioctl(int fd, unsigned long request, ...) noexcept {
   va_list args;
