@@ -31,11 +31,24 @@ const std::vector<Knob> kKnobs = {
      "RC ack timeout exponent: 4.096 us * 2^N per try (14 is about 67 ms)."},
     {"RXIO_RING_SLOTS", "count", "16",
      "Slots in each connection's receive ring: the credits a sender starts with."},
+    {"RXIO_SHIM_CONFIG", "path", "/etc/rxio/shim.conf",
+     "File of rules for the preload shim, read after RXIO_SHIM_RULES. The default file "
+     "may be absent (no rules); a file this variable names must exist."},
+    // "# none": a rules text with no rules (a comment), since every knob shows a default.
+    {"RXIO_SHIM_RULES", "text", "# none",
+     "Rules for the preload shim, checked before RXIO_SHIM_CONFIG's: entries 'allow|deny "
+     "ADDRESS[/PREFIX][:PORT[-PORT]]' separated by newlines, ';' or ','. The first match "
+     "decides; a connection no rule matches is moved."},
+    {"RXIO_SHIM_TIMEOUT_MS", "milliseconds", "1000",
+     "How long the shim waits for the peer's shim to answer a negotiation before the connection stays on TCP"},
     {"RXIO_SHM_ARENA", "bytes", "1G",
      "Shared memory each side of an shm link may use for its rings (address space; "
      "pages cost memory once touched). About 200 KiB per connection with the defaults."},
     {"RXIO_SLOT_SIZE", "bytes", "8K",
      "Bytes per ring slot, 16-byte header included."},
+    {"RXIO_STAT_DIR", "path", "/dev/shm",
+     "Where each process under the preload shim publishes its connections and counters "
+     "(file rxio-stat.PID) for rxio-stat to list."},
     {"RXIO_TCP_IO", "choice", "uring",
      "How the tcp backend moves bytes: uring (io_uring where the kernel allows it, with "
      "the reason logged where not) or plain (non-blocking system calls)."},
@@ -106,6 +119,8 @@ uint64_t get_parsed(std::string_view name, bool (*parse)(std::string_view, uint6
 
 uint64_t get_count(std::string_view name) { return get_parsed(name, parse_count); }
 uint64_t get_bytes(std::string_view name) { return get_parsed(name, parse_bytes); }
+
+std::string get_text(std::string_view name) { return setting(name).text; }
 
 std::string get_choice(std::string_view name, std::initializer_list<std::string_view> allowed) {
   const Knob& knob = require(name);

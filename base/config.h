@@ -13,7 +13,7 @@ namespace rxio::config {
 
 struct Knob {
   std::string_view name;         // "RXIO_RING_SLOTS"
-  std::string_view type;         // "count", "bytes", "microseconds", "milliseconds", "choice"
+  std::string_view type;         // "count", "bytes", "microseconds", "milliseconds", "choice", "path", "text"
   std::string_view default_text;
   std::string_view description;
 };
@@ -32,6 +32,9 @@ Setting setting(std::string_view name);
 // not a valid value of its type (a typo must not silently become the default).
 uint64_t get_count(std::string_view name);
 uint64_t get_bytes(std::string_view name);  // accepts 4096, 64K, 64KiB, 1M, 1MiB, 2G
+// The text as set, unchecked: for paths and for texts their reader parses (and reports
+// errors in with its own context).
+std::string get_text(std::string_view name);
 // One of `allowed`, exactly.
 std::string get_choice(std::string_view name, std::initializer_list<std::string_view> allowed);
 

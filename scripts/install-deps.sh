@@ -14,6 +14,8 @@ packages=(
   rdma-core ibverbs-providers ibverbs-utils rdmacm-utils perftest
   # the kernel TCP loopback that bench/compare-local.sh measures against
   sockperf iperf3
+  # real programs the apps tier runs under rxio-run
+  redis-server redis-tools memcached libmemcached-tools
 )
 
 missing=()

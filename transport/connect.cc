@@ -1,6 +1,7 @@
 // The control path: engine set-up, links (bootstrap over TCP or rdma_cm), opening and
 // accepting connections, failure. The data path is in datapath.cc.
 #include <fcntl.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -735,6 +736,46 @@ void Engine::Impl::rebuild_poll_fds() {
     }
   }
   poll_fds_stale = false;
+  if (wait_epoll) sync_wait_epoll();
+}
+
+void Engine::Impl::sync_wait_epoll() noexcept {
+  for (int fd : wait_registered) ::epoll_ctl(wait_epoll.get(), EPOLL_CTL_DEL, fd, nullptr);
+  wait_registered.clear();
+  auto add = [&](int fd, uint32_t events) {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.fd = fd;
+    if (fd >= 0 && ::epoll_ctl(wait_epoll.get(), EPOLL_CTL_ADD, fd, &ev) == 0) wait_registered.push_back(fd);
+  };
+  for (const pollfd& p : poll_fds) add(p.fd, p.events);
+  if (listener) add(listener->native_fd(), EPOLLIN);
+}
+
+int Engine::wait_fd() {
+  Impl& e = *impl_;
+  if (!e.wait_epoll) {
+    e.wait_epoll.reset(::epoll_create1(EPOLL_CLOEXEC));
+    if (!e.wait_epoll) throw Error(errno, "creating the engine's wait set (epoll_create1)");
+    e.rebuild_poll_fds();
+  }
+  return e.wait_epoll.get();
+}
+
+int Engine::on_wake() noexcept {
+  Impl& e = *impl_;
+  e.check_links(0);
+  if (e.listener) e.poll_listener(std::chrono::milliseconds(0));
+  return e.progress();
+}
+
+Connection* Engine::try_accept() noexcept {
+  Impl& e = *impl_;
+  if (e.accepted.empty()) e.progress();
+  if (e.accepted.empty()) return nullptr;
+  Connection* c = e.accepted.front();
+  e.accepted.erase(e.accepted.begin());
+  return c;
 }
 
 template <typename Done>

@@ -2,6 +2,7 @@
 // progress. Nothing here allocates, locks or throws; failures become statuses.
 #include <arpa/inet.h>
 #include <poll.h>
+#include <sys/epoll.h>
 
 #include <algorithm>
 #include <cstring>
@@ -425,10 +426,12 @@ void Link::on_arrival(const ibv_wc& wc) noexcept {
       return;
     case wire::SlotKind::stream:
       r.stream.push(arrival);
+      ++c.stream_events_;
       return;
     case wire::SlotKind::close:
       r.recv.release(seq);
       c.peer_closed_ = true;
+      ++c.stream_events_;
       // Anything sent before the close has been matched already: what still waits
       // will never be matched.
       while (Request* q = pop(r.posted)) complete(*q, Status::closed, 0);
@@ -528,6 +531,27 @@ void Engine::Impl::block(std::chrono::milliseconds timeout) noexcept {
 }
 
 int Engine::progress() noexcept { return impl_->progress(); }
+
+bool Engine::arm() noexcept {
+  Impl& e = *impl_;
+  if (e.cq && e.cq->arm() != 0) return false;
+  if (e.progress() > 0) return false;
+  for (auto& link : e.links)
+    if (!link->error && !link->port->arm()) return false;
+  if (e.poll_fds_stale) e.rebuild_poll_fds();
+  // A tcp port waits for POLLOUT only while it has output queued.
+  for (std::size_t i = 0; i < e.poll_fds.size(); ++i) {
+    if (e.watches[i].kind != Impl::Watch::wake) continue;
+    auto events = static_cast<short>(e.watches[i].link->port->wake_events());
+    if (events == e.poll_fds[i].events) continue;
+    e.poll_fds[i].events = events;
+    epoll_event ev{};
+    ev.events = static_cast<uint32_t>(events);
+    ev.data.fd = e.poll_fds[i].fd;
+    if (e.wait_epoll) ::epoll_ctl(e.wait_epoll.get(), EPOLL_CTL_MOD, e.poll_fds[i].fd, &ev);
+  }
+  return true;
+}
 
 Status Engine::wait(Request& request, std::chrono::milliseconds timeout) noexcept {
   Impl& e = *impl_;
@@ -630,6 +654,34 @@ std::size_t Connection::stream_read(std::span<std::byte> buffer) noexcept {
 }
 
 bool Connection::stream_closed() const noexcept { return peer_closed_ && ring_->stream.empty(); }
+
+bool Connection::stream_readable() const noexcept { return !ring_->stream.empty() || peer_closed_ || error_; }
+
+bool Connection::stream_writable() const noexcept {
+  return !error_ && !closed_ && link_->can_post_slot(const_cast<Connection&>(*this));
+}
+
+std::size_t Connection::stream_peek(std::span<std::byte> buffer) const noexcept {
+  Ring& r = *ring_;
+  std::size_t copied = 0;
+  std::size_t offset = r.stream_offset;
+  for (std::size_t i = 0; i < r.stream.size() && copied < buffer.size(); ++i, offset = 0) {
+    const Arrival& a = r.stream.at(i);
+    std::size_t n = std::min(a.header.length - offset, buffer.size() - copied);
+    std::memcpy(buffer.data() + copied, r.slot(a.seq) + wire::kSlotHeaderSize + offset, n);
+    copied += n;
+  }
+  return copied;
+}
+
+std::size_t Connection::stream_available() const noexcept {
+  Ring& r = *ring_;
+  std::size_t total = 0;
+  for (std::size_t i = 0; i < r.stream.size(); ++i) total += r.stream.at(i).header.length;
+  return total - r.stream_offset;
+}
+
+const char* Connection::backend_name() const noexcept { return to_string(link_->port->backend()); }
 
 Status Connection::one_sided(bool write, std::byte* local, std::size_t size, const RemoteRegion& remote,
                              uint64_t offset, Request& q) noexcept {

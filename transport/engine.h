@@ -142,6 +142,18 @@ class Engine {
   // Progresses until `request` is done or `timeout` passes (Status::timed_out).
   Status wait(Request& request, std::chrono::milliseconds timeout) noexcept;
 
+  // For callers that sleep in their own poll or epoll (the socket shim) rather than in
+  // wait(): an epoll fd that turns readable when the engine has work, once arm()ed.
+  int wait_fd();
+  // Asks every source to signal wait_fd(); false when work came in meanwhile, so that
+  // the caller progresses instead of sleeping.
+  bool arm() noexcept;
+  // After wait_fd() turned readable: acknowledges what signalled, notices peers that
+  // went away, takes in links that peers opened, and progresses.
+  int on_wake() noexcept;
+  // The next connection a peer opened, without waiting; nullptr when there is none.
+  Connection* try_accept() noexcept;
+
   // Registers memory for one-sided access by peers.
   RemoteRegion expose(void* address, std::size_t length);
   // Drops cached registrations of a range; call before freeing memory rxio has used.
@@ -171,6 +183,17 @@ class Connection {
   std::size_t stream_write(std::span<const std::byte> data) noexcept;
   std::size_t stream_read(std::span<std::byte> buffer) noexcept;
   bool stream_closed() const noexcept;
+  // Readiness, for poll and epoll over connections: bytes to read (or the end), and
+  // credit to write now.
+  bool stream_readable() const noexcept;
+  bool stream_writable() const noexcept;
+  // Copies without consuming (MSG_PEEK); bytes ready to read (FIONREAD).
+  std::size_t stream_peek(std::span<std::byte> buffer) const noexcept;
+  std::size_t stream_available() const noexcept;
+  // Counts stream arrivals and the peer's close: a change is an edge for epoll.
+  uint64_t stream_events() const noexcept { return stream_events_; }
+  // What carries the connection.
+  const char* backend_name() const noexcept;
 
   // One-sided: moves bytes between local memory and a peer's exposed region.
   Status write(std::span<const std::byte> local, const RemoteRegion& remote, uint64_t offset,
@@ -207,6 +230,7 @@ class Connection {
   bool established_ = false;
   bool peer_closed_ = false;
   bool closed_ = false;
+  uint64_t stream_events_ = 0;
   int error_ = 0;
   std::string error_text_;
   std::unique_ptr<Ring> ring_;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "base/fd.h"
 #include "transport/engine.h"
 #include "transport/oob.h"
 #include "transport/port.h"
@@ -229,6 +230,10 @@ struct Engine::Impl {
   };
   std::vector<pollfd> poll_fds;
   std::vector<Watch> watches;
+  // wait_fd(): the same fds in an epoll set (plus the listener), made on first use.
+  UniqueFd wait_epoll;
+  std::vector<int> wait_registered;
+  void sync_wait_epoll() noexcept;
   uint64_t faults[static_cast<int>(wire::Fault::count_)] = {};
 
   bool allows(Backend b) const noexcept { return backends & (1u << static_cast<int>(b)); }

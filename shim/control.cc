@@ -1,0 +1,761 @@
+// The shim's control path: which sockets it tracks, the negotiation on both sides,
+// and the moves to rxio or back to plain TCP. Runs with Shim::mutex held.
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <random>
+
+#include "base/config.h"
+#include "base/error.h"
+#include "base/log.h"
+#include "base/bytes.h"
+#include "shim/calls.h"
+#include "shim/real.h"
+#include "shim/state.h"
+
+namespace rxio::shim {
+
+thread_local bool t_inside = false;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+constexpr uint64_t kWaitSetMagic = 0x7278696f77616974ull;  // "rxiowait"
+constexpr auto kNoShimMemory = std::chrono::seconds(10);
+
+std::string command_name() {
+  std::ifstream comm("/proc/self/comm");
+  std::string name;
+  std::getline(comm, name);
+  return name;
+}
+
+std::optional<Tuple> tuple_of(int fd, bool server) noexcept {
+  sockaddr_storage local{}, peer{};
+  socklen_t ll = sizeof local, pl = sizeof peer;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &ll) != 0) return std::nullopt;
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &pl) != 0) return std::nullopt;
+  auto l = Endpoint::from(reinterpret_cast<sockaddr*>(&local));
+  auto p = Endpoint::from(reinterpret_cast<sockaddr*>(&peer));
+  if (!l || !p) return std::nullopt;
+  return server ? Tuple{*p, *l} : Tuple{*l, *p};
+}
+
+sockaddr_storage to_sockaddr(const Endpoint& e) {
+  sockaddr_storage out{};
+  if (e.family == AF_INET6) {
+    auto* in6 = reinterpret_cast<sockaddr_in6*>(&out);
+    in6->sin6_family = AF_INET6;
+    std::memcpy(&in6->sin6_addr, e.address.data(), 16);
+    in6->sin6_port = htons(e.port);
+  } else {
+    auto* in = reinterpret_cast<sockaddr_in*>(&out);
+    in->sin_family = AF_INET;
+    std::memcpy(&in->sin_addr, e.address.data(), 4);
+    in->sin_port = htons(e.port);
+  }
+  return out;
+}
+
+// The peer is on this host when it is a loopback address or the socket's own address
+// (the kernel routes a connection to one of the host's addresses through loopback).
+bool same_host(const Tuple& t) {
+  const auto& a = t.server.address;
+  if (t.server.family == AF_INET && a[0] == 127) return true;
+  if (t.server.family == AF_INET6) {
+    static const std::array<uint8_t, 16> loopback6{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+    if (a == loopback6) return true;
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    if (std::memcmp(a.data(), mapped, 12) == 0 && a[12] == 127) return true;
+  }
+  return t.server.address == t.client.address;
+}
+
+sockaddr_un abstract_address(uint16_t port, socklen_t& length) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::string name = negotiation::endpoint_name(port);
+  std::memcpy(addr.sun_path + 1, name.data(), name.size());
+  length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+  return addr;
+}
+
+bool send_all(int fd, std::span<const std::byte> bytes, int pass_fd = -1) {
+  iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  if (pass_fd >= 0) {
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    cmsghdr* cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(cm), &pass_fd, sizeof(int));
+  }
+  return real().sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) == static_cast<ssize_t>(bytes.size());
+}
+
+// One message and, when one came with it, the fd passed along (owned by the caller).
+ssize_t receive_message(int fd, std::span<std::byte> buffer, UniqueFd* passed) {
+  iovec iov{buffer.data(), buffer.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)] = {};
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  ssize_t n = real().recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  if (n < 0) return n;
+  for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+    if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+    std::size_t count = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < count; ++i) {
+      int got;
+      std::memcpy(&got, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+      if (passed && i == 0 && !*passed) passed->reset(got);
+      else real().close(got);
+    }
+  }
+  if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) return -2;  // longer than any valid message
+  return n;
+}
+
+uint64_t random_cookie() {
+  static thread_local std::mt19937_64 generator{std::random_device{}()};
+  uint64_t c = 0;
+  while (c == 0) c = generator();
+  return c;
+}
+
+Fallback fallback_for(negotiation::Refusal refusal) {
+  switch (refusal) {
+    case negotiation::Refusal::not_owner: return Fallback::impostor;
+    case negotiation::Refusal::decided: return Fallback::wrote_first;
+    case negotiation::Refusal::bad_message: return Fallback::bad_message;
+    case negotiation::Refusal::policy:
+    case negotiation::Refusal::unavailable: break;
+  }
+  return Fallback::peer_refused;
+}
+
+Backend backend_of(const transport::Connection& c) {
+  std::string_view name = c.backend_name();
+  if (name == "shm") return Backend::shm;
+  if (name == "verbs") return Backend::verbs;
+  return Backend::tcp;
+}
+
+}  // namespace
+
+std::atomic<Shim*> Shim::current_{nullptr};
+
+Shim& Shim::get() {
+  // Never destroyed: other threads may still be in a call at exit.
+  static Shim* shim = [] {
+    auto* made = new Shim();
+    current_.store(made, std::memory_order_release);
+    return made;
+  }();
+  return *shim;
+}
+
+Shim::Shim() {
+  try {
+    policy = Policy::from_environment();
+  } catch (const std::exception& e) {
+    // A rule that does not parse must not move connections its author meant to keep.
+    log::warn(std::string("shim: ") + e.what() + "; every connection stays on TCP");
+    policy = Policy::parse("deny *", "the shim's fallback");
+  }
+  try {
+    board.emplace(command_name());
+  } catch (const std::exception& e) {
+    log::info(std::string("shim: no statistics board: ") + e.what());
+  }
+  try {
+    negotiate_timeout = milliseconds(config::get_count("RXIO_SHIM_TIMEOUT_MS"));
+    poll_time = std::chrono::microseconds(config::get_count("RXIO_POLL_US"));
+  } catch (const std::exception& e) {
+    log::warn(std::string("shim: ") + e.what());
+  }
+  wait_set.reset(::epoll_create1(EPOLL_CLOEXEC));
+  kick.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  add_to_wait_set(kick.get());
+}
+
+transport::Engine* Shim::engine() noexcept {
+  if (engine_) return engine_;
+  if (engine_failed && Clock::now() < engine_retry_at) return nullptr;
+  try {
+    auto* e = new transport::Engine(transport::Options{});
+    e->listen("127.0.0.1", 0);
+    add_to_wait_set(e->wait_fd());
+    engine_ = e;
+    engine_failed = false;
+  } catch (const std::exception& e) {
+    if (!engine_failed) log::warn(std::string("shim: connections stay on TCP: ") + e.what());
+    engine_failed = true;
+    engine_retry_at = Clock::now() + kNoShimMemory;
+  }
+  return engine_;
+}
+
+void Shim::add_to_wait_set(int fd) noexcept {
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = fd;
+  ::epoll_ctl(wait_set.get(), EPOLL_CTL_ADD, fd, &ev);
+}
+
+void Shim::remove_from_wait_set(int fd) noexcept { ::epoll_ctl(wait_set.get(), EPOLL_CTL_DEL, fd, nullptr); }
+
+void Shim::wake_sleepers() noexcept {
+  if (sleepers.load(std::memory_order_acquire) == 0) return;
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = real().write(kick.get(), &one, sizeof one);
+}
+
+void Shim::track(int fd) {
+  if (fd < 0 || fd >= kMaxFds) return;
+  sockets[fd].store(new Socket(), std::memory_order_release);
+}
+
+void Shim::forget(int fd) noexcept {
+  Socket* s = socket_of(fd);
+  if (!s) return;
+  sockets[fd].store(nullptr, std::memory_order_release);
+  for (int ep : s->epolls)
+    if (EpollSet* set = epoll_of(ep)) set->interests.erase(fd);
+  if (--s->refs > 0) return;
+  if (s->mode == Socket::Mode::rxio && s->connection) {
+    s->connection->close();
+    closing.push_back(s->connection);
+  }
+  if (s->record && board) board->close(s->record);
+  if (s->mode == Socket::Mode::listening) {
+    remove_from_wait_set(s->negotiation.get());
+    std::erase(listeners, s);
+  }
+  if (s->mode == Socket::Mode::pending || s->mode == Socket::Mode::committed) pending.erase(s->tuple);
+  if (s->holds > 0) {
+    s->gone = true;  // the thread waiting on it frees it
+    return;
+  }
+  delete s;
+}
+
+void Shim::release(Socket* s) noexcept {
+  if (--s->holds == 0 && s->gone) delete s;
+}
+
+void Shim::fall_back(int fd, Socket& s, Fallback reason) noexcept {
+  if (board) board->count(reason);
+  log::info(std::string("shim: fd ") + std::to_string(fd) + " stays on TCP: " + to_string(reason));
+  (void)s;
+  forget(fd);
+}
+
+void Shim::become_rxio(int fd, Socket& s, transport::Connection& c) noexcept {
+  s.mode = Socket::Mode::rxio;
+  s.connection = &c;
+  Backend backend = backend_of(c);
+  if (board) {
+    board->count_moved(backend);
+    sockaddr_storage local = to_sockaddr(s.server ? s.tuple.server : s.tuple.client);
+    sockaddr_storage peer = to_sockaddr(s.server ? s.tuple.client : s.tuple.server);
+    s.record = board->open(fd, reinterpret_cast<sockaddr*>(&local), reinterpret_cast<sockaddr*>(&peer), backend,
+                           ConnState::established, s.server);
+  }
+  // The kernel socket no longer tells readiness: watch the connection instead.
+  for (int ep : s.epolls) {
+    EpollSet* set = epoll_of(ep);
+    if (!set) continue;
+    real().epoll_ctl(ep, EPOLL_CTL_DEL, fd, nullptr);
+    if (auto it = set->interests.find(fd); it != set->interests.end()) it->second.in_kernel = false;
+    watch_wait_set(ep, *set);
+  }
+  log::info(std::string("shim: fd ") + std::to_string(fd) + " (" + s.tuple.client.to_string() + " -> " +
+            s.tuple.server.to_string() + ") moved to " + c.backend_name());
+  wake_sleepers();
+}
+
+void Shim::watch_wait_set(int epfd, EpollSet& set) noexcept {
+  if (set.has_wait_set) return;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = kWaitSetMagic;
+  if (real().epoll_ctl(epfd, EPOLL_CTL_ADD, wait_set.get(), &ev) == 0 || errno == EEXIST) set.has_wait_set = true;
+}
+
+bool Shim::is_wait_set_event(const epoll_event& ev) const noexcept { return ev.data.u64 == kWaitSetMagic; }
+
+// ---- the client side ---------------------------------------------------------------
+
+void Shim::finish_connect(int fd, Socket& s, std::unique_lock<std::mutex>& lock) noexcept {
+  pollfd p{fd, POLLOUT, 0};
+  if (real().poll(&p, 1, 0) != 1) return;  // still connecting
+  sockaddr_storage peer{};
+  socklen_t length = sizeof peer;
+  // Failed: the error stays in SO_ERROR for the program to read.
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &length) != 0) return forget(fd);
+  negotiate_as_client(fd, s, lock);
+}
+
+void Shim::negotiate_as_client(int fd, Socket& s, std::unique_lock<std::mutex>& lock) noexcept {
+  auto tuple = tuple_of(fd, false);
+  if (!tuple) return forget(fd);
+  s.tuple = *tuple;
+  sockaddr_storage server = to_sockaddr(tuple->server);
+  if (!policy.allows(reinterpret_cast<sockaddr*>(&server))) return fall_back(fd, s, Fallback::policy);
+  // Across hosts the negotiation would go through rdma_cm; this version moves
+  // connections between processes of one host.
+  if (!same_host(*tuple)) return fall_back(fd, s, Fallback::not_supported);
+  std::string key = tuple->server.to_string();
+  if (auto it = no_shim.find(key); it != no_shim.end()) {
+    if (Clock::now() < it->second) return fall_back(fd, s, Fallback::no_peer_shim);
+    no_shim.erase(it);
+  }
+  transport::Engine* e = engine();
+  if (!e) return fall_back(fd, s, Fallback::no_backend);
+
+  UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!unix_fd) return fall_back(fd, s, Fallback::no_backend);
+  socklen_t length = 0;
+  sockaddr_un where = abstract_address(tuple->server.port, length);
+  if (real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0) {
+    if (errno == EAGAIN) return fall_back(fd, s, Fallback::timeout);  // its backlog is full
+    no_shim[key] = Clock::now() + kNoShimMemory;
+    return fall_back(fd, s, Fallback::no_peer_shim);
+  }
+  ucred cred{};
+  socklen_t cred_length = sizeof cred;
+  if (real().getsockopt(unix_fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
+      cred.pid == getpid())
+    // Our own listener: its engine cannot answer while this thread waits in it.
+    return fall_back(fd, s, Fallback::not_supported);
+  if (!send_all(unix_fd.get(), negotiation::encode(negotiation::Request{*tuple, static_cast<uint32_t>(getpid())}),
+                fd))
+    return fall_back(fd, s, Fallback::peer_refused);
+
+  // Wait for the answer without the mutex: this process's other threads go on.
+  std::array<std::byte, 64> buffer;
+  ssize_t n = -1;
+  auto deadline = Clock::now() + negotiate_timeout;
+  ++s.holds;
+  for (;;) {
+    n = receive_message(unix_fd.get(), buffer, nullptr);
+    if (n >= 0 || n == -2 || errno != EAGAIN) break;
+    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+    if (left <= 0) break;
+    pollfd p{unix_fd.get(), POLLIN, 0};
+    lock.unlock();
+    real().poll(&p, 1, static_cast<int>(left));
+    lock.lock();
+  }
+  bool gone = s.gone;
+  release(&s);
+  if (gone) return;
+  if (n < 0 && n != -2) return fall_back(fd, s, errno == EAGAIN ? Fallback::timeout : Fallback::peer_refused);
+  auto answer = n == -2 ? std::nullopt : negotiation::decode_answer(std::span(buffer.data(), std::size_t(n)));
+  if (!answer) {
+    send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
+    return fall_back(fd, s, Fallback::bad_message);
+  }
+  if (!answer->accepted) return fall_back(fd, s, fallback_for(answer->refusal));
+  transport::Connection* c = nullptr;
+  try {
+    c = &e->connect("127.0.0.1", answer->engine_port);
+  } catch (const std::exception& error) {
+    log::info(std::string("shim: ") + error.what());
+    send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
+    return fall_back(fd, s, Fallback::link_failed);
+  }
+  std::array<std::byte, 8> cookie;
+  bytes::put64(cookie.data(), answer->cookie);
+  if (c->stream_write(cookie) != cookie.size() ||
+      !send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::confirm))) {
+    c->close();
+    closing.push_back(c);
+    return fall_back(fd, s, Fallback::link_failed);
+  }
+  become_rxio(fd, s, *c);
+}
+
+// ---- the server side ---------------------------------------------------------------
+
+void Shim::start_listening(int fd, Socket& s) noexcept {
+  sockaddr_storage local{};
+  socklen_t length = sizeof local;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &length) != 0) return forget(fd);
+  auto endpoint = Endpoint::from(reinterpret_cast<sockaddr*>(&local));
+  if (!endpoint) return forget(fd);
+  if (!policy.allows(reinterpret_cast<sockaddr*>(&local))) return fall_back(fd, s, Fallback::policy);
+  if (!engine()) return fall_back(fd, s, Fallback::no_backend);
+  UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  socklen_t unix_length = 0;
+  sockaddr_un where = abstract_address(endpoint->port, unix_length);
+  if (!unix_fd || real().bind(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), unix_length) != 0 ||
+      real().listen(unix_fd.get(), 1024) != 0) {
+    // Another socket (an address of its own, another process) answers for this port.
+    return fall_back(fd, s, Fallback::not_supported);
+  }
+  s.mode = Socket::Mode::listening;
+  s.port = endpoint->port;
+  s.negotiation = std::move(unix_fd);
+  add_to_wait_set(s.negotiation.get());
+  listeners.push_back(&s);
+}
+
+void Shim::adopt_accepted(int fd) noexcept {
+  auto tuple = tuple_of(fd, true);
+  if (!tuple) return;
+  auto* s = new (std::nothrow) Socket();
+  if (!s) return;
+  s->server = true;
+  s->tuple = *tuple;
+  s->mode = Socket::Mode::pending;
+  sockets[fd].store(s, std::memory_order_release);
+  if (auto it = committed.find(*tuple); it != committed.end()) {
+    s->mode = Socket::Mode::committed;
+    it->second.fd = fd;
+  }
+  pending[*tuple] = fd;
+  service();
+}
+
+void Shim::decide_plain_as_server(int fd, Socket& s, Fallback reason) noexcept {
+  if (s.mode == Socket::Mode::pending) decided_plain[s.tuple] = Clock::now() + negotiate_timeout * 2;
+  fall_back(fd, s, reason);
+}
+
+void Shim::serve_listener(Socket& listener) noexcept {
+  for (;;) {
+    int fd = real().accept4(listener.negotiation.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;
+    peers.push_back(Peer{UniqueFd(fd), std::nullopt, 0});
+    add_to_wait_set(fd);
+  }
+}
+
+// False when the peer is done with (answered for good, or gone).
+bool Shim::serve_peer(Peer& peer) noexcept {
+  std::array<std::byte, 64> buffer;
+  UniqueFd passed;
+  ssize_t n = receive_message(peer.fd.get(), buffer, &passed);
+  if (n == -1 && errno == EAGAIN) return true;
+  auto refuse = [&](negotiation::Refusal why, Fallback counted) {
+    if (board) board->count(counted);
+    send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{false, why, 0, 0}));
+    return false;
+  };
+  if (!peer.tuple) {
+    if (n <= 0) return false;  // gone before asking
+    auto request = negotiation::decode_request(std::span(buffer.data(), std::size_t(n)));
+    if (!request) return refuse(negotiation::Refusal::bad_message, Fallback::bad_message);
+    // The proof: the client handed over its TCP socket, whose ends must be the ones it
+    // names, from the process it claims to be.
+    ucred cred{};
+    socklen_t cred_length = sizeof cred;
+    auto owned = passed ? tuple_of(passed.get(), false) : std::nullopt;
+    if (!owned || *owned != request->tuple ||
+        real().getsockopt(peer.fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
+        static_cast<uint32_t>(cred.pid) != request->pid)
+      return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
+    bool ours = false;
+    for (Socket* l : listeners) ours |= l->port == request->tuple.server.port;
+    if (!ours) return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
+    if (auto it = decided_plain.find(request->tuple); it != decided_plain.end()) {
+      decided_plain.erase(it);
+      return refuse(negotiation::Refusal::decided, Fallback::wrote_first);
+    }
+    sockaddr_storage client = to_sockaddr(request->tuple.client);
+    if (!policy.allows(reinterpret_cast<sockaddr*>(&client)))
+      return refuse(negotiation::Refusal::policy, Fallback::policy);
+    transport::Engine* e = engine();
+    if (!e) return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);
+    peer.tuple = request->tuple;
+    peer.cookie = random_cookie();
+    Committed& entry = committed[request->tuple];
+    entry = Committed{peer.cookie, nullptr, false, false, -1};
+    if (auto it = pending.find(request->tuple); it != pending.end()) {
+      entry.fd = it->second;
+      if (Socket* s = socket_of(it->second)) s->mode = Socket::Mode::committed;
+    }
+    if (!send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{true, {}, e->listen_port(), peer.cookie}))) {
+      entry.aborted = true;
+      settle(*peer.tuple);
+      return false;
+    }
+    return true;
+  }
+  // Accepted: now the confirm, or an abort (or the client vanishing: the same).
+  auto notice = n > 0 ? negotiation::decode_notice(std::span(buffer.data(), std::size_t(n))) : std::nullopt;
+  auto it = committed.find(*peer.tuple);
+  if (it == committed.end()) return false;
+  if (notice == negotiation::Kind::confirm) {
+    it->second.confirmed = true;
+    // The cookie went before the confirm; over verbs it may still be on the wire.
+    auto deadline = Clock::now() + negotiate_timeout;
+    while (!it->second.connection && Clock::now() < deadline) {
+      engine()->progress();
+      match_cookies();
+    }
+    if (!it->second.connection) it->second.aborted = true;
+  } else {
+    if (n > 0 && !notice && board) board->count(Fallback::bad_message);
+    it->second.aborted = true;
+  }
+  settle(*peer.tuple);
+  return false;
+}
+
+void Shim::match_cookies() noexcept {
+  transport::Engine* e = engine();
+  if (!e) return;
+  while (transport::Connection* c = e->try_accept()) unmatched.push_back(Unmatched{c, {}, 0});
+  for (std::size_t i = 0; i < unmatched.size();) {
+    Unmatched& u = unmatched[i];
+    u.have += u.connection->stream_read(std::span(u.cookie).subspan(u.have));
+    if (u.have < u.cookie.size() && !u.connection->stream_closed() && !u.connection->failed()) {
+      ++i;
+      continue;
+    }
+    bool matched = false;
+    if (u.have == u.cookie.size()) {
+      uint64_t cookie = bytes::get64(u.cookie.data());
+      for (auto& [tuple, entry] : committed) {
+        if (entry.cookie != cookie || entry.connection) continue;
+        entry.connection = u.connection;
+        matched = true;
+        break;
+      }
+    }
+    if (!matched) {
+      u.connection->close();
+      closing.push_back(u.connection);
+    }
+    unmatched.erase(unmatched.begin() + static_cast<long>(i));
+  }
+}
+
+void Shim::settle(const Tuple& tuple) noexcept {
+  auto it = committed.find(tuple);
+  if (it == committed.end()) return;
+  Committed& entry = it->second;
+  if (!entry.aborted && !(entry.confirmed && entry.connection)) return;
+  if (entry.fd < 0) return;  // the program has not accepted it yet: adopt_accepted settles
+  Socket* s = socket_of(entry.fd);
+  if (s && s->mode == Socket::Mode::committed) {
+    pending.erase(tuple);
+    if (entry.aborted) {
+      if (entry.connection) {
+        entry.connection->close();
+        closing.push_back(entry.connection);
+      }
+      fall_back(entry.fd, *s, Fallback::link_failed);
+    } else {
+      become_rxio(entry.fd, *s, *entry.connection);
+    }
+  }
+  committed.erase(it);
+}
+
+bool Shim::service() noexcept {
+  bool changed = false;
+  uint64_t drained;
+  while (real().read(kick.get(), &drained, sizeof drained) > 0) {
+  }
+  transport::Engine* e = engine();
+  if (e && e->on_wake() > 0) changed = true;
+  for (Socket* l : listeners) serve_listener(*l);
+  for (std::size_t i = 0; i < peers.size();) {
+    if (serve_peer(peers[i])) {
+      ++i;
+      continue;
+    }
+    remove_from_wait_set(peers[i].fd.get());
+    peers.erase(peers.begin() + static_cast<long>(i));
+    changed = true;
+  }
+  if (!unmatched.empty() || !committed.empty()) {
+    match_cookies();
+    std::vector<Tuple> ready;
+    for (auto& [tuple, entry] : committed)
+      if (entry.fd >= 0 && (entry.aborted || (entry.confirmed && entry.connection))) ready.push_back(tuple);
+    for (const Tuple& t : ready) settle(t);
+  }
+  // Connections the program closed: what still arrives is dropped, as a closed TCP
+  // socket would, so that the peer never waits for credit.
+  for (std::size_t i = 0; i < closing.size();) {
+    transport::Connection* c = closing[i];
+    std::array<std::byte, 4096> sink;
+    while (c->stream_read(sink) > 0) {
+    }
+    if (c->stream_closed() || c->failed()) closing.erase(closing.begin() + static_cast<long>(i));
+    else ++i;
+  }
+  const auto now = Clock::now();
+  std::erase_if(decided_plain, [&](const auto& entry) { return entry.second < now; });
+  return changed;
+}
+
+// ---- the calls interpose.cc hands over ---------------------------------------------
+
+void created(int fd) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::lock_guard lock(sh.mutex);
+  try {
+    sh.forget(fd);  // a stale entry, had the fd been closed behind the shim's back
+    sh.track(fd);
+  } catch (const std::bad_alloc&) {
+    // Untracked: the socket stays plain TCP.
+  }
+}
+
+int listen_on(int fd, int backlog) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::lock_guard lock(sh.mutex);
+  if (real().listen(fd, backlog) != 0) return -1;
+  if (Socket* s = sh.socket_of(fd); s && s->mode == Socket::Mode::fresh) sh.start_listening(fd, *s);
+  return 0;
+}
+
+int accept_on(int fd, sockaddr* address, socklen_t* length, int flags) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::unique_lock lock(sh.mutex);
+  int fl = real().fcntl(fd, F_GETFL);
+  const bool blocking = fl >= 0 && !(fl & O_NONBLOCK);
+  for (;;) {
+    // A blocking accept sleeps here rather than in the kernel, so that negotiations
+    // and the engine still progress while the program waits.
+    if (blocking) {
+      pollfd p[2] = {{fd, POLLIN, 0}, {}};
+      if (real().poll(p, 1, 0) == 0) {
+        if (sh.sleep(lock, p, 1, -1, nullptr) < 0 && errno == EINTR) return -1;
+        continue;
+      }
+    }
+    int accepted = real().accept4(fd, address, length, flags | (blocking ? SOCK_NONBLOCK : 0));
+    if (accepted < 0) {
+      if (blocking && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;  // another thread took it
+      return -1;
+    }
+    if (blocking && !(flags & SOCK_NONBLOCK)) {
+      int afl = real().fcntl(accepted, F_GETFL);
+      real().fcntl(accepted, F_SETFL, afl & ~O_NONBLOCK);
+    }
+    if (sh.socket_of(fd) && sh.socket_of(fd)->mode == Socket::Mode::listening) sh.adopt_accepted(accepted);
+    return accepted;
+  }
+}
+
+int connect_on(int fd, const sockaddr* address, socklen_t length) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  int rc = real().connect(fd, address, length);
+  int saved = errno;
+  std::unique_lock lock(sh.mutex);
+  Socket* s = sh.socket_of(fd);
+  if (s && s->mode == Socket::Mode::fresh) {
+    if (rc == 0) sh.negotiate_as_client(fd, *s, lock);
+    else if (saved == EINPROGRESS) s->mode = Socket::Mode::connecting;
+  }
+  errno = saved;
+  return rc;
+}
+
+int shutdown_on(int fd, int how) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::lock_guard lock(sh.mutex);
+  Socket* s = sh.socket_of(fd);
+  if (!s || s->mode != Socket::Mode::rxio) return real().shutdown(fd, how);
+  if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) {
+    errno = EINVAL;
+    return -1;
+  }
+  if (how != SHUT_WR) s->read_shut = true;
+  if (how != SHUT_RD && !s->write_shut) {
+    s->write_shut = true;
+    s->connection->close();
+    sh.engine()->progress();
+  }
+  if (s->record) s->record->state = static_cast<uint8_t>(ConnState::closing);
+  sh.wake_sleepers();
+  return 0;
+}
+
+int close_fd(int fd) noexcept {
+  Shim& sh = Shim::get();
+  {
+    Inside inside;
+    std::lock_guard lock(sh.mutex);
+    if (Socket* s = sh.socket_of(fd)) {
+      bool rxio = s->mode == Socket::Mode::rxio;
+      sh.forget(fd);
+      // What was written goes out now, as a closing TCP socket would send it.
+      if (rxio) sh.engine()->progress();
+    }
+  }
+  epoll_closed(fd);
+  return real().close(fd);
+}
+
+int duplicate(int fd, int result) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::lock_guard lock(sh.mutex);
+  if (result == fd || result < 0 || result >= Shim::kMaxFds) return result;
+  sh.forget(result);  // dup2 over a socket of ours closed it
+  if (Socket* s = sh.socket_of(fd)) {
+    ++s->refs;
+    sh.sockets[result].store(s, std::memory_order_release);
+  }
+  return result;
+}
+
+int socket_error(int fd, void* value, socklen_t* length) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::unique_lock lock(sh.mutex);
+  Socket* s = sh.socket_of(fd);
+  if (s && s->mode == Socket::Mode::connecting) sh.finish_connect(fd, *s, lock);
+  s = sh.socket_of(fd);
+  if (s && s->mode == Socket::Mode::rxio && s->connection->failed() && value && length &&
+      *length >= sizeof(int)) {
+    int error = ECONNRESET;
+    std::memcpy(value, &error, sizeof error);
+    *length = sizeof error;
+    return 0;
+  }
+  return real().getsockopt(fd, SOL_SOCKET, SO_ERROR, value, length);
+}
+
+int bytes_readable(int fd, int* count) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::lock_guard lock(sh.mutex);
+  Socket* s = sh.socket_of(fd);
+  if (!s || s->mode != Socket::Mode::rxio) return real().ioctl(fd, FIONREAD, count);
+  if (transport::Engine* e = sh.engine()) e->progress();
+  *count = static_cast<int>(std::min<std::size_t>(s->connection->stream_available(), INT32_MAX));
+  return 0;
+}
+
+}  // namespace rxio::shim

@@ -1,0 +1,82 @@
+// The messages two shims exchange to move a TCP connection onto an rxio link, on a
+// unix seqpacket socket beside the TCP connection (never inside it: a plain-TCP peer
+// must not see a byte of this). docs/shim.md has the sequence.
+//
+//   client                                    server (listening)
+//   Request + its TCP socket (SCM_RIGHTS) ->
+//                                          <- Answer: accept (engine port, cookie) or refuse
+//   engine connection, cookie as its first 8 stream bytes
+//   Confirm (or Abort: stay on TCP)       ->
+#pragma once
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+
+namespace rxio::shim {
+
+// One end of a TCP connection, as either family.
+struct Endpoint {
+  uint8_t family = 0;  // AF_INET or AF_INET6
+  std::array<uint8_t, 16> address{};
+  uint16_t port = 0;  // host order
+
+  static std::optional<Endpoint> from(const sockaddr* address) noexcept;
+  bool operator==(const Endpoint&) const = default;
+  std::string to_string() const;
+};
+
+// The connection as the client sees it: (client, server).
+struct Tuple {
+  Endpoint client, server;
+  bool operator==(const Tuple&) const = default;
+};
+struct TupleHash {
+  std::size_t operator()(const Tuple& t) const noexcept;
+};
+
+namespace negotiation {
+
+inline constexpr uint32_t kMagic = 0x474e5852;  // "RXNG"
+inline constexpr uint8_t kVersion = 1;
+
+enum class Kind : uint8_t { request = 1, accept = 2, refuse = 3, confirm = 4, abort = 5 };
+
+// Why a server refused; the client counts it as a fallback.
+enum class Refusal : uint8_t { policy = 1, not_owner = 2, decided = 3, unavailable = 4, bad_message = 5 };
+
+struct Request {
+  Tuple tuple;
+  uint32_t pid = 0;
+};
+struct Answer {
+  bool accepted = false;
+  Refusal refusal = Refusal::policy;
+  uint16_t engine_port = 0;
+  uint64_t cookie = 0;
+};
+
+inline constexpr std::size_t kRequestSize = 48;
+inline constexpr std::size_t kAnswerSize = 24;
+inline constexpr std::size_t kNoticeSize = 8;  // confirm, abort
+
+std::array<std::byte, kRequestSize> encode(const Request& request);
+std::array<std::byte, kAnswerSize> encode(const Answer& answer);
+std::array<std::byte, kNoticeSize> encode_notice(Kind kind);
+
+// nullopt for anything malformed, truncated, of another version or of the wrong kind.
+std::optional<Request> decode_request(std::span<const std::byte> bytes) noexcept;
+std::optional<Answer> decode_answer(std::span<const std::byte> bytes) noexcept;
+std::optional<Kind> decode_notice(std::span<const std::byte> bytes) noexcept;
+
+// The abstract unix name a listener on `port` answers at, per network namespace.
+std::string endpoint_name(uint16_t port);
+
+}  // namespace negotiation
+}  // namespace rxio::shim

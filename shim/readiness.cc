@@ -1,0 +1,374 @@
+// poll, ppoll, select, pselect and epoll over a mix of the program's own fds and
+// sockets carried by rxio, without a thread per socket.
+//
+// A socket in rxio mode leaves the kernel's view: its readiness comes from its
+// transport connection. Every wait that involves one also watches the shim's wait set
+// (an epoll fd over the engine's wake-up fds and the negotiation sockets), so a kernel
+// sleep ends when a peer writes, and the shim then works out who became ready. The
+// program's epoll sets hold the wait set as one more member, so nested epoll sets and
+// an fd in several sets keep working.
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <vector>
+
+#include "shim/calls.h"
+#include "shim/real.h"
+
+namespace rxio::shim {
+
+using Clock = std::chrono::steady_clock;
+
+short readiness(const Socket& s) noexcept {
+  const transport::Connection& c = *s.connection;
+  short events = 0;
+  if (c.failed()) return POLLIN | POLLRDNORM | POLLOUT | POLLERR | POLLHUP;
+  if (c.stream_readable() || s.read_shut) events |= POLLIN | POLLRDNORM;
+  if (c.stream_closed()) events |= POLLRDHUP | (s.write_shut ? POLLHUP : 0);
+  // After shutdown(SHUT_WR) TCP still says writable: the write then fails at once.
+  if (s.write_shut || c.stream_writable()) events |= POLLOUT | POLLWRNORM;
+  return events;
+}
+
+int Shim::sleep(std::unique_lock<std::mutex>& lock, pollfd* fds, unsigned long count, int timeout_ms,
+                const sigset_t* mask) noexcept {
+  transport::Engine* e = engine();
+  if (e && !e->arm()) return 0;  // work came in: the caller looks again
+  fds[count] = pollfd{wait_set.get(), POLLIN, 0};
+  sleepers.fetch_add(1, std::memory_order_acq_rel);
+  lock.unlock();
+  int n;
+  if (mask) {
+    timespec ts{timeout_ms / 1000, (timeout_ms % 1000) * 1000000L};
+    n = real().ppoll(fds, count + 1, timeout_ms < 0 ? nullptr : &ts, mask);
+  } else {
+    n = real().poll(fds, count + 1, timeout_ms);
+  }
+  int saved = errno;
+  lock.lock();
+  sleepers.fetch_sub(1, std::memory_order_acq_rel);
+  if (n > 0 && fds[count].revents) {
+    --n;
+    service();
+  }
+  errno = saved;
+  return n;
+}
+
+namespace {
+
+int remaining(Clock::time_point deadline, int timeout_ms) {
+  if (timeout_ms < 0) return -1;
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  return left > 0 ? static_cast<int>(left) : 0;
+}
+
+bool involves_shim(const Socket* s) { return s && s->mode != Socket::Mode::fresh; }
+
+uint32_t to_epoll(short poll_events) { return static_cast<uint32_t>(static_cast<unsigned short>(poll_events)); }
+
+// Small sets stay on the stack.
+template <typename T, std::size_t N>
+class Scratch {
+ public:
+  explicit Scratch(std::size_t n) {
+    if (n > N) heap_.resize(n);
+    data_ = n > N ? heap_.data() : stack_;
+  }
+  T* data() { return data_; }
+
+ private:
+  T stack_[N];
+  std::vector<T> heap_;
+  T* data_;
+};
+
+}  // namespace
+
+int poll_any(pollfd* fds, nfds_t count, int timeout_ms, const sigset_t* mask) noexcept {
+  Shim& sh = Shim::get();
+  bool ours = false;
+  for (nfds_t i = 0; i < count && !ours; ++i) ours = involves_shim(sh.socket_of(fds[i].fd));
+  if (!ours) {
+    if (!mask) return real().poll(fds, count, timeout_ms);
+    timespec ts{timeout_ms / 1000, (timeout_ms % 1000) * 1000000L};
+    return real().ppoll(fds, count, timeout_ms < 0 ? nullptr : &ts, mask);
+  }
+  Inside inside;
+  std::unique_lock lock(sh.mutex);
+  const auto start = Clock::now();
+  const auto deadline = start + std::chrono::milliseconds(timeout_ms < 0 ? 0 : timeout_ms);
+  auto spin_until = start + sh.poll_time;
+  Scratch<pollfd, 64> kernel(count + 1);
+  transport::Engine* engine = sh.engine();
+  for (;;) {
+    // What arrived since the last call counts even when something is ready already.
+    if (engine) engine->progress();
+    bool any_kernel = false, any_rxio = false;
+    int ready = 0;
+    for (nfds_t i = 0; i < count; ++i) {
+      kernel.data()[i] = fds[i];
+      kernel.data()[i].revents = 0;
+      fds[i].revents = 0;
+      Socket* s = sh.socket_of(fds[i].fd);
+      if (s && s->mode == Socket::Mode::rxio) {
+        kernel.data()[i].fd = -1;
+        any_rxio = true;
+        fds[i].revents = static_cast<short>(readiness(*s) & (fds[i].events | POLLERR | POLLHUP));
+        ready += fds[i].revents != 0;
+      } else if (fds[i].fd >= 0) {
+        any_kernel = true;
+      }
+    }
+    // A socket still connecting is reported as the kernel sees it: the program's next
+    // call on it (SO_ERROR, a write) negotiates.
+    if (any_kernel && real().poll(kernel.data(), count, 0) > 0) {
+      for (nfds_t i = 0; i < count; ++i) {
+        if (!kernel.data()[i].revents || kernel.data()[i].fd < 0) continue;
+        fds[i].revents = kernel.data()[i].revents;
+        ++ready;
+      }
+    }
+    if (ready > 0 || timeout_ms == 0) return ready;
+    int left = remaining(deadline, timeout_ms);
+    if (left == 0) return 0;
+    if (any_rxio && Clock::now() < spin_until) {
+      lock.unlock();
+      lock.lock();
+      continue;
+    }
+    for (nfds_t i = 0; i < count; ++i) kernel.data()[i].revents = 0;
+    int n = sh.sleep(lock, kernel.data(), count, left, mask);
+    if (n < 0 && errno == EINTR) return -1;
+  }
+}
+
+int select_any(int nfds, fd_set* readable, fd_set* writable, fd_set* failed, int timeout_ms,
+               const sigset_t* mask) noexcept {
+  Shim& sh = Shim::get();
+  std::vector<pollfd> fds;
+  for (int fd = 0; fd < nfds; ++fd) {
+    short events = 0;
+    if (readable && FD_ISSET(fd, readable)) events |= POLLIN;
+    if (writable && FD_ISSET(fd, writable)) events |= POLLOUT;
+    if (failed && FD_ISSET(fd, failed)) events |= POLLPRI;
+    if (events) fds.push_back({fd, events, 0});
+  }
+  int n = poll_any(fds.data(), fds.size(), timeout_ms, mask);
+  if (n < 0) return n;
+  if (readable) FD_ZERO(readable);
+  if (writable) FD_ZERO(writable);
+  if (failed) FD_ZERO(failed);
+  int total = 0;
+  for (const pollfd& p : fds) {
+    if (p.revents & POLLNVAL) {
+      errno = EBADF;
+      return -1;
+    }
+    // As the kernel's select: an error or hang-up makes an fd readable and writable.
+    if (readable && (p.events & POLLIN) && (p.revents & (POLLIN | POLLHUP | POLLERR))) {
+      FD_SET(p.fd, readable);
+      ++total;
+    }
+    if (writable && (p.events & POLLOUT) && (p.revents & (POLLOUT | POLLERR))) {
+      FD_SET(p.fd, writable);
+      ++total;
+    }
+    if (failed && (p.events & POLLPRI) && (p.revents & POLLPRI)) {
+      FD_SET(p.fd, failed);
+      ++total;
+    }
+  }
+  (void)sh;
+  return total;
+}
+
+// ---- epoll -------------------------------------------------------------------------
+
+int epoll_control(int epfd, int op, int fd, epoll_event* event) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::unique_lock lock(sh.mutex);
+  Socket* s = sh.socket_of(fd);
+  if (!s) return real().epoll_ctl(epfd, op, fd, event);
+  EpollSet* set = sh.epoll_of(epfd);
+  if (!set) {
+    if (epfd < 0 || epfd >= Shim::kMaxFds) return real().epoll_ctl(epfd, op, fd, event);
+    set = new (std::nothrow) EpollSet();
+    if (!set) {
+      errno = ENOMEM;
+      return -1;
+    }
+    sh.epolls[epfd].store(set, std::memory_order_release);
+  }
+  auto it = set->interests.find(fd);
+  const bool rxio = s->mode == Socket::Mode::rxio;
+  switch (op) {
+    case EPOLL_CTL_ADD: {
+      if (it != set->interests.end()) {
+        errno = EEXIST;
+        return -1;
+      }
+      if (!event) {
+        errno = EFAULT;
+        return -1;
+      }
+      if (!rxio && real().epoll_ctl(epfd, op, fd, event) != 0) return -1;
+      EpollSet::Interest interest;
+      interest.events = event->events;
+      interest.data = event->data;
+      interest.in_kernel = !rxio;
+      set->interests[fd] = interest;
+      s->epolls.push_back(epfd);
+      sh.watch_wait_set(epfd, *set);
+      if (rxio) sh.wake_sleepers();
+      return 0;
+    }
+    case EPOLL_CTL_MOD: {
+      if (it == set->interests.end()) {
+        errno = ENOENT;
+        return -1;
+      }
+      if (!event) {
+        errno = EFAULT;
+        return -1;
+      }
+      if (it->second.in_kernel && real().epoll_ctl(epfd, op, fd, event) != 0) return -1;
+      it->second.events = event->events;
+      it->second.data = event->data;
+      it->second.disarmed = false;
+      it->second.reported = 0;
+      it->second.reported_at = ~0ull;
+      if (rxio) sh.wake_sleepers();
+      return 0;
+    }
+    case EPOLL_CTL_DEL: {
+      if (it == set->interests.end()) {
+        errno = ENOENT;
+        return -1;
+      }
+      if (it->second.in_kernel && real().epoll_ctl(epfd, op, fd, event) != 0) return -1;
+      set->interests.erase(it);
+      std::erase(s->epolls, epfd);
+      return 0;
+    }
+    default:
+      errno = EINVAL;
+      return -1;
+  }
+}
+
+void epoll_closed(int epfd) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::unique_lock lock(sh.mutex);
+  EpollSet* set = sh.epoll_of(epfd);
+  if (!set) return;
+  sh.epolls[epfd].store(nullptr, std::memory_order_release);
+  for (auto& [fd, interest] : set->interests)
+    if (Socket* s = sh.socket_of(fd)) std::erase(s->epolls, epfd);
+  delete set;
+}
+
+namespace {
+
+// The rxio sockets of `set` that are ready, as epoll reports them.
+int collect(Shim& sh, EpollSet& set, epoll_event* events, int max) noexcept {
+  int n = 0;
+  for (auto& [fd, interest] : set.interests) {
+    if (n == max) break;
+    if (interest.in_kernel || interest.disarmed) continue;
+    Socket* s = sh.socket_of(fd);
+    if (!s || s->mode != Socket::Mode::rxio) continue;
+    uint32_t ready = to_epoll(readiness(*s)) & (interest.events | EPOLLERR | EPOLLHUP);
+    if (!ready) continue;
+    if (interest.events & EPOLLET) {
+      uint64_t seen = s->connection->stream_events();
+      // An edge: a readiness bit that was not there, or bytes that came since.
+      if (!(ready & ~interest.reported) && seen == interest.reported_at) {
+        interest.reported = ready;
+        continue;
+      }
+      interest.reported = ready;
+      interest.reported_at = seen;
+    }
+    if (interest.events & EPOLLONESHOT) interest.disarmed = true;
+    events[n].events = ready;
+    events[n].data = interest.data;
+    ++n;
+  }
+  return n;
+}
+
+// Keeps the kernel's events for the program; the wait set's own entry is serviced
+// instead.
+int take_kernel(Shim& sh, epoll_event* events, int got, bool& woke) noexcept {
+  int kept = 0;
+  for (int i = 0; i < got; ++i) {
+    if (sh.is_wait_set_event(events[i])) {
+      woke = true;
+      continue;
+    }
+    events[kept++] = events[i];
+  }
+  if (woke) sh.service();
+  return kept;
+}
+
+}  // namespace
+
+int epoll_wait_any(int epfd, epoll_event* events, int max, int timeout_ms, const sigset_t* mask) noexcept {
+  Shim& sh = Shim::get();
+  if (!sh.epoll_of(epfd) || max <= 0) return real().epoll_pwait(epfd, events, max, timeout_ms, mask);
+  Inside inside;
+  std::unique_lock lock(sh.mutex);
+  EpollSet* set = sh.epoll_of(epfd);
+  if (!set) {
+    lock.unlock();
+    return real().epoll_pwait(epfd, events, max, timeout_ms, mask);
+  }
+  const auto start = Clock::now();
+  const auto deadline = start + std::chrono::milliseconds(timeout_ms < 0 ? 0 : timeout_ms);
+  auto spin_until = start + sh.poll_time;
+  transport::Engine* engine = sh.engine();
+  for (;;) {
+    if (engine) engine->progress();
+    bool any_rxio = false;
+    for (auto& [fd, interest] : set->interests) any_rxio |= !interest.in_kernel;
+    int n = collect(sh, *set, events, max);
+    bool woke = false;
+    if (n < max) {
+      int got = real().epoll_wait(epfd, events + n, max - n, 0);
+      if (got > 0) n += take_kernel(sh, events + n, got, woke);
+    }
+    if (n > 0) return n;
+    if (woke) continue;
+    if (timeout_ms == 0) return 0;
+    int left = remaining(deadline, timeout_ms);
+    if (left == 0) return 0;
+    if (any_rxio && Clock::now() < spin_until) {
+      lock.unlock();
+      lock.lock();
+      continue;
+    }
+    if (engine && !engine->arm()) continue;
+    sh.sleepers.fetch_add(1, std::memory_order_acq_rel);
+    lock.unlock();
+    int got = real().epoll_pwait(epfd, events, max, left, mask);
+    int saved = errno;
+    lock.lock();
+    sh.sleepers.fetch_sub(1, std::memory_order_acq_rel);
+    set = sh.epoll_of(epfd);
+    if (got < 0) {
+      errno = saved;
+      return -1;
+    }
+    if (!set) return got;
+    n = take_kernel(sh, events, got, woke);
+    if (n > 0) return n;
+  }
+}
+
+}  // namespace rxio::shim

@@ -1,0 +1,195 @@
+// The shim's process-wide state: the fd table, the engine, the negotiation endpoints
+// and the wait set that readiness calls sleep on (docs/shim.md).
+//
+// Locking: one mutex guards the engine and everything below it (the engine belongs to
+// one thread at a time). Calls on fds the shim does not own read one table entry and
+// go straight to the C library. Nothing sleeps while holding the mutex: waits drop it,
+// sleep in the kernel on the app's fds plus the wait set, and take it again.
+#pragma once
+
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+#include "base/fd.h"
+#include "shim/negotiation.h"
+#include "shim/policy.h"
+#include "shim/stat.h"
+#include "transport/engine.h"
+
+namespace rxio::shim {
+
+// True while this thread runs shim code: the engine's own system calls then go
+// straight to the C library.
+extern thread_local bool t_inside;
+
+struct Inside {
+  bool was;
+  Inside() noexcept : was(t_inside) { t_inside = true; }
+  ~Inside() { t_inside = was; }
+  Inside(const Inside&) = delete;
+  Inside& operator=(const Inside&) = delete;
+};
+
+// What the shim knows about one TCP socket of the program. Shared by dup()s of it.
+struct Socket {
+  enum class Mode : uint8_t {
+    fresh,       // created, neither connected nor listening yet
+    connecting,  // a non-blocking connect is under way; negotiation follows
+    listening,   // answers negotiations for its port
+    pending,     // accepted; the peer's shim may still ask to move it
+    committed,   // we accepted the peer's request; waiting for its confirm or abort
+    rxio,        // carried by a transport connection
+  };
+  Mode mode = Mode::fresh;
+  int refs = 1;  // fds (dup) naming it
+  transport::Connection* connection = nullptr;
+  StatRecord* record = nullptr;
+  Tuple tuple;               // client and server ends (pending, committed, rxio)
+  bool server = false;       // accepted here
+  bool read_shut = false;    // shutdown(SHUT_RD) here
+  bool write_shut = false;   // shutdown(SHUT_WR) here
+  std::vector<int> epolls;   // epoll fds that watch it
+  int holds = 0;             // threads waiting on it without the mutex
+  bool gone = false;         // closed while held: the last holder frees it
+  // Listener: its negotiation endpoint.
+  UniqueFd negotiation;
+  uint16_t port = 0;
+};
+
+// An epoll fd of the program that watches at least one socket the shim owns.
+struct EpollSet {
+  struct Interest {
+    uint32_t events = 0;
+    epoll_data_t data{};
+    bool in_kernel = true;         // the kernel watches it (every mode but rxio)
+    bool disarmed = false;         // EPOLLONESHOT fired
+    uint64_t reported_at = ~0ull;  // edge-triggered: stream_events() when last reported
+    uint32_t reported = 0;         // edge-triggered: the events then
+  };
+  std::unordered_map<int, Interest> interests;  // the shim's sockets in this set
+  bool has_wait_set = false;  // the shim's wait fd is in the kernel set
+};
+
+// A negotiation in progress on the server side, on its own unix socket.
+struct Peer {
+  UniqueFd fd;
+  std::optional<Tuple> tuple;  // set once its request was accepted
+  uint64_t cookie = 0;
+};
+
+// A connection a peer's engine opened, whose cookie has not arrived in full.
+struct Unmatched {
+  transport::Connection* connection;
+  std::array<std::byte, 8> cookie;
+  std::size_t have;
+};
+
+// The transport connection a committed tuple will use, once its cookie arrived.
+struct Committed {
+  uint64_t cookie = 0;
+  transport::Connection* connection = nullptr;
+  bool confirmed = false;
+  bool aborted = false;
+  int fd = -1;  // the program's socket, once it accepted it
+};
+
+class Shim {
+ public:
+  static Shim& get();  // made on first use; lives until the process ends
+  // Null until a program's first TCP socket: until then every call goes straight through.
+  static Shim* current() noexcept { return current_.load(std::memory_order_acquire); }
+
+  std::mutex mutex;
+  // fd -> socket; a plain load for fds the shim never saw.
+  static constexpr int kMaxFds = 1 << 16;
+  std::atomic<Socket*> sockets[kMaxFds] = {};
+  std::atomic<EpollSet*> epolls[kMaxFds] = {};
+
+  Policy policy;
+  std::optional<StatBoard> board;
+  std::chrono::milliseconds negotiate_timeout{1000};
+  std::chrono::microseconds poll_time{0};
+
+  // Everything a shim wait sleeps on besides the program's own fds: the engine, the
+  // negotiation endpoints and peers, and a kick that wakes other sleeping threads.
+  UniqueFd wait_set;
+  UniqueFd kick;
+  std::atomic<int> sleepers{0};
+
+  // The engine; made when a socket first needs it. Without one, everything is TCP.
+  transport::Engine* engine() noexcept;
+
+  std::vector<Socket*> listeners;
+  std::vector<Peer> peers;
+  std::unordered_map<Tuple, Committed, TupleHash> committed;
+  std::unordered_map<Tuple, int, TupleHash> pending;  // accepted sockets not yet decided
+  std::vector<Unmatched> unmatched;
+  // Connections whose socket was closed: drained until the peer closes too.
+  std::vector<transport::Connection*> closing;
+  // Servers that have no shim: (address, port) -> until when to believe it.
+  std::unordered_map<std::string, std::chrono::steady_clock::time_point> no_shim;
+  // Tuples decided as plain TCP on the server side before a request came.
+  std::unordered_map<Tuple, std::chrono::steady_clock::time_point, TupleHash> decided_plain;
+
+  Socket* socket_of(int fd) const noexcept {
+    return fd >= 0 && fd < kMaxFds ? sockets[fd].load(std::memory_order_acquire) : nullptr;
+  }
+  EpollSet* epoll_of(int fd) const noexcept {
+    return fd >= 0 && fd < kMaxFds ? epolls[fd].load(std::memory_order_acquire) : nullptr;
+  }
+
+  // Control path (control.cc); called with the mutex held.
+  void track(int fd);
+  void forget(int fd) noexcept;       // the fd is closing, or stays plain TCP
+  void release(Socket* s) noexcept;   // drops a hold
+  void fall_back(int fd, Socket& s, Fallback reason) noexcept;
+  void become_rxio(int fd, Socket& s, transport::Connection& c) noexcept;
+  void negotiate_as_client(int fd, Socket& s, std::unique_lock<std::mutex>& lock) noexcept;
+  void finish_connect(int fd, Socket& s, std::unique_lock<std::mutex>& lock) noexcept;
+  void start_listening(int fd, Socket& s) noexcept;
+  void adopt_accepted(int fd) noexcept;
+  void decide_plain_as_server(int fd, Socket& s, Fallback reason) noexcept;
+  // Handles what the wait set reported: engine events, negotiations. Returns whether
+  // anything changed.
+  bool service() noexcept;
+  void add_to_wait_set(int fd) noexcept;
+  void remove_from_wait_set(int fd) noexcept;
+  // Puts the wait set into one of the program's epoll sets.
+  void watch_wait_set(int epfd, EpollSet& set) noexcept;
+  bool is_wait_set_event(const epoll_event& event) const noexcept;
+
+  // Sleeps on `fds` plus the wait set, without the mutex; spins first. Returns as
+  // real poll() does, with the wait set's own entry removed from the count.
+  int sleep(std::unique_lock<std::mutex>& lock, struct pollfd* fds, unsigned long count, int timeout_ms,
+            const sigset_t* mask) noexcept;
+  // Wakes threads sleeping in the shim after this one changed what they wait for.
+  void wake_sleepers() noexcept;
+
+ private:
+  Shim();
+  static std::atomic<Shim*> current_;
+  transport::Engine* engine_ = nullptr;
+  bool engine_failed = false;
+  std::chrono::steady_clock::time_point engine_retry_at{};
+  void serve_listener(Socket& listener) noexcept;
+  bool serve_peer(Peer& peer) noexcept;
+  void match_cookies() noexcept;
+  void settle(const Tuple& tuple) noexcept;
+};
+
+// Readiness of a socket in rxio mode, as poll() events (POLLIN, POLLOUT, POLLHUP,
+// POLLRDHUP, POLLERR).
+short readiness(const Socket& s) noexcept;
+
+}  // namespace rxio::shim
