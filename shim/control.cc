@@ -246,8 +246,10 @@ void Shim::forget(int fd) noexcept {
   }
   if (s->record && board) board->close(s->record);
   if (s->mode == Socket::Mode::listening) {
-    remove_from_wait_set(s->negotiation.get());
-    std::erase(listeners, s);
+    if (auto it = endpoints.find(s->port); it != endpoints.end() && --it->second.listeners == 0) {
+      remove_from_wait_set(it->second.fd.get());
+      endpoints.erase(it);
+    }
   }
   if (s->mode == Socket::Mode::pending || s->mode == Socket::Mode::committed) pending.erase(s->tuple);
   if (s->holds > 0) {
@@ -404,19 +406,22 @@ void Shim::start_listening(int fd, Socket& s) noexcept {
   if (!endpoint) return forget(fd);
   if (!policy.allows(reinterpret_cast<sockaddr*>(&local))) return fall_back(fd, s, Fallback::policy);
   if (!engine()) return fall_back(fd, s, Fallback::no_backend);
-  UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  socklen_t unix_length = 0;
-  sockaddr_un where = abstract_address(endpoint->port, unix_length);
-  if (!unix_fd || real().bind(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), unix_length) != 0 ||
-      real().listen(unix_fd.get(), 1024) != 0) {
-    // Another socket (an address of its own, another process) answers for this port.
-    return fall_back(fd, s, Fallback::not_supported);
+  auto it = endpoints.find(endpoint->port);
+  if (it == endpoints.end()) {
+    UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    socklen_t unix_length = 0;
+    sockaddr_un where = abstract_address(endpoint->port, unix_length);
+    if (!unix_fd || real().bind(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), unix_length) != 0 ||
+        real().listen(unix_fd.get(), 1024) != 0) {
+      // Another process answers for this port (its own address on the same port).
+      return fall_back(fd, s, Fallback::not_supported);
+    }
+    add_to_wait_set(unix_fd.get());
+    it = endpoints.emplace(endpoint->port, Listening{std::move(unix_fd), 0}).first;
   }
+  ++it->second.listeners;
   s.mode = Socket::Mode::listening;
   s.port = endpoint->port;
-  s.negotiation = std::move(unix_fd);
-  add_to_wait_set(s.negotiation.get());
-  listeners.push_back(&s);
 }
 
 void Shim::adopt_accepted(int fd) noexcept {
@@ -441,9 +446,9 @@ void Shim::decide_plain_as_server(int fd, Socket& s, Fallback reason) noexcept {
   fall_back(fd, s, reason);
 }
 
-void Shim::serve_listener(Socket& listener) noexcept {
+void Shim::serve_endpoint(int endpoint) noexcept {
   for (;;) {
-    int fd = real().accept4(listener.negotiation.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int fd = real().accept4(endpoint, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) return;
     peers.push_back(Peer{UniqueFd(fd), std::nullopt, 0});
     add_to_wait_set(fd);
@@ -474,9 +479,7 @@ bool Shim::serve_peer(Peer& peer) noexcept {
         real().getsockopt(peer.fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
         static_cast<uint32_t>(cred.pid) != request->pid)
       return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
-    bool ours = false;
-    for (Socket* l : listeners) ours |= l->port == request->tuple.server.port;
-    if (!ours) return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
+    if (!endpoints.contains(request->tuple.server.port)) return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
     if (auto it = decided_plain.find(request->tuple); it != decided_plain.end()) {
       decided_plain.erase(it);
       return refuse(negotiation::Refusal::decided, Fallback::wrote_first);
@@ -580,7 +583,7 @@ bool Shim::service() noexcept {
   }
   transport::Engine* e = engine();
   if (e && e->on_wake() > 0) changed = true;
-  for (Socket* l : listeners) serve_listener(*l);
+  for (auto& [port, endpoint] : endpoints) serve_endpoint(endpoint.fd.get());
   for (std::size_t i = 0; i < peers.size();) {
     if (serve_peer(peers[i])) {
       ++i;

@@ -62,9 +62,7 @@ struct Socket {
   std::vector<int> epolls;   // epoll fds that watch it
   int holds = 0;             // threads waiting on it without the mutex
   bool gone = false;         // closed while held: the last holder frees it
-  // Listener: its negotiation endpoint.
-  UniqueFd negotiation;
-  uint16_t port = 0;
+  uint16_t port = 0;  // listening: the port it answers negotiations for
 };
 
 // An epoll fd of the program that watches at least one socket the shim owns.
@@ -130,7 +128,13 @@ class Shim {
   // The engine; made when a socket first needs it. Without one, everything is TCP.
   transport::Engine* engine() noexcept;
 
-  std::vector<Socket*> listeners;
+  // Negotiation endpoints by port, shared by this process's listeners on that port
+  // (a dual-stack server listens on 0.0.0.0 and :: with one port).
+  struct Listening {
+    UniqueFd fd;
+    int listeners = 0;
+  };
+  std::unordered_map<uint16_t, Listening> endpoints;
   std::vector<Peer> peers;
   std::unordered_map<Tuple, Committed, TupleHash> committed;
   std::unordered_map<Tuple, int, TupleHash> pending;  // accepted sockets not yet decided
@@ -182,7 +186,7 @@ class Shim {
   transport::Engine* engine_ = nullptr;
   bool engine_failed = false;
   std::chrono::steady_clock::time_point engine_retry_at{};
-  void serve_listener(Socket& listener) noexcept;
+  void serve_endpoint(int fd) noexcept;
   bool serve_peer(Peer& peer) noexcept;
   void match_cookies() noexcept;
   void settle(const Tuple& tuple) noexcept;
