@@ -192,8 +192,6 @@ Shim::Shim() {
     log::warn(std::string("shim: ") + e.what());
   }
   wait_set.reset(::epoll_create1(EPOLL_CLOEXEC));
-  kick.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
-  add_to_wait_set(kick.get());
 }
 
 transport::Engine* Shim::engine() noexcept {
@@ -222,10 +220,32 @@ void Shim::add_to_wait_set(int fd) noexcept {
 
 void Shim::remove_from_wait_set(int fd) noexcept { ::epoll_ctl(wait_set.get(), EPOLL_CTL_DEL, fd, nullptr); }
 
+int Shim::progress() noexcept { return engine_ ? engine_->progress() : 0; }
+
+void ShimMutex::unlock() noexcept {
+  shim_.hand_over();
+  mutex_.unlock();
+}
+
+void Shim::hand_over() noexcept {
+  if (!engine_ || sleeping.empty()) return;
+  // Progress disarms the engine's wake-ups (a shm port tells its peer it is awake),
+  // and what this thread took in may be what another one sleeps for.
+  bool moved = engine_->handled() != handed_over_at_;
+  if (!engine_->arm() || moved) {
+    handed_over_at_ = engine_->handled();
+    wake_sleepers();
+  }
+}
+
 void Shim::wake_sleepers() noexcept {
-  if (sleepers.load(std::memory_order_acquire) == 0) return;
   uint64_t one = 1;
-  [[maybe_unused]] ssize_t n = real().write(kick.get(), &one, sizeof one);
+  for (int waker : sleeping) [[maybe_unused]] ssize_t n = real().write(waker, &one, sizeof one);
+}
+
+int Shim::my_waker() noexcept {
+  static thread_local UniqueFd waker(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  return waker.get();
 }
 
 void Shim::track(int fd) {
@@ -306,7 +326,7 @@ bool Shim::is_wait_set_event(const epoll_event& ev) const noexcept { return ev.d
 
 // ---- the client side ---------------------------------------------------------------
 
-void Shim::finish_connect(int fd, Socket& s, std::unique_lock<std::mutex>& lock) noexcept {
+void Shim::finish_connect(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept {
   pollfd p{fd, POLLOUT, 0};
   if (real().poll(&p, 1, 0) != 1) return;  // still connecting
   sockaddr_storage peer{};
@@ -316,7 +336,7 @@ void Shim::finish_connect(int fd, Socket& s, std::unique_lock<std::mutex>& lock)
   negotiate_as_client(fd, s, lock);
 }
 
-void Shim::negotiate_as_client(int fd, Socket& s, std::unique_lock<std::mutex>& lock) noexcept {
+void Shim::negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept {
   auto tuple = tuple_of(fd, false);
   if (!tuple) return forget(fd);
   s.tuple = *tuple;
@@ -513,7 +533,7 @@ bool Shim::serve_peer(Peer& peer) noexcept {
     // The cookie went before the confirm; over verbs it may still be on the wire.
     auto deadline = Clock::now() + negotiate_timeout;
     while (!it->second.connection && Clock::now() < deadline) {
-      engine()->progress();
+      progress();
       match_cookies();
     }
     if (!it->second.connection) it->second.aborted = true;
@@ -578,11 +598,8 @@ void Shim::settle(const Tuple& tuple) noexcept {
 
 bool Shim::service() noexcept {
   bool changed = false;
-  uint64_t drained;
-  while (real().read(kick.get(), &drained, sizeof drained) > 0) {
-  }
   transport::Engine* e = engine();
-  if (e && e->on_wake() > 0) changed = true;
+  if (e) changed = e->on_wake() > 0;
   for (auto& [port, endpoint] : endpoints) serve_endpoint(endpoint.fd.get());
   for (std::size_t i = 0; i < peers.size();) {
     if (serve_peer(peers[i])) {
@@ -648,7 +665,7 @@ int accept_on(int fd, sockaddr* address, socklen_t* length, int flags) noexcept 
     // A blocking accept sleeps here rather than in the kernel, so that negotiations
     // and the engine still progress while the program waits.
     if (blocking) {
-      pollfd p[2] = {{fd, POLLIN, 0}, {}};
+      pollfd p[3] = {{fd, POLLIN, 0}, {}, {}};
       if (real().poll(p, 1, 0) == 0) {
         if (sh.sleep(lock, p, 1, -1, nullptr) < 0 && errno == EINTR) return -1;
         continue;
@@ -697,7 +714,7 @@ int shutdown_on(int fd, int how) noexcept {
   if (how != SHUT_RD && !s->write_shut) {
     s->write_shut = true;
     s->connection->close();
-    sh.engine()->progress();
+    sh.progress();
   }
   if (s->record) s->record->state = static_cast<uint8_t>(ConnState::closing);
   sh.wake_sleepers();
@@ -713,7 +730,7 @@ int close_fd(int fd) noexcept {
       bool rxio = s->mode == Socket::Mode::rxio;
       sh.forget(fd);
       // What was written goes out now, as a closing TCP socket would send it.
-      if (rxio) sh.engine()->progress();
+      if (rxio) sh.progress();
     }
   }
   epoll_closed(fd);
@@ -756,7 +773,7 @@ int bytes_readable(int fd, int* count) noexcept {
   std::lock_guard lock(sh.mutex);
   Socket* s = sh.socket_of(fd);
   if (!s || s->mode != Socket::Mode::rxio) return real().ioctl(fd, FIONREAD, count);
-  if (transport::Engine* e = sh.engine()) e->progress();
+  sh.progress();
   *count = static_cast<int>(std::min<std::size_t>(s->connection->stream_available(), INT32_MAX));
   return 0;
 }

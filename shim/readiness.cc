@@ -8,6 +8,7 @@
 // program's epoll sets hold the wait set as one more member, so nested epoll sets and
 // an fd in several sets keep working.
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -32,23 +33,30 @@ short readiness(const Socket& s) noexcept {
   return events;
 }
 
-int Shim::sleep(std::unique_lock<std::mutex>& lock, pollfd* fds, unsigned long count, int timeout_ms,
+int Shim::sleep(std::unique_lock<ShimMutex>& lock, pollfd* fds, unsigned long count, int timeout_ms,
                 const sigset_t* mask) noexcept {
   transport::Engine* e = engine();
   if (e && !e->arm()) return 0;  // work came in: the caller looks again
+  const int waker = my_waker();
   fds[count] = pollfd{wait_set.get(), POLLIN, 0};
-  sleepers.fetch_add(1, std::memory_order_acq_rel);
+  fds[count + 1] = pollfd{waker, POLLIN, 0};
+  sleeping.push_back(waker);
   lock.unlock();
   int n;
   if (mask) {
     timespec ts{timeout_ms / 1000, (timeout_ms % 1000) * 1000000L};
-    n = real().ppoll(fds, count + 1, timeout_ms < 0 ? nullptr : &ts, mask);
+    n = real().ppoll(fds, count + 2, timeout_ms < 0 ? nullptr : &ts, mask);
   } else {
-    n = real().poll(fds, count + 1, timeout_ms);
+    n = real().poll(fds, count + 2, timeout_ms);
   }
   int saved = errno;
   lock.lock();
-  sleepers.fetch_sub(1, std::memory_order_acq_rel);
+  std::erase(sleeping, waker);
+  if (n > 0 && fds[count + 1].revents) {
+    --n;
+    uint64_t drained;
+    [[maybe_unused]] ssize_t r = real().read(waker, &drained, sizeof drained);
+  }
   if (n > 0 && fds[count].revents) {
     --n;
     service();
@@ -58,6 +66,9 @@ int Shim::sleep(std::unique_lock<std::mutex>& lock, pollfd* fds, unsigned long c
 }
 
 namespace {
+
+constexpr uint64_t kWakerMagic = 0x7278696f77616b65ull;   // "rxiowake"
+constexpr uint64_t kPendingMagic = 0x7278696f72656479ull;  // "rxiordy"
 
 int remaining(Clock::time_point deadline, int timeout_ms) {
   if (timeout_ms < 0) return -1;
@@ -101,11 +112,10 @@ int poll_any(pollfd* fds, nfds_t count, int timeout_ms, const sigset_t* mask) no
   const auto start = Clock::now();
   const auto deadline = start + std::chrono::milliseconds(timeout_ms < 0 ? 0 : timeout_ms);
   auto spin_until = start + sh.poll_time;
-  Scratch<pollfd, 64> kernel(count + 1);
-  transport::Engine* engine = sh.engine();
+  Scratch<pollfd, 64> kernel(count + 2);
   for (;;) {
     // What arrived since the last call counts even when something is ready already.
-    if (engine) engine->progress();
+    sh.progress();
     bool any_kernel = false, any_rxio = false;
     int ready = 0;
     for (nfds_t i = 0; i < count; ++i) {
@@ -201,7 +211,13 @@ int epoll_control(int epfd, int op, int fd, epoll_event* event) noexcept {
       errno = ENOMEM;
       return -1;
     }
+    set->pending.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+    epoll_event flag{};
+    flag.events = EPOLLIN;
+    flag.data.u64 = kPendingMagic;
+    real().epoll_ctl(epfd, EPOLL_CTL_ADD, set->pending.get(), &flag);
     sh.epolls[epfd].store(set, std::memory_order_release);
+    sh.epoll_fds.push_back(epfd);
   }
   auto it = set->interests.find(fd);
   const bool rxio = s->mode == Socket::Mode::rxio;
@@ -267,6 +283,7 @@ void epoll_closed(int epfd) noexcept {
   EpollSet* set = sh.epoll_of(epfd);
   if (!set) return;
   sh.epolls[epfd].store(nullptr, std::memory_order_release);
+  std::erase(sh.epoll_fds, epfd);
   for (auto& [fd, interest] : set->interests)
     if (Socket* s = sh.socket_of(fd)) std::erase(s->epolls, epfd);
   delete set;
@@ -274,8 +291,10 @@ void epoll_closed(int epfd) noexcept {
 
 namespace {
 
-// The rxio sockets of `set` that are ready, as epoll reports them.
+// The rxio sockets of `set` that are ready, as epoll reports them. With no `events`,
+// only counts them and changes nothing.
 int collect(Shim& sh, EpollSet& set, epoll_event* events, int max) noexcept {
+  const bool look_only = events == nullptr;
   int n = 0;
   for (auto& [fd, interest] : set.interests) {
     if (n == max) break;
@@ -287,12 +306,18 @@ int collect(Shim& sh, EpollSet& set, epoll_event* events, int max) noexcept {
     if (interest.events & EPOLLET) {
       uint64_t seen = s->connection->stream_events();
       // An edge: a readiness bit that was not there, or bytes that came since.
-      if (!(ready & ~interest.reported) && seen == interest.reported_at) {
-        interest.reported = ready;
+      bool edge = (ready & ~interest.reported) || seen != interest.reported_at;
+      if (look_only) {
+        n += edge;
         continue;
       }
       interest.reported = ready;
+      if (!edge) continue;
       interest.reported_at = seen;
+    }
+    if (look_only) {
+      ++n;
+      continue;
     }
     if (interest.events & EPOLLONESHOT) interest.disarmed = true;
     events[n].events = ready;
@@ -307,6 +332,7 @@ int collect(Shim& sh, EpollSet& set, epoll_event* events, int max) noexcept {
 int take_kernel(Shim& sh, epoll_event* events, int got, bool& woke) noexcept {
   int kept = 0;
   for (int i = 0; i < got; ++i) {
+    if (events[i].data.u64 == kWakerMagic || events[i].data.u64 == kPendingMagic) continue;
     if (sh.is_wait_set_event(events[i])) {
       woke = true;
       continue;
@@ -317,11 +343,30 @@ int take_kernel(Shim& sh, epoll_event* events, int got, bool& woke) noexcept {
   return kept;
 }
 
+// Before the kernel waits on a set the shim does not watch, which may hold one it
+// does: flag the shim's sets whose sockets are ready, and arm the engine.
+void prepare_outer_wait(Shim& sh) noexcept {
+  Inside inside;
+  std::unique_lock lock(sh.mutex);
+  if (sh.epoll_fds.empty()) return;
+  sh.progress();
+  for (int ep : sh.epoll_fds) {
+    EpollSet* set = sh.epoll_of(ep);
+    if (!set || collect(sh, *set, nullptr, 1 << 30) == 0) continue;
+    uint64_t one = 1;
+    [[maybe_unused]] ssize_t w = real().write(set->pending.get(), &one, sizeof one);
+  }
+  if (transport::Engine* e = sh.engine()) e->arm();
+}
+
 }  // namespace
 
 int epoll_wait_any(int epfd, epoll_event* events, int max, int timeout_ms, const sigset_t* mask) noexcept {
   Shim& sh = Shim::get();
-  if (!sh.epoll_of(epfd) || max <= 0) return real().epoll_pwait(epfd, events, max, timeout_ms, mask);
+  if (!sh.epoll_of(epfd) || max <= 0) {
+    prepare_outer_wait(sh);
+    return real().epoll_pwait(epfd, events, max, timeout_ms, mask);
+  }
   Inside inside;
   std::unique_lock lock(sh.mutex);
   EpollSet* set = sh.epoll_of(epfd);
@@ -329,12 +374,14 @@ int epoll_wait_any(int epfd, epoll_event* events, int max, int timeout_ms, const
     lock.unlock();
     return real().epoll_pwait(epfd, events, max, timeout_ms, mask);
   }
+  uint64_t flagged;
+  [[maybe_unused]] ssize_t r0 = real().read(set->pending.get(), &flagged, sizeof flagged);
   const auto start = Clock::now();
   const auto deadline = start + std::chrono::milliseconds(timeout_ms < 0 ? 0 : timeout_ms);
   auto spin_until = start + sh.poll_time;
   transport::Engine* engine = sh.engine();
   for (;;) {
-    if (engine) engine->progress();
+    sh.progress();
     bool any_rxio = false;
     for (auto& [fd, interest] : set->interests) any_rxio |= !interest.in_kernel;
     int n = collect(sh, *set, events, max);
@@ -354,12 +401,21 @@ int epoll_wait_any(int epfd, epoll_event* events, int max, int timeout_ms, const
       continue;
     }
     if (engine && !engine->arm()) continue;
-    sh.sleepers.fetch_add(1, std::memory_order_acq_rel);
+    // This thread's waker joins the set while it sleeps there.
+    const int waker = Shim::my_waker();
+    epoll_event wake{};
+    wake.events = EPOLLIN;
+    wake.data.u64 = kWakerMagic;
+    real().epoll_ctl(epfd, EPOLL_CTL_ADD, waker, &wake);
+    sh.sleeping.push_back(waker);
     lock.unlock();
     int got = real().epoll_pwait(epfd, events, max, left, mask);
     int saved = errno;
     lock.lock();
-    sh.sleepers.fetch_sub(1, std::memory_order_acq_rel);
+    std::erase(sh.sleeping, waker);
+    real().epoll_ctl(epfd, EPOLL_CTL_DEL, waker, nullptr);
+    uint64_t drained;
+    [[maybe_unused]] ssize_t r = real().read(waker, &drained, sizeof drained);
     set = sh.epoll_of(epfd);
     if (got < 0) {
       errno = saved;

@@ -41,6 +41,23 @@ struct Inside {
   Inside& operator=(const Inside&) = delete;
 };
 
+class Shim;
+
+// The shim's one lock. Any thread that holds it may progress the engine and so take in
+// what another thread sleeps for, or disarm the wake-ups those sleepers rely on; so
+// whoever lets go of it first re-arms the engine for the sleepers and wakes them when
+// the engine moved. This keeps every path honest, not only the ones that remember.
+class ShimMutex {
+ public:
+  explicit ShimMutex(Shim& shim) noexcept : shim_(shim) {}
+  void lock() noexcept { mutex_.lock(); }
+  void unlock() noexcept;
+
+ private:
+  Shim& shim_;
+  std::mutex mutex_;
+};
+
 // What the shim knows about one TCP socket of the program. Shared by dup()s of it.
 struct Socket {
   enum class Mode : uint8_t {
@@ -77,6 +94,9 @@ struct EpollSet {
   };
   std::unordered_map<int, Interest> interests;  // the shim's sockets in this set
   bool has_wait_set = false;  // the shim's wait fd is in the kernel set
+  // Readable while sockets of the set are ready, for an epoll set that watches this one
+  // (the kernel cannot see their readiness).
+  UniqueFd pending;
 };
 
 // A negotiation in progress on the server side, on its own unix socket.
@@ -108,11 +128,12 @@ class Shim {
   // Null until a program's first TCP socket: until then every call goes straight through.
   static Shim* current() noexcept { return current_.load(std::memory_order_acquire); }
 
-  std::mutex mutex;
+  ShimMutex mutex{*this};
   // fd -> socket; a plain load for fds the shim never saw.
   static constexpr int kMaxFds = 1 << 16;
   std::atomic<Socket*> sockets[kMaxFds] = {};
   std::atomic<EpollSet*> epolls[kMaxFds] = {};
+  std::vector<int> epoll_fds;  // those set above
 
   Policy policy;
   std::optional<StatBoard> board;
@@ -120,10 +141,12 @@ class Shim {
   std::chrono::microseconds poll_time{0};
 
   // Everything a shim wait sleeps on besides the program's own fds: the engine, the
-  // negotiation endpoints and peers, and a kick that wakes other sleeping threads.
+  // negotiation endpoints and peers.
   UniqueFd wait_set;
-  UniqueFd kick;
-  std::atomic<int> sleepers{0};
+  // The threads asleep in the shim, by their own eventfd. One shared eventfd would not
+  // do: the first thread to wake drains it, and poll() puts the others back to sleep.
+  std::vector<int> sleeping;
+  static int my_waker() noexcept;  // this thread's eventfd, made on first use
 
   // The engine; made when a socket first needs it. Without one, everything is TCP.
   transport::Engine* engine() noexcept;
@@ -159,8 +182,8 @@ class Shim {
   void release(Socket* s) noexcept;   // drops a hold
   void fall_back(int fd, Socket& s, Fallback reason) noexcept;
   void become_rxio(int fd, Socket& s, transport::Connection& c) noexcept;
-  void negotiate_as_client(int fd, Socket& s, std::unique_lock<std::mutex>& lock) noexcept;
-  void finish_connect(int fd, Socket& s, std::unique_lock<std::mutex>& lock) noexcept;
+  void negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
+  void finish_connect(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
   void start_listening(int fd, Socket& s) noexcept;
   void adopt_accepted(int fd) noexcept;
   void decide_plain_as_server(int fd, Socket& s, Fallback reason) noexcept;
@@ -173,10 +196,15 @@ class Shim {
   void watch_wait_set(int epfd, EpollSet& set) noexcept;
   bool is_wait_set_event(const epoll_event& event) const noexcept;
 
-  // Sleeps on `fds` plus the wait set, without the mutex; spins first. Returns as
-  // real poll() does, with the wait set's own entry removed from the count.
-  int sleep(std::unique_lock<std::mutex>& lock, struct pollfd* fds, unsigned long count, int timeout_ms,
+  // Sleeps on `fds` plus the wait set and this thread's waker (so `fds` needs two
+  // spare entries after `count`), without the mutex. Returns as real poll() does,
+  // counting only the program's fds.
+  int sleep(std::unique_lock<ShimMutex>& lock, struct pollfd* fds, unsigned long count, int timeout_ms,
             const sigset_t* mask) noexcept;
+  // Progresses the engine, waking other sleeping threads when something came in.
+  int progress() noexcept;
+  // With the mutex held, before letting go: see ShimMutex.
+  void hand_over() noexcept;
   // Wakes threads sleeping in the shim after this one changed what they wait for.
   void wake_sleepers() noexcept;
 
@@ -184,6 +212,7 @@ class Shim {
   Shim();
   static std::atomic<Shim*> current_;
   transport::Engine* engine_ = nullptr;
+  uint64_t handed_over_at_ = 0;  // Engine::handled() when sleepers were last woken
   bool engine_failed = false;
   std::chrono::steady_clock::time_point engine_retry_at{};
   void serve_endpoint(int fd) noexcept;

@@ -44,10 +44,10 @@ std::size_t total_of(const iovec* iov, int count) noexcept {
 
 // Waits, without the mutex, for the socket's state to move; false when `deadline`
 // passed first.
-bool wait_for_change(Shim& sh, std::unique_lock<std::mutex>& lock, Clock::time_point deadline, bool forever,
+bool wait_for_change(Shim& sh, std::unique_lock<ShimMutex>& lock, Clock::time_point deadline, bool forever,
                      Clock::time_point spin_until) noexcept {
   if (Clock::now() < spin_until) {
-    if (transport::Engine* e = sh.engine()) e->progress();
+    sh.progress();
     lock.unlock();
     lock.lock();
     return true;
@@ -58,7 +58,7 @@ bool wait_for_change(Shim& sh, std::unique_lock<std::mutex>& lock, Clock::time_p
     if (ms <= 0) return false;
     left = static_cast<int>(ms);
   }
-  pollfd spare[1];
+  pollfd spare[2];
   sh.sleep(lock, spare, 0, left, nullptr);
   return true;
 }
@@ -108,7 +108,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
         errno = EAGAIN;
         return -1;
       }
-      pollfd p[2] = {{fd, POLLIN, 0}, {}};
+      pollfd p[3] = {{fd, POLLIN, 0}, {}, {}};
       ++s->holds;
       sh.sleep(lock, p, 1, 10, nullptr);
       bool gone = s->gone;
@@ -148,7 +148,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       errno = ECONNRESET;
       return -1;
     }
-    if (transport::Engine* e = sh.engine(); e && e->progress() > 0) {
+    if (sh.progress() > 0) {
       spin_until = Clock::now() + sh.poll_time;
       continue;
     }
@@ -196,7 +196,7 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
       if (s && s->mode == Socket::Mode::pending) sh.decide_plain_as_server(fd, *s, Fallback::wrote_first);
       s = sh.socket_of(fd);
       if (s && s->mode == Socket::Mode::committed) {
-        pollfd p[1];
+        pollfd p[2];
         ++s->holds;
         sh.sleep(lock, p, 0, 10, nullptr);
         bool gone = s->gone;
@@ -237,7 +237,7 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
     if (s->record && sent > before) s->record->bytes_sent.fetch_add(sent - before, std::memory_order_relaxed);
     if (sent == wanted) return static_cast<ssize_t>(sent);
     if (sent > before) spin_until = Clock::now() + sh.poll_time;
-    if (transport::Engine* e = sh.engine(); e && e->progress() > 0) continue;
+    if (sh.progress() > 0) continue;
     if (dontwait) {
       if (sent) return static_cast<ssize_t>(sent);
       errno = EAGAIN;

@@ -764,9 +764,9 @@ int Engine::wait_fd() {
 
 int Engine::on_wake() noexcept {
   Impl& e = *impl_;
-  e.check_links(0);
+  int handled = e.check_links(0);
   if (e.listener) e.poll_listener(std::chrono::milliseconds(0));
-  return e.progress();
+  return handled + e.progress();
 }
 
 Connection* Engine::try_accept() noexcept {

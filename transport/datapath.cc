@@ -467,6 +467,7 @@ void Link::on_failed_completion(const ibv_wc& wc, Request* request) noexcept {
 // ---- progress ----------------------------------------------------------------------
 
 void Engine::Impl::handle(const ibv_wc& wc, Link* port_link) noexcept {
+  ++handled_count;
   const uint64_t kind = wc.wr_id & kWrKindMask;
   Request* request = kind == kWrRequest ? reinterpret_cast<Request*>(wc.wr_id) : nullptr;
   Link& link = port_link ? *port_link
@@ -501,21 +502,22 @@ int Engine::Impl::progress() noexcept {
     if (!link->waiting.empty() || !link->deferred.empty()) link->drain_waiting();
   // Callers that only poll (the stream API) must still learn that a peer went away.
   constexpr uint32_t kIdlePollsPerLivenessCheck = 4096;
-  if (n == 0 && ++idle_polls % kIdlePollsPerLivenessCheck == 0) check_links(0);
+  if (n == 0 && ++idle_polls % kIdlePollsPerLivenessCheck == 0) n += check_links(0);
   return n;
 }
 
-void Engine::Impl::check_links(int timeout_ms) noexcept {
+int Engine::Impl::check_links(int timeout_ms) noexcept {
   if (poll_fds_stale) rebuild_poll_fds();
   int ready = ::poll(poll_fds.data(), poll_fds.size(), timeout_ms);
-  if (ready <= 0) return;
+  if (ready <= 0) return 0;
   for (std::size_t i = 0; i < poll_fds.size(); ++i)
     if (poll_fds[i].revents && watches[i].kind == Watch::completions) cq->wait(std::chrono::milliseconds(0));
   // Arrivals first: a departing peer's last messages precede its EOF.
-  while (poll_cq() > 0) {
-  }
+  int handled = 0;
+  for (int n; (n = poll_cq()) > 0;) handled += n;
   for (std::size_t i = 0; i < poll_fds.size(); ++i)
     if (poll_fds[i].revents && watches[i].kind == Watch::liveness) watches[i].link->check_liveness();
+  return handled;
 }
 
 void Engine::Impl::block(std::chrono::milliseconds timeout) noexcept {
@@ -531,6 +533,8 @@ void Engine::Impl::block(std::chrono::milliseconds timeout) noexcept {
 }
 
 int Engine::progress() noexcept { return impl_->progress(); }
+
+uint64_t Engine::handled() const noexcept { return impl_->handled_count; }
 
 bool Engine::arm() noexcept {
   Impl& e = *impl_;

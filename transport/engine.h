@@ -153,6 +153,8 @@ class Engine {
   int on_wake() noexcept;
   // The next connection a peer opened, without waiting; nullptr when there is none.
   Connection* try_accept() noexcept;
+  // Completions and arrivals handled so far: a change means some connection moved.
+  uint64_t handled() const noexcept;
 
   // Registers memory for one-sided access by peers.
   RemoteRegion expose(void* address, std::size_t length);

@@ -235,6 +235,7 @@ struct Engine::Impl {
   std::vector<int> wait_registered;
   void sync_wait_epoll() noexcept;
   uint64_t faults[static_cast<int>(wire::Fault::count_)] = {};
+  uint64_t handled_count = 0;  // Engine::handled()
 
   bool allows(Backend b) const noexcept { return backends & (1u << static_cast<int>(b)); }
   Link& link_to(const std::string& host, uint16_t peer_port);
@@ -264,7 +265,7 @@ struct Engine::Impl {
   void handle(const ibv_wc& wc, Link* port_link) noexcept;
   int progress() noexcept;
   // Waits up to `timeout_ms` for a completion or a liveness event and handles it.
-  void check_links(int timeout_ms) noexcept;
+  int check_links(int timeout_ms) noexcept;  // events handled
   // Sleeps until a completion, a liveness event or `timeout`; what woke it is handled.
   void block(std::chrono::milliseconds timeout) noexcept;
   // Closes every open connection and lets what was sent leave, within a time limit.

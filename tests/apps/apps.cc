@@ -1,0 +1,346 @@
+#include "apps.h"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+
+namespace rxio::apps {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// rxio-stat's JSON for one process, flattened to "key value" lines, then the process
+// object itself on a "json" line.
+constexpr const char* kFlatten = R"(
+import json, sys
+p = json.load(sys.stdin)["processes"][0]
+for group in ("moved", "fallbacks"):
+    for key, value in p[group].items():
+        print(group + "." + key, value)
+counts = {}
+for c in p["connections"]:
+    for suffix, value in (("", 1), (".bytes_sent", c["bytes_sent"]), (".bytes_received", c["bytes_received"])):
+        name = "connections." + c["backend"] + suffix
+        counts[name] = counts.get(name, 0) + value
+for key, value in counts.items():
+    print(key, value)
+print("pid", p["pid"])
+print("json", json.dumps(p))
+)";
+
+bool listed(const char* table, const std::function<bool(std::istringstream&)>& match) {
+  std::ifstream file(table);
+  std::string line;
+  std::getline(file, line);  // the heading
+  while (std::getline(file, line)) {
+    std::istringstream fields(line);
+    if (match(fields)) return true;
+  }
+  return false;
+}
+
+// A kernel TCP listener on `port` (either family).
+bool tcp_listening(int port) {
+  auto match = [port](std::istringstream& fields) {
+    std::string slot, local, remote, state;
+    fields >> slot >> local >> remote >> state;
+    auto colon = local.rfind(':');
+    return state == "0A" && colon != std::string::npos && std::stoi(local.substr(colon + 1), nullptr, 16) == port;
+  };
+  return listed("/proc/net/tcp", match) || listed("/proc/net/tcp6", match);
+}
+
+// The shim's negotiation endpoint for `port`: the abstract unix socket "rxio-shim.PORT".
+bool shim_listening(int port) {
+  const std::string name = "@rxio-shim." + std::to_string(port);
+  return listed("/proc/net/unix", [&name](std::istringstream& fields) {
+    std::string field, last;
+    while (fields >> field) last = field;
+    return last == name;
+  });
+}
+
+}  // namespace
+
+std::string test_name(const testing::TestParamInfo<Shimmed>& info) {
+  switch (info.param) {
+    case Shimmed::both: return "BothSidesShimmed";
+    case Shimmed::server: return "OnlyServerShimmed";
+    case Shimmed::client: return "OnlyClientShimmed";
+  }
+  return "Unknown";
+}
+
+void PrintTo(Shimmed shimmed, std::ostream* out) { *out << test_name({shimmed, 0}); }
+
+std::string env(const char* name) {
+  const char* value = std::getenv(name);
+  return value ? value : "";
+}
+
+bool have(const std::string& program) {
+  return std::system(("command -v " + quote(program) + " >/dev/null").c_str()) == 0;
+}
+
+std::string quote(const std::string& text) {
+  std::string out = "'";
+  for (char c : text) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+int free_port() {
+  std::random_device random;
+  for (;;) {
+    // Below the kernel's ephemeral range, so that no client connection takes it meanwhile.
+    const int port = 20000 + int(random() % 12000);
+    int fd = ::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int v6only = 0;
+    ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only);
+    sockaddr_in6 address{};
+    address.sin6_family = AF_INET6;
+    address.sin6_addr = in6addr_any;
+    address.sin6_port = htons(uint16_t(port));
+    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0;
+    ::close(fd);
+    if (free) return port;
+  }
+}
+
+// ---- Process ---------------------------------------------------------------------------
+
+Process::Process(const std::string& command, std::string output_path, bool stdin_pipe)
+    : output_path_(std::move(output_path)) {
+  int out = ::open(output_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  int in[2] = {-1, -1};
+  if (stdin_pipe) {
+    if (::pipe2(in, O_CLOEXEC) != 0) in[0] = in[1] = -1;
+  } else {
+    in[0] = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  }
+  if (out < 0 || in[0] < 0) {
+    ADD_FAILURE() << "cannot set up the files of: " << command;
+    for (int fd : {out, in[0], in[1]})
+      if (fd >= 0) ::close(fd);
+    return;
+  }
+  const std::string line = "exec " + command;
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    ::setpgid(0, 0);
+    ::dup2(in[0], 0);
+    ::dup2(out, 1);
+    ::dup2(out, 2);
+    ::execl("/bin/sh", "sh", "-c", line.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  if (pid_ < 0) ADD_FAILURE() << "fork failed for: " << command;
+  else ::setpgid(pid_, pid_);  // also here: whichever of the two runs first
+  ::close(out);
+  ::close(in[0]);
+  stdin_ = in[1];
+}
+
+Process::~Process() { stop(); }
+
+bool Process::running() { return pid_ > 0 && !wait(0ms); }
+
+std::optional<int> Process::wait(std::chrono::milliseconds timeout) {
+  if (status_ || pid_ <= 0) return status_;
+  const auto deadline = Clock::now() + timeout;
+  for (;;) {
+    int status = 0;
+    pid_t got = ::waitpid(pid_, &status, WNOHANG);
+    if (got == pid_ || (got < 0 && errno != EINTR)) {
+      status_ = got == pid_ ? status : -1;
+      return status_;
+    }
+    if (Clock::now() >= deadline) return std::nullopt;
+    std::this_thread::sleep_for(10ms);
+  }
+}
+
+bool Process::stop() {
+  if (pid_ <= 0) return true;
+  close_stdin();
+  bool ended = true;
+  if (!status_) {
+    ::kill(-pid_, SIGTERM);
+    if (!wait(5s)) {
+      ended = false;
+      ::kill(-pid_, SIGKILL);
+      wait(10s);
+    }
+  }
+  // Whatever the program started in its group goes too.
+  ::kill(-pid_, SIGKILL);
+  return ended;
+}
+
+void Process::close_stdin() {
+  if (stdin_ >= 0) ::close(stdin_);
+  stdin_ = -1;
+}
+
+std::string Process::output() const {
+  std::ifstream file(output_path_, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(file), {});
+}
+
+// ---- Board -----------------------------------------------------------------------------
+
+uint64_t Board::operator[](const std::string& key) const {
+  auto it = values.find(key);
+  return it == values.end() ? 0 : it->second;
+}
+
+// ---- AppTest ---------------------------------------------------------------------------
+
+void AppTest::SetUp() {
+  // python3 reads rxio-stat's JSON.
+  programs_.push_back("python3");
+  for (const std::string& program : programs_)
+    if (!have(program)) GTEST_SKIP() << program << " is not installed (scripts/install-deps.sh installs it)";
+  ASSERT_FALSE(env("RXIO_RUN").empty() || env("RXIO_STAT").empty()) << "RXIO_RUN and RXIO_STAT must be set";
+  std::string pattern = (std::filesystem::temp_directory_path() / "rxio-apps.XXXXXX").string();
+  ASSERT_NE(::mkdtemp(pattern.data()), nullptr);
+  dir_ = pattern;
+  // Inherited by every program the test starts, and by rxio-stat.
+  ::setenv("RXIO_STAT_DIR", dir_.c_str(), 1);
+}
+
+void AppTest::TearDown() {
+  ::unsetenv("RXIO_STAT_DIR");
+  if (!dir_.empty()) std::filesystem::remove_all(dir_);
+}
+
+const std::string& AppTest::python() {
+  static const std::string interpreter = [] {
+    // The interpreter itself rather than a launcher script in front of it (pyenv's), so
+    // that a client started as `rxio-run python3` is the process with the board.
+    std::string out;
+    FILE* pipe = ::popen("python3 -c 'import sys; print(sys.executable)'", "r");
+    if (!pipe) return std::string("python3");
+    char chunk[4096];
+    while (std::size_t n = std::fread(chunk, 1, sizeof chunk, pipe)) out.append(chunk, n);
+    ::pclose(pipe);
+    while (!out.empty() && out.back() == '\n') out.pop_back();
+    return out.empty() ? std::string("python3") : out;
+  }();
+  return interpreter;
+}
+
+std::string AppTest::server_prefix() const { return server_shimmed() ? quote(env("RXIO_RUN")) + " " : ""; }
+
+std::string AppTest::client_prefix() const { return client_shimmed() ? quote(env("RXIO_RUN")) + " " : ""; }
+
+Process AppTest::start(const std::string& command, bool stdin_pipe) {
+  return Process(command, path("output." + std::to_string(++files_)), stdin_pipe);
+}
+
+Result AppTest::run(const std::string& command, std::chrono::seconds timeout) {
+  Process process = start(command);
+  return finish(process, timeout);
+}
+
+Result AppTest::finish(Process& process, std::chrono::seconds timeout) {
+  auto status = process.wait(timeout);
+  if (!status) process.stop();
+  Result result;
+  result.output = process.output();
+  if (!status) result.output += "\n[stopped after " + std::to_string(timeout.count()) + " s]";
+  result.exited_0 = status && WIFEXITED(*status) && WEXITSTATUS(*status) == 0;
+  return result;
+}
+
+testing::AssertionResult AppTest::wait_listening(Process& server, int port) {
+  const auto deadline = Clock::now() + 5s;
+  bool tcp = false, shim = false;
+  while (Clock::now() < deadline && server.running()) {
+    tcp = tcp_listening(port);
+    shim = shim_listening(port);
+    if (tcp && (shim || !server_shimmed())) return testing::AssertionSuccess();
+    std::this_thread::sleep_for(20ms);
+  }
+  return testing::AssertionFailure() << "the server " << (server.running() ? "runs" : "ended") << ", "
+                                     << (tcp ? "listens" : "does not listen") << " on port " << port << ", "
+                                     << (shim ? "with" : "without") << " the shim's negotiation endpoint:\n"
+                                     << server.output();
+}
+
+std::optional<Board> AppTest::board_when(pid_t pid, const std::function<bool(const Board&)>& done,
+                                         std::chrono::milliseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  std::optional<Board> last;
+  for (;;) {
+    Result read = run(quote(env("RXIO_STAT")) + " --json -p " + std::to_string(pid) + " | " + quote(python()) +
+                          " -c " + quote(kFlatten),
+                      10s);
+    if (read.exited_0) {
+      Board board;
+      std::istringstream lines(read.output);
+      for (std::string line; std::getline(lines, line);) {
+        auto space = line.find(' ');
+        if (space == std::string::npos) continue;
+        if (line.starts_with("json ")) board.json = line.substr(space + 1);
+        else board.values[line.substr(0, space)] = std::stoull(line.substr(space + 1));
+      }
+      if (board["pid"] == uint64_t(pid)) {
+        last = std::move(board);
+        if (done(*last)) return last;
+      }
+    }
+    if (Clock::now() >= deadline) return last;
+    std::this_thread::sleep_for(50ms);
+  }
+}
+
+void AppTest::expect_side(pid_t pid, const std::string& side) {
+  const bool moved = GetParam() == Shimmed::both;
+  auto board = board_when(pid, [moved](const Board& b) {
+    return moved ? b["connections.shm"] >= 1 && b["connections.shm.bytes_sent"] > 0 &&
+                       b["connections.shm.bytes_received"] > 0
+                 : b["fallbacks.no_peer_shim"] >= 1;
+  });
+  ASSERT_TRUE(board) << "the " << side << " (pid " << pid << ") has no statistics board";
+  if (moved) {
+    // Open, on shm, and the program's bytes go through it.
+    EXPECT_GE((*board)["moved.shm"], 1u) << side << ": " << board->json;
+    EXPECT_GE((*board)["connections.shm"], 1u) << side << ": " << board->json;
+    EXPECT_GT((*board)["connections.shm.bytes_sent"], 0u) << side << ": " << board->json;
+    EXPECT_GT((*board)["connections.shm.bytes_received"], 0u) << side << ": " << board->json;
+    EXPECT_EQ((*board)["fallbacks.no_peer_shim"], 0u) << side << ": " << board->json;
+  } else {
+    EXPECT_GE((*board)["fallbacks.no_peer_shim"], 1u) << side << ": " << board->json;
+    EXPECT_EQ((*board)["moved.shm"], 0u) << side << ": " << board->json;
+    EXPECT_EQ((*board)["connections.shm"], 0u) << side << ": " << board->json;
+  }
+}
+
+void AppTest::expect_backends(Process& server, Process& client) {
+  if (server_shimmed()) expect_side(server.pid(), "server");
+  if (client_shimmed()) expect_side(client.pid(), "client");
+  EXPECT_TRUE(client.running()) << "the client ended before its connection could be seen:\n" << client.output();
+}
+
+void AppTest::expect_server_totals(Process& server, uint64_t connections) {
+  if (!server_shimmed()) return;
+  const bool moved = GetParam() == Shimmed::both;
+  const std::string counter = moved ? "moved.shm" : "fallbacks.no_peer_shim";
+  auto board = board_when(server.pid(), [&](const Board& b) { return b[counter] >= connections; });
+  ASSERT_TRUE(board) << "the server (pid " << server.pid() << ") has no statistics board";
+  EXPECT_GE((*board)[counter], connections) << board->json;
+  EXPECT_EQ((*board)[moved ? "fallbacks.no_peer_shim" : "moved.shm"], 0u) << board->json;
+}
+
+}  // namespace rxio::apps

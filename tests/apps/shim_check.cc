@@ -1,0 +1,485 @@
+// rxio-shim-check: a small program that holds the socket calls to what TCP does, run
+// as two processes (each under rxio-run or not) by shim_test.cc.
+//
+//   rxio-shim-check serve PORT            serves connections, a thread each, until killed
+//   rxio-shim-check client PORT SCENARIO  runs one scenario against it; exit 0 when right
+//
+// Each connection starts with one byte naming the scenario the server plays.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/select.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+int failures = 0;
+
+#define CHECK(condition)                                                                             \
+  do {                                                                                               \
+    if (!(condition)) {                                                                              \
+      std::fprintf(stderr, "%s:%d: check failed: %s (errno %d: %s)\n", __FILE__, __LINE__, #condition, \
+                   errno, std::strerror(errno));                                                     \
+      ++failures;                                                                                    \
+    }                                                                                                \
+  } while (0)
+
+enum Scenario : char {
+  kEcho = 'e',         // echo until EOF
+  kBurst = 'b',        // writes 3 x 100 bytes, 100 ms apart, then waits for EOF
+  kSilent = 's',       // sends nothing, waits for EOF
+  kHalfClose = 'h',    // reads to EOF, then answers with the byte count and closes
+  kCloseAtOnce = 'c',  // writes 8 MiB and closes at once
+  kSum = 'u',          // reads to EOF, answers with a checksum of everything
+};
+
+uint64_t checksum(const unsigned char* data, std::size_t n, uint64_t h = 1469598103934665603ull) {
+  for (std::size_t i = 0; i < n; ++i) h = (h ^ data[i]) * 1099511628211ull;
+  return h;
+}
+
+bool write_all(int fd, const void* data, std::size_t n) {
+  auto* p = static_cast<const char*>(data);
+  while (n > 0) {
+    ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    p += w;
+    n -= static_cast<std::size_t>(w);
+  }
+  return true;
+}
+
+bool read_all(int fd, void* data, std::size_t n) {
+  auto* p = static_cast<char*>(data);
+  while (n > 0) {
+    ssize_t r = ::read(fd, p, n);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<std::size_t>(r);
+  }
+  return true;
+}
+
+void serve_connection(int fd) {
+  char scenario = 0;
+  if (!read_all(fd, &scenario, 1)) {
+    ::close(fd);
+    return;
+  }
+  std::vector<unsigned char> buffer(256 * 1024);
+  switch (scenario) {
+    case kEcho:
+      for (ssize_t n; (n = ::read(fd, buffer.data(), buffer.size())) > 0;)
+        if (!write_all(fd, buffer.data(), static_cast<std::size_t>(n))) break;
+      break;
+    case kBurst:
+      for (int i = 0; i < 3; ++i) {
+        std::memset(buffer.data(), 'a' + i, 100);
+        write_all(fd, buffer.data(), 100);
+        std::this_thread::sleep_for(milliseconds(100));
+      }
+      while (::read(fd, buffer.data(), buffer.size()) > 0) {
+      }
+      break;
+    case kSilent:
+      while (::read(fd, buffer.data(), buffer.size()) > 0) {
+      }
+      break;
+    case kHalfClose: {
+      uint64_t total = 0;
+      for (ssize_t n; (n = ::read(fd, buffer.data(), buffer.size())) > 0;) total += static_cast<uint64_t>(n);
+      write_all(fd, &total, sizeof total);
+      break;
+    }
+    case kCloseAtOnce: {
+      std::mt19937_64 random(7);
+      for (std::size_t sent = 0; sent < (8u << 20); sent += buffer.size()) {
+        for (auto& b : buffer) b = static_cast<unsigned char>(random());
+        write_all(fd, buffer.data(), buffer.size());
+      }
+      break;
+    }
+    case kSum: {
+      uint64_t h = checksum(nullptr, 0), total = 0;
+      for (ssize_t n; (n = ::read(fd, buffer.data(), buffer.size())) > 0;) {
+        h = checksum(buffer.data(), static_cast<std::size_t>(n), h);
+        total += static_cast<uint64_t>(n);
+      }
+      uint64_t answer[2] = {h, total};
+      write_all(fd, answer, sizeof answer);
+      break;
+    }
+    default:
+      break;
+  }
+  ::close(fd);
+}
+
+int serve(uint16_t port) {
+  int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  int one = 1;
+  ::setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 || ::listen(listener, 512) != 0) {
+    std::perror("rxio-shim-check serve: bind/listen");
+    return 1;
+  }
+  for (;;) {
+    int fd = ::accept(listener, nullptr, nullptr);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      std::perror("rxio-shim-check serve: accept");
+      return 1;
+    }
+    std::thread(serve_connection, fd).detach();
+  }
+}
+
+// ---- the client's scenarios ------------------------------------------------------------
+
+uint16_t g_port = 0;
+
+int dial(char scenario, bool nonblocking = false) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | (nonblocking ? SOCK_NONBLOCK : 0), 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(g_port);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int rc = ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
+  if (nonblocking) {
+    CHECK(rc == 0 || errno == EINPROGRESS);
+    pollfd p{fd, POLLOUT, 0};
+    CHECK(::poll(&p, 1, 5000) == 1);
+    int error = -1;
+    socklen_t length = sizeof error;
+    CHECK(::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) == 0 && error == 0);
+    int fl = ::fcntl(fd, F_GETFL);
+    ::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+  } else {
+    CHECK(rc == 0);
+  }
+  CHECK(write_all(fd, &scenario, 1));
+  return fd;
+}
+
+std::vector<unsigned char> random_bytes(std::size_t n, uint64_t seed) {
+  std::mt19937_64 random(seed);
+  std::vector<unsigned char> out(n);
+  for (auto& b : out) b = static_cast<unsigned char>(random());
+  return out;
+}
+
+// Messages of every size up to 64 KiB through an echo, waiting with poll.
+void echo_with_poll() {
+  int fd = dial(kEcho);
+  std::mt19937 random(1);
+  for (int i = 0; i < 300; ++i) {
+    std::size_t n = 1 + random() % (64 * 1024);
+    auto out = random_bytes(n, i);
+    CHECK(write_all(fd, out.data(), n));
+    std::vector<unsigned char> in(n);
+    std::size_t got = 0;
+    while (got < n) {
+      pollfd p{fd, POLLIN, 0};
+      CHECK(::poll(&p, 1, 5000) == 1 && (p.revents & POLLIN));
+      ssize_t r = ::recv(fd, in.data() + got, n - got, MSG_DONTWAIT);
+      if (r < 0 && errno == EAGAIN) continue;
+      CHECK(r > 0);
+      if (r <= 0) break;
+      got += static_cast<std::size_t>(r);
+    }
+    CHECK(in == out);
+  }
+  ::close(fd);
+}
+
+// Level, edge and one-shot epoll, an fd in two sets, and a set inside another.
+void epoll_modes() {
+  int level = dial(kBurst), edge = dial(kBurst), once = dial(kBurst);
+  int ep = ::epoll_create1(EPOLL_CLOEXEC), other = ::epoll_create1(EPOLL_CLOEXEC), outer = ::epoll_create1(0);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = level;
+  CHECK(::epoll_ctl(ep, EPOLL_CTL_ADD, level, &ev) == 0);
+  CHECK(::epoll_ctl(other, EPOLL_CTL_ADD, level, &ev) == 0);  // in two sets
+  CHECK(::epoll_ctl(ep, EPOLL_CTL_ADD, level, &ev) == -1 && errno == EEXIST);
+  ev.events = EPOLLIN | EPOLLET;
+  ev.data.fd = edge;
+  CHECK(::epoll_ctl(ep, EPOLL_CTL_ADD, edge, &ev) == 0);
+  ev.events = EPOLLIN | EPOLLONESHOT;
+  ev.data.fd = once;
+  CHECK(::epoll_ctl(ep, EPOLL_CTL_ADD, once, &ev) == 0);
+  ev.events = EPOLLIN;
+  ev.data.fd = ep;
+  CHECK(::epoll_ctl(outer, EPOLL_CTL_ADD, ep, &ev) == 0);  // nested
+  // The first 100 bytes reach all three; nothing is read yet.
+  std::this_thread::sleep_for(milliseconds(50));
+  epoll_event out[8];
+  CHECK(::epoll_wait(outer, out, 8, 2000) == 1 && out[0].data.fd == ep);
+  std::map<int, int> seen;
+  auto wait_round = [&](int timeout) {
+    seen.clear();
+    int n = ::epoll_wait(ep, out, 8, timeout);
+    for (int i = 0; i < n; ++i) ++seen[out[i].data.fd];
+    return n;
+  };
+  CHECK(wait_round(2000) == 3);
+  CHECK(seen[level] == 1 && seen[edge] == 1 && seen[once] == 1);
+  // Nothing read: level reports again, edge and one-shot do not.
+  CHECK(wait_round(50) == 1 && seen[level] == 1);
+  CHECK(::epoll_wait(other, out, 8, 1000) == 1 && out[0].data.fd == level);
+  // New bytes (the second burst): an edge for `edge`; `once` stays quiet until re-armed.
+  std::this_thread::sleep_for(milliseconds(120));
+  wait_round(1000);
+  CHECK(seen[edge] == 1 && seen[once] == 0 && seen[level] == 1);
+  ev.events = EPOLLIN | EPOLLONESHOT;
+  ev.data.fd = once;
+  CHECK(::epoll_ctl(ep, EPOLL_CTL_MOD, once, &ev) == 0);
+  wait_round(1000);
+  CHECK(seen[once] == 1);
+  CHECK(::epoll_ctl(ep, EPOLL_CTL_DEL, level, nullptr) == 0);
+  CHECK(::epoll_ctl(ep, EPOLL_CTL_DEL, level, nullptr) == -1 && errno == ENOENT);
+  char buffer[512];
+  for (int fd : {level, edge, once}) {
+    CHECK(::recv(fd, buffer, sizeof buffer, 0) > 0);
+    ::close(fd);
+  }
+  ::close(outer);
+  ::close(other);
+  ::close(ep);
+}
+
+// select and pselect, with a timeout that runs out and one that does not.
+void select_and_pselect() {
+  int fd = dial(kBurst);
+  fd_set readable;
+  FD_ZERO(&readable);
+  FD_SET(fd, &readable);
+  timeval tv{2, 0};
+  CHECK(::select(fd + 1, &readable, nullptr, nullptr, &tv) == 1 && FD_ISSET(fd, &readable));
+  char buffer[100];
+  CHECK(read_all(fd, buffer, 100) && buffer[0] == 'a');
+  // The next burst is 100 ms away: a 20 ms wait times out with nothing.
+  FD_ZERO(&readable);
+  FD_SET(fd, &readable);
+  timespec short_wait{0, 20 * 1000 * 1000};
+  auto start = Clock::now();
+  CHECK(::pselect(fd + 1, &readable, nullptr, nullptr, &short_wait, nullptr) == 0);
+  CHECK(Clock::now() - start >= milliseconds(15));
+  fd_set writable;
+  FD_ZERO(&writable);
+  FD_SET(fd, &writable);
+  timespec none{0, 0};
+  CHECK(::pselect(fd + 1, nullptr, &writable, nullptr, &none, nullptr) == 1 && FD_ISSET(fd, &writable));
+  ::close(fd);
+}
+
+// MSG_PEEK, MSG_WAITALL, MSG_DONTWAIT, FIONREAD and SO_RCVTIMEO.
+void receive_flags() {
+  int fd = dial(kBurst);
+  char buffer[300];
+  CHECK(::recv(fd, buffer, 1, MSG_PEEK) == 1 && buffer[0] == 'a');
+  int available = 0;
+  CHECK(::ioctl(fd, FIONREAD, &available) == 0 && available >= 1);
+  // All three bursts in one call, although they come 100 ms apart.
+  CHECK(::recv(fd, buffer, 300, MSG_WAITALL) == 300);
+  CHECK(buffer[0] == 'a' && buffer[150] == 'b' && buffer[299] == 'c');
+  CHECK(::recv(fd, buffer, 1, MSG_DONTWAIT) == -1 && errno == EAGAIN);
+  timeval limit{0, 200 * 1000};
+  CHECK(::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit) == 0);
+  auto start = Clock::now();
+  CHECK(::recv(fd, buffer, 1, 0) == -1 && (errno == EAGAIN || errno == EWOULDBLOCK));
+  auto waited = Clock::now() - start;
+  CHECK(waited >= milliseconds(150) && waited < milliseconds(2000));
+  ::close(fd);
+}
+
+// shutdown(SHUT_WR): the peer sees the end, and can still answer.
+void half_close() {
+  int fd = dial(kHalfClose);
+  auto data = random_bytes(1 << 20, 3);
+  CHECK(write_all(fd, data.data(), data.size()));
+  CHECK(::shutdown(fd, SHUT_WR) == 0);
+  CHECK(::send(fd, "x", 1, MSG_NOSIGNAL) == -1 && errno == EPIPE);
+  uint64_t total = 0;
+  CHECK(read_all(fd, &total, sizeof total) && total == data.size());
+  char byte;
+  CHECK(::read(fd, &byte, 1) == 0);
+  ::close(fd);
+}
+
+// A peer that writes 8 MiB and closes at once: every byte arrives, then the end.
+void close_with_data_in_flight() {
+  int fd = dial(kCloseAtOnce, true);
+  std::mt19937_64 random(7);
+  std::vector<unsigned char> buffer(256 * 1024), expected(buffer.size());
+  std::size_t total = 0;
+  bool right = true;
+  for (;;) {
+    if (!read_all(fd, buffer.data(), buffer.size())) break;
+    for (auto& b : expected) b = static_cast<unsigned char>(random());
+    right &= buffer == expected;
+    total += buffer.size();
+  }
+  CHECK(right);
+  CHECK(total == (8u << 20));
+  ::close(fd);
+}
+
+// A refused non-blocking connect reports the error through SO_ERROR.
+void refused_connect() {
+  int probe = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(probe, reinterpret_cast<sockaddr*>(&address), sizeof address);
+  socklen_t length = sizeof address;
+  ::getsockname(probe, reinterpret_cast<sockaddr*>(&address), &length);
+  ::close(probe);  // nobody listens on that port now
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+  int rc = ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
+  CHECK(rc == -1 && (errno == EINPROGRESS || errno == ECONNREFUSED));
+  if (rc == -1 && errno == EINPROGRESS) {
+    pollfd p{fd, POLLOUT, 0};
+    CHECK(::poll(&p, 1, 2000) == 1);
+    int error = 0;
+    socklen_t elen = sizeof error;
+    CHECK(::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &elen) == 0 && error == ECONNREFUSED);
+  }
+  ::close(fd);
+}
+
+// dup'd descriptors name the same connection; sendfile and writev through them.
+void dup_sendfile_writev() {
+  int fd = dial(kSum, true);
+  int copy = ::dup(fd);
+  CHECK(copy >= 0);
+  ::close(fd);
+  char path[] = "/tmp/rxio-shim-check.XXXXXX";
+  int file = ::mkstemp(path);
+  ::unlink(path);
+  auto data = random_bytes(3 << 20, 5);
+  CHECK(write_all(file, data.data(), data.size()));
+  off_t offset = 0;
+  std::size_t sent = 0;
+  while (sent < data.size()) {
+    ssize_t n = ::sendfile(copy, file, &offset, data.size() - sent);
+    CHECK(n > 0);
+    if (n <= 0) break;
+    sent += static_cast<std::size_t>(n);
+  }
+  ::close(file);
+  iovec parts[2] = {{data.data(), 1000}, {data.data() + 1000, 24}};
+  CHECK(::writev(copy, parts, 2) == 1024);
+  CHECK(::shutdown(copy, SHUT_WR) == 0);
+  uint64_t answer[2];
+  CHECK(read_all(copy, answer, sizeof answer));
+  uint64_t h = checksum(data.data(), data.size());
+  h = checksum(data.data(), 1024, h);
+  CHECK(answer[0] == h && answer[1] == data.size() + 1024);
+  ::close(copy);
+}
+
+// Many connections at once from several threads, every byte checked.
+void many_connections() {
+  constexpr int kThreads = 4, kPerThread = 50;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([t] {
+      std::vector<int> fds;
+      std::vector<std::vector<unsigned char>> sent;
+      for (int i = 0; i < kPerThread; ++i) {
+        fds.push_back(dial(kSum));
+        sent.push_back(random_bytes(1000 + 997 * static_cast<std::size_t>(i), static_cast<uint64_t>(t * 1000 + i)));
+      }
+      for (int i = 0; i < kPerThread; ++i) {
+        CHECK(write_all(fds[i], sent[i].data(), sent[i].size()));
+        CHECK(::shutdown(fds[i], SHUT_WR) == 0);
+      }
+      for (int i = 0; i < kPerThread; ++i) {
+        uint64_t answer[2] = {};
+        CHECK(read_all(fds[i], answer, sizeof answer));
+        CHECK(answer[0] == checksum(sent[i].data(), sent[i].size()) && answer[1] == sent[i].size());
+        ::close(fds[i]);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+}
+
+// A silent peer: the reader blocks in read() until another thread closes its side.
+void blocked_reader_sees_the_end() {
+  int fd = dial(kSilent);
+  std::thread closer([fd] {
+    std::this_thread::sleep_for(milliseconds(100));
+    ::shutdown(fd, SHUT_RD);
+  });
+  char byte;
+  auto start = Clock::now();
+  CHECK(::read(fd, &byte, 1) == 0);
+  CHECK(Clock::now() - start < milliseconds(3000));
+  closer.join();
+  ::close(fd);
+}
+
+const std::map<std::string, std::function<void()>> kScenarios = {
+    {"echo", echo_with_poll},
+    {"epoll", epoll_modes},
+    {"select", select_and_pselect},
+    {"flags", receive_flags},
+    {"half-close", half_close},
+    {"close-in-flight", close_with_data_in_flight},
+    {"refused", refused_connect},
+    {"dup-sendfile", dup_sendfile_writev},
+    {"many", many_connections},
+    {"blocked-reader", blocked_reader_sees_the_end},
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc >= 3 && std::string(argv[1]) == "serve") return serve(static_cast<uint16_t>(std::atoi(argv[2])));
+  if (argc >= 4 && std::string(argv[1]) == "client") {
+    g_port = static_cast<uint16_t>(std::atoi(argv[2]));
+    for (int i = 3; i < argc; ++i) {
+      auto it = kScenarios.find(argv[i]);
+      if (it == kScenarios.end()) {
+        std::fprintf(stderr, "rxio-shim-check: no scenario '%s'\n", argv[i]);
+        return 2;
+      }
+      int before = failures;
+      it->second();
+      std::printf("%s: %s\n", argv[i], failures == before ? "ok" : "FAILED");
+    }
+    return failures == 0 ? 0 : 1;
+  }
+  std::fprintf(stderr, "usage: rxio-shim-check serve PORT | client PORT SCENARIO...\n");
+  return 2;
+}

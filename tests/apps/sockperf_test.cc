@@ -1,0 +1,48 @@
+// sockperf under the shim: ping-pong, whose every reply is checked (none dropped,
+// duplicated or out of order), then throughput.
+#include <regex>
+
+#include "apps.h"
+
+namespace rxio::apps {
+namespace {
+
+class Sockperf : public AppTest {
+ protected:
+  Sockperf() : AppTest({"sockperf"}) {}
+};
+
+TEST_P(Sockperf, PingPongsAndStreams) {
+  const std::string port = std::to_string(free_port());
+  Process server = start(server_prefix() + "sockperf sr --tcp -i 127.0.0.1 -p " + port);
+  ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+  const std::string client = client_prefix() + "sockperf ";
+
+  Process ping = start(client + "pp --tcp -i 127.0.0.1 -p " + port + " -t 2");
+  expect_backends(server, ping);
+  Result pinged = finish(ping);
+  EXPECT_TRUE(pinged.exited_0) << pinged.output;
+  EXPECT_NE(pinged.output.find("# dropped messages = 0; # duplicated messages = 0; # out-of-order messages = 0"),
+            std::string::npos)
+      << pinged.output;
+  std::smatch latency;
+  ASSERT_TRUE(std::regex_search(pinged.output, latency, std::regex("Summary: Latency is ([0-9.]+) usec")))
+      << pinged.output;
+  EXPECT_GT(std::stod(latency[1]), 0) << pinged.output;
+
+  Result streamed = run(client + "tp --tcp -i 127.0.0.1 -p " + port + " -t 2 -m 1400");
+  EXPECT_TRUE(streamed.exited_0) << streamed.output;
+  std::smatch rate;
+  ASSERT_TRUE(std::regex_search(streamed.output, rate, std::regex("Summary: Message Rate is ([0-9]+)")))
+      << streamed.output;
+  EXPECT_GT(std::stoull(rate[1]), 0u) << streamed.output;
+
+  expect_server_totals(server, 2);
+  EXPECT_TRUE(server.stop()) << "sockperf sr did not end on SIGTERM:\n" << server.output();
+}
+
+INSTANTIATE_TEST_SUITE_P(Apps, Sockperf, testing::Values(Shimmed::both, Shimmed::server, Shimmed::client),
+                         test_name);
+
+}  // namespace
+}  // namespace rxio::apps

@@ -1,0 +1,28 @@
+// libFuzzer target for the shim's negotiation decoders: bytes any local process can
+// send to a listener's negotiation endpoint. They must refuse or accept without
+// crashing or reading out of bounds, and what they accept must survive a round trip.
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "shim/negotiation.h"
+
+using namespace rxio::shim;
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  std::span<const std::byte> in(reinterpret_cast<const std::byte*>(data), size);
+  if (auto request = negotiation::decode_request(in)) {
+    auto again = negotiation::decode_request(negotiation::encode(*request));
+    if (!again || !(again->tuple == request->tuple) || again->pid != request->pid) __builtin_trap();
+  }
+  if (auto answer = negotiation::decode_answer(in)) {
+    auto again = negotiation::decode_answer(negotiation::encode(*answer));
+    if (!again || again->accepted != answer->accepted || again->cookie != answer->cookie ||
+        again->engine_port != answer->engine_port)
+      __builtin_trap();
+  }
+  if (auto notice = negotiation::decode_notice(in)) {
+    if (negotiation::decode_notice(negotiation::encode_notice(*notice)) != notice) __builtin_trap();
+  }
+  return 0;
+}

@@ -1,0 +1,106 @@
+// The shim's negotiation messages: what a peer's shim sends must decode exactly, and
+// anything else (truncated, padded, another version or kind, nonsense fields) must be
+// refused, never half-read.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "shim/negotiation.h"
+
+namespace rxio::shim {
+namespace {
+
+using namespace negotiation;
+
+Endpoint v4(const char* text, uint16_t port) {
+  sockaddr_in in{};
+  in.sin_family = AF_INET;
+  in.sin_port = htons(port);
+  inet_pton(AF_INET, text, &in.sin_addr);
+  return *Endpoint::from(reinterpret_cast<sockaddr*>(&in));
+}
+
+Endpoint v6(const char* text, uint16_t port) {
+  sockaddr_in6 in6{};
+  in6.sin6_family = AF_INET6;
+  in6.sin6_port = htons(port);
+  inet_pton(AF_INET6, text, &in6.sin6_addr);
+  return *Endpoint::from(reinterpret_cast<sockaddr*>(&in6));
+}
+
+TEST(Negotiation, RequestRoundTrips) {
+  for (const Tuple& t : {Tuple{v4("127.0.0.1", 40000), v4("127.0.0.1", 6379)},
+                         Tuple{v6("::1", 1), v6("fe80::1", 65535)}}) {
+    Request r{t, 4242};
+    auto bytes = encode(r);
+    auto back = decode_request(bytes);
+    ASSERT_TRUE(back);
+    EXPECT_EQ(back->tuple, t);
+    EXPECT_EQ(back->pid, 4242u);
+  }
+}
+
+TEST(Negotiation, AnswersRoundTrip) {
+  auto yes = decode_answer(encode(Answer{true, {}, 5000, 0x1122334455667788ull}));
+  ASSERT_TRUE(yes);
+  EXPECT_TRUE(yes->accepted);
+  EXPECT_EQ(yes->engine_port, 5000);
+  EXPECT_EQ(yes->cookie, 0x1122334455667788ull);
+  auto no = decode_answer(encode(Answer{false, Refusal::decided, 0, 0}));
+  ASSERT_TRUE(no);
+  EXPECT_FALSE(no->accepted);
+  EXPECT_EQ(no->refusal, Refusal::decided);
+  EXPECT_EQ(decode_notice(encode_notice(Kind::confirm)), Kind::confirm);
+  EXPECT_EQ(decode_notice(encode_notice(Kind::abort)), Kind::abort);
+}
+
+TEST(Negotiation, TruncatedOrPaddedMessagesAreRefused) {
+  auto request = encode(Request{{v4("127.0.0.1", 1000), v4("127.0.0.1", 2000)}, 7});
+  for (std::size_t n = 0; n < request.size(); ++n) EXPECT_FALSE(decode_request(std::span(request.data(), n))) << n;
+  std::array<std::byte, kRequestSize + 1> longer{};
+  std::memcpy(longer.data(), request.data(), request.size());
+  EXPECT_FALSE(decode_request(longer));
+  auto answer = encode(Answer{true, {}, 5000, 9});
+  for (std::size_t n = 0; n < answer.size(); ++n) EXPECT_FALSE(decode_answer(std::span(answer.data(), n))) << n;
+}
+
+TEST(Negotiation, WrongMagicVersionKindOrFieldsAreRefused) {
+  auto good = encode(Request{{v4("127.0.0.1", 1000), v4("127.0.0.1", 2000)}, 7});
+  auto with = [&](std::size_t at, std::byte value) {
+    auto copy = good;
+    copy[at] = value;
+    return decode_request(copy).has_value();
+  };
+  EXPECT_FALSE(with(0, std::byte{0}));     // magic
+  EXPECT_FALSE(with(4, std::byte{2}));     // version
+  EXPECT_FALSE(with(5, std::byte{2}));     // kind: an answer is not a request
+  EXPECT_FALSE(with(6, std::byte{99}));    // family
+  EXPECT_FALSE(with(7, std::byte{1}));     // reserved byte
+  EXPECT_FALSE(decode_request(encode(Request{{v4("127.0.0.1", 1000), v4("127.0.0.1", 2000)}, 0})));  // no pid
+  EXPECT_FALSE(decode_request(encode(Request{{v4("127.0.0.1", 0), v4("127.0.0.1", 2000)}, 7})));     // no port
+  EXPECT_FALSE(decode_answer(encode(Answer{true, {}, 0, 9})));  // accepted, but no engine port
+  auto refusal = encode(Answer{false, Refusal::policy, 0, 0});
+  refusal[6] = std::byte{42};  // an unknown reason
+  EXPECT_FALSE(decode_answer(refusal));
+  EXPECT_FALSE(decode_notice(encode(Answer{true, {}, 1, 1})));
+  EXPECT_FALSE(decode_answer(encode_notice(Kind::confirm)));
+}
+
+TEST(Negotiation, DualStackPeersCompareAsIpv4) {
+  EXPECT_EQ(v6("::ffff:127.0.0.1", 80), v4("127.0.0.1", 80));
+  EXPECT_NE(v6("::1", 80), v4("127.0.0.1", 80));
+  EXPECT_EQ(v4("10.1.2.3", 8080).to_string(), "10.1.2.3:8080");
+  EXPECT_EQ(v6("fe80::1", 22).to_string(), "[fe80::1]:22");
+  sockaddr unix_address{};
+  unix_address.sa_family = AF_UNIX;
+  EXPECT_FALSE(Endpoint::from(&unix_address));
+}
+
+TEST(Negotiation, EndpointNamesArePerPort) {
+  EXPECT_EQ(endpoint_name(6379), "rxio-shim.6379");
+  EXPECT_NE(endpoint_name(1), endpoint_name(10));
+}
+
+}  // namespace
+}  // namespace rxio::shim
