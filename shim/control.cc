@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -182,6 +183,13 @@ Shim::Shim() {
   }
   try {
     board.emplace(command_name());
+    // The Shim outlives main (threads may still call in), so the board's file goes at
+    // exit, in this process only: a forked child leaves its parent's board alone.
+    static pid_t owner = getpid();
+    std::atexit([] {
+      Shim* sh = current();
+      if (sh && sh->board && getpid() == owner) ::unlink(sh->board->path().c_str());
+    });
   } catch (const std::exception& e) {
     log::info(std::string("shim: no statistics board: ") + e.what());
   }

@@ -1,6 +1,5 @@
-// Unmodified programs under rxio-run. At this stage the shim passes every call to the
-// C library: these tests hold it to that (the programs work, both sides preloaded) and
-// to exporting exactly the calls it interposes.
+// The preload library itself: it exports exactly the calls it interposes and no C++
+// runtime, and iperf3 and sockperf run with both sides preloaded.
 #include <gtest/gtest.h>
 
 #include <array>

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -140,6 +141,8 @@ void serve_connection(int fd) {
 }
 
 int serve(uint16_t port) {
+  // A client may close before a burst is out, as a TCP server's peers do.
+  std::signal(SIGPIPE, SIG_IGN);
   int listener = ::socket(AF_INET, SOCK_STREAM, 0);
   int one = 1;
   ::setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
