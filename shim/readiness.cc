@@ -391,7 +391,8 @@ int epoll_wait_any(int epfd, epoll_event* events, int max, int timeout_ms, const
       if (got > 0) n += take_kernel(sh, events + n, got, woke);
     }
     if (n > 0) return n;
-    if (woke) continue;
+    // Woken for nothing of this set's: sleep again below (arming drains what woke it),
+    // never loop here with the lock held.
     if (timeout_ms == 0) return 0;
     int left = remaining(deadline, timeout_ms);
     if (left == 0) return 0;

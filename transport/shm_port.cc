@@ -259,6 +259,13 @@ int ShmPort::poll(std::span<ibv_wc> out) noexcept {
 
 bool ShmPort::arm() noexcept {
   if (shut_) return true;
+  // A wake-up that raced with the last poll (the peer saw the flag just before it was
+  // cleared) must not leave the eventfd readable for a sleeper that has nothing to do.
+  if (!armed_) {
+    uint64_t count;
+    ssize_t ignored = ::read(event_fd_.get(), &count, sizeof count);
+    (void)ignored;
+  }
   armed_ = true;
   doorbell_->sleeping.store(1, std::memory_order_seq_cst);
   bool idle = doorbell_->tail.load(std::memory_order_seq_cst) == doorbell_->head.load(std::memory_order_relaxed) &&
