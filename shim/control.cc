@@ -384,6 +384,9 @@ void Shim::negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& l
   std::array<std::byte, 64> buffer;
   ssize_t n = -1;
   auto deadline = Clock::now() + negotiate_timeout;
+  // A server in its event loop answers within microseconds: look again for a while
+  // (the lock let go) before sleeping.
+  auto spin_until = Clock::now() + poll_time;
   ++s.holds;
   for (;;) {
     n = receive_message(unix_fd.get(), buffer, nullptr);
@@ -392,7 +395,7 @@ void Shim::negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& l
     if (left <= 0) break;
     pollfd p{unix_fd.get(), POLLIN, 0};
     lock.unlock();
-    real().poll(&p, 1, static_cast<int>(left));
+    real().poll(&p, 1, Clock::now() < spin_until ? 0 : static_cast<int>(left));
     lock.lock();
   }
   bool gone = s.gone;
@@ -466,7 +469,6 @@ void Shim::adopt_accepted(int fd) noexcept {
     it->second.fd = fd;
   }
   pending[*tuple] = fd;
-  service();
 }
 
 void Shim::decide_plain_as_server(int fd, Socket& s, Fallback reason) noexcept {

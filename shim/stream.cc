@@ -87,15 +87,16 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       return real().recvmsg(fd, msg, flags);
     }
     if (s->mode != Socket::Mode::rxio) {
-      sh.service();
-      s = sh.socket_of(fd);
-      if (s && s->mode == Socket::Mode::connecting) sh.finish_connect(fd, *s, lock);
-      s = sh.socket_of(fd);
-      if (s && s->mode == Socket::Mode::pending) {
+      if (s->mode == Socket::Mode::pending) {
         // Bytes on the TCP socket mean the peer writes TCP: it has no shim, or gave up.
+        // Looked at first, so that a plain client costs one poll more than TCP here.
         pollfd p{fd, POLLIN, 0};
         if (real().poll(&p, 1, 0) == 1) sh.decide_plain_as_server(fd, *s, Fallback::no_peer_shim);
       }
+      s = sh.socket_of(fd);
+      if (s) sh.service();
+      s = sh.socket_of(fd);
+      if (s && s->mode == Socket::Mode::connecting) sh.finish_connect(fd, *s, lock);
       s = sh.socket_of(fd);
       if (!s || s->mode == Socket::Mode::rxio) continue;
       if (s->mode == Socket::Mode::fresh || s->mode == Socket::Mode::listening ||

@@ -781,8 +781,10 @@ Connection* Engine::try_accept() noexcept {
 template <typename Done>
 void Engine::Impl::wait_until(Done&& done, milliseconds timeout, const std::string& what, const std::string& peer) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
+  // The peer usually answers within microseconds: look again before sleeping.
+  auto spin_until = std::chrono::steady_clock::now() + options.poll_time;
   while (!done()) {
-    if (progress() > 0) continue;
+    if (progress() > 0 || std::chrono::steady_clock::now() < spin_until) continue;
     auto left = std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) throw Error(ETIMEDOUT, what + " (no answer within " + std::to_string(timeout.count()) + " ms)", peer);
     block(std::min(left, milliseconds(10)));
