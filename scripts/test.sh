@@ -29,7 +29,7 @@ setup build
 setup build-asan -Db_sanitize=address,undefined -Db_lundef=false
 setup build-tsan -Db_sanitize=thread -Db_lundef=false
 # libFuzzer wants clang; only the fuzz targets are built in that tree.
-CXX=clang++ targets=tests/fuzz/rxio-wire-fuzz setup build-fuzz -Db_sanitize=address,undefined -Db_lundef=false
+CXX=clang++ targets="tests/fuzz/rxio-wire-fuzz tests/fuzz/rxio-negotiation-fuzz" setup build-fuzz -Db_sanitize=address,undefined -Db_lundef=false
 
 meson_test build unit --suite unit
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \

@@ -212,7 +212,11 @@ void AppTest::SetUp() {
   for (const std::string& program : programs_)
     if (!have(program)) GTEST_SKIP() << program << " is not installed (scripts/install-deps.sh installs it)";
   ASSERT_FALSE(env("RXIO_RUN").empty() || env("RXIO_STAT").empty()) << "RXIO_RUN and RXIO_STAT must be set";
-  std::string pattern = (std::filesystem::temp_directory_path() / "rxio-apps.XXXXXX").string();
+  // Boards are shared memory: /dev/shm where there is one (in the Soft-RoCE guest the
+  // temporary directory is the host's, over 9p, where they cannot be mapped).
+  const std::filesystem::path base =
+      std::filesystem::is_directory("/dev/shm") ? std::filesystem::path("/dev/shm") : std::filesystem::temp_directory_path();
+  std::string pattern = (base / "rxio-apps.XXXXXX").string();
   ASSERT_NE(::mkdtemp(pattern.data()), nullptr);
   dir_ = pattern;
   // Inherited by every program the test starts, and by rxio-stat.
@@ -305,25 +309,31 @@ std::optional<Board> AppTest::board_when(pid_t pid, const std::function<bool(con
   }
 }
 
+std::string expected_backend() {
+  // RXIO_BACKEND=verbs: the programs' links are RDMA queue pairs (the rxe tier).
+  return env("RXIO_BACKEND") == "verbs" ? "verbs" : "shm";
+}
+
 void AppTest::expect_side(pid_t pid, const std::string& side) {
   const bool moved = GetParam() == Shimmed::both;
-  auto board = board_when(pid, [moved](const Board& b) {
-    return moved ? b["connections.shm"] >= 1 && b["connections.shm.bytes_sent"] > 0 &&
-                       b["connections.shm.bytes_received"] > 0
+  const std::string backend = expected_backend();
+  auto board = board_when(pid, [moved, &backend](const Board& b) {
+    return moved ? b["connections." + backend] >= 1 && b["connections." + backend + ".bytes_sent"] > 0 &&
+                       b["connections." + backend + ".bytes_received"] > 0
                  : b["fallbacks.no_peer_shim"] >= 1;
   });
   ASSERT_TRUE(board) << "the " << side << " (pid " << pid << ") has no statistics board";
   if (moved) {
-    // Open, on shm, and the program's bytes go through it.
-    EXPECT_GE((*board)["moved.shm"], 1u) << side << ": " << board->json;
-    EXPECT_GE((*board)["connections.shm"], 1u) << side << ": " << board->json;
-    EXPECT_GT((*board)["connections.shm.bytes_sent"], 0u) << side << ": " << board->json;
-    EXPECT_GT((*board)["connections.shm.bytes_received"], 0u) << side << ": " << board->json;
+    // Open, on the expected backend, and the program's bytes go through it.
+    EXPECT_GE((*board)["moved." + backend], 1u) << side << ": " << board->json;
+    EXPECT_GE((*board)["connections." + backend], 1u) << side << ": " << board->json;
+    EXPECT_GT((*board)["connections." + backend + ".bytes_sent"], 0u) << side << ": " << board->json;
+    EXPECT_GT((*board)["connections." + backend + ".bytes_received"], 0u) << side << ": " << board->json;
     EXPECT_EQ((*board)["fallbacks.no_peer_shim"], 0u) << side << ": " << board->json;
   } else {
     EXPECT_GE((*board)["fallbacks.no_peer_shim"], 1u) << side << ": " << board->json;
-    EXPECT_EQ((*board)["moved.shm"], 0u) << side << ": " << board->json;
-    EXPECT_EQ((*board)["connections.shm"], 0u) << side << ": " << board->json;
+    EXPECT_EQ((*board)["moved." + backend], 0u) << side << ": " << board->json;
+    EXPECT_EQ((*board)["connections." + backend], 0u) << side << ": " << board->json;
   }
 }
 
@@ -336,11 +346,12 @@ void AppTest::expect_backends(Process& server, Process& client) {
 void AppTest::expect_server_totals(Process& server, uint64_t connections) {
   if (!server_shimmed()) return;
   const bool moved = GetParam() == Shimmed::both;
-  const std::string counter = moved ? "moved.shm" : "fallbacks.no_peer_shim";
+  const std::string backend = expected_backend();
+  const std::string counter = moved ? "moved." + backend : "fallbacks.no_peer_shim";
   auto board = board_when(server.pid(), [&](const Board& b) { return b[counter] >= connections; });
   ASSERT_TRUE(board) << "the server (pid " << server.pid() << ") has no statistics board";
   EXPECT_GE((*board)[counter], connections) << board->json;
-  EXPECT_EQ((*board)[moved ? "fallbacks.no_peer_shim" : "moved.shm"], 0u) << board->json;
+  EXPECT_EQ((*board)[moved ? "fallbacks.no_peer_shim" : "moved." + backend], 0u) << board->json;
 }
 
 }  // namespace rxio::apps

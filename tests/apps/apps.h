@@ -31,6 +31,9 @@ bool have(const std::string& program);
 // Single-quoted for /bin/sh.
 std::string quote(const std::string& text);
 
+// Where moved connections go: "verbs" under RXIO_BACKEND=verbs, else "shm".
+std::string expected_backend();
+
 // A TCP port nothing uses on either address family (iperf3 listens on ::).
 int free_port();
 
