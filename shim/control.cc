@@ -219,6 +219,12 @@ transport::Engine* Shim::engine() noexcept {
   return engine_;
 }
 
+void Shim::out_of_credit(int fd, Socket& s) noexcept {
+  for (int ep : s.epolls)
+    if (EpollSet* set = epoll_of(ep))
+      if (auto it = set->interests.find(fd); it != set->interests.end()) it->second.reported &= ~uint32_t{EPOLLOUT};
+}
+
 void Shim::add_to_wait_set(int fd) noexcept {
   epoll_event ev{};
   ev.events = EPOLLIN;
@@ -279,7 +285,12 @@ void Shim::forget(int fd) noexcept {
       endpoints.erase(it);
     }
   }
-  if (s->mode == Socket::Mode::pending || s->mode == Socket::Mode::committed) pending.erase(s->tuple);
+  if (s->mode == Socket::Mode::pending || s->mode == Socket::Mode::committed) {
+    pending.erase(s->tuple);
+    // Closed before its negotiation settled: nothing may be settled onto its fd number.
+    if (auto it = committed.find(s->tuple); it != committed.end()) it->second.fd = -1;
+    decided_plain[s->tuple] = Clock::now() + negotiate_timeout * 2;
+  }
   if (s->holds > 0) {
     s->gone = true;  // the thread waiting on it frees it
     return;
@@ -469,6 +480,15 @@ void Shim::adopt_accepted(int fd) noexcept {
     it->second.fd = fd;
   }
   pending[*tuple] = fd;
+  // A request that came before the program accepted the connection is answered now.
+  for (std::size_t i = 0; i < peers.size();) {
+    if (peers[i].parked != *tuple || answer(peers[i])) {
+      ++i;
+      continue;
+    }
+    remove_from_wait_set(peers[i].fd.get());
+    peers.erase(peers.begin() + static_cast<long>(i));
+  }
 }
 
 void Shim::decide_plain_as_server(int fd, Socket& s, Fallback reason) noexcept {
@@ -480,13 +500,48 @@ void Shim::serve_endpoint(int endpoint) noexcept {
   for (;;) {
     int fd = real().accept4(endpoint, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) return;
-    peers.push_back(Peer{UniqueFd(fd), std::nullopt, 0});
+    peers.push_back(Peer{UniqueFd(fd)});
     add_to_wait_set(fd);
   }
 }
 
 // False when the peer is done with (answered for good, or gone).
+bool Shim::answer(Peer& peer) noexcept {
+  const Tuple tuple = *peer.parked;
+  auto refuse = [&](negotiation::Refusal why, Fallback counted) {
+    if (board) board->count(counted);
+    send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{false, why, 0, 0}));
+    return false;
+  };
+  if (auto it = decided_plain.find(tuple); it != decided_plain.end()) {
+    decided_plain.erase(it);
+    return refuse(negotiation::Refusal::decided, Fallback::wrote_first);
+  }
+  // Only a connection this process accepted: with SO_REUSEPORT, or a listener shared
+  // with other processes, the kernel may have given it to someone else.
+  auto held = pending.find(tuple);
+  if (held == pending.end()) {
+    if (Clock::now() < peer.until) return true;
+    return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
+  }
+  transport::Engine* e = engine();
+  if (!e) return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);
+  peer.parked.reset();
+  peer.tuple = tuple;
+  peer.cookie = random_cookie();
+  Committed& entry = committed[tuple];
+  entry = Committed{peer.cookie, nullptr, false, false, held->second};
+  if (Socket* s = socket_of(held->second)) s->mode = Socket::Mode::committed;
+  if (!send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{true, {}, e->listen_port(), peer.cookie}))) {
+    entry.aborted = true;
+    settle(tuple);
+    return false;
+  }
+  return true;
+}
+
 bool Shim::serve_peer(Peer& peer) noexcept {
+  if (peer.parked) return answer(peer);
   std::array<std::byte, 64> buffer;
   UniqueFd passed;
   ssize_t n = receive_message(peer.fd.get(), buffer, &passed);
@@ -510,29 +565,12 @@ bool Shim::serve_peer(Peer& peer) noexcept {
         static_cast<uint32_t>(cred.pid) != request->pid)
       return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
     if (!endpoints.contains(request->tuple.server.port)) return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
-    if (auto it = decided_plain.find(request->tuple); it != decided_plain.end()) {
-      decided_plain.erase(it);
-      return refuse(negotiation::Refusal::decided, Fallback::wrote_first);
-    }
     sockaddr_storage client = to_sockaddr(request->tuple.client);
     if (!policy.allows(reinterpret_cast<sockaddr*>(&client)))
       return refuse(negotiation::Refusal::policy, Fallback::policy);
-    transport::Engine* e = engine();
-    if (!e) return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);
-    peer.tuple = request->tuple;
-    peer.cookie = random_cookie();
-    Committed& entry = committed[request->tuple];
-    entry = Committed{peer.cookie, nullptr, false, false, -1};
-    if (auto it = pending.find(request->tuple); it != pending.end()) {
-      entry.fd = it->second;
-      if (Socket* s = socket_of(it->second)) s->mode = Socket::Mode::committed;
-    }
-    if (!send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{true, {}, e->listen_port(), peer.cookie}))) {
-      entry.aborted = true;
-      settle(*peer.tuple);
-      return false;
-    }
-    return true;
+    peer.parked = request->tuple;
+    peer.until = Clock::now() + negotiate_timeout;
+    return answer(peer);
   }
   // Accepted: now the confirm, or an abort (or the client vanishing: the same).
   auto notice = n > 0 ? negotiation::decode_notice(std::span(buffer.data(), std::size_t(n))) : std::nullopt;
@@ -589,9 +627,17 @@ void Shim::settle(const Tuple& tuple) noexcept {
   if (it == committed.end()) return;
   Committed& entry = it->second;
   if (!entry.aborted && !(entry.confirmed && entry.connection)) return;
-  if (entry.fd < 0) return;  // the program has not accepted it yet: adopt_accepted settles
+  if (entry.fd < 0) {
+    // The program closed the socket before the negotiation settled.
+    if (entry.connection) {
+      entry.connection->close();
+      closing.push_back(entry.connection);
+    }
+    committed.erase(it);
+    return;
+  }
   Socket* s = socket_of(entry.fd);
-  if (s && s->mode == Socket::Mode::committed) {
+  if (s && s->mode == Socket::Mode::committed && s->tuple == tuple) {
     pending.erase(tuple);
     if (entry.aborted) {
       if (entry.connection) {
@@ -738,6 +784,7 @@ int close_fd(int fd) noexcept {
     std::lock_guard lock(sh.mutex);
     if (Socket* s = sh.socket_of(fd)) {
       bool rxio = s->mode == Socket::Mode::rxio;
+      if (s->refs == 1) s->closed = true;
       sh.forget(fd);
       // What was written goes out now, as a closing TCP socket would send it.
       if (rxio) sh.progress();
@@ -752,6 +799,7 @@ int duplicate(int fd, int result) noexcept {
   Inside inside;
   std::lock_guard lock(sh.mutex);
   if (result == fd || result < 0 || result >= Shim::kMaxFds) return result;
+  if (Socket* target = sh.socket_of(result); target && target->refs == 1) target->closed = true;
   sh.forget(result);  // dup2 over a socket of ours closed it
   if (Socket* s = sh.socket_of(fd)) {
     ++s->refs;

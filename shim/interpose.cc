@@ -260,9 +260,8 @@ namespace {
 bool selects_owned(int count, fd_set* r, fd_set* w, fd_set* e) {
   if (!any_owned()) return false;
   for (int fd = 0; fd < count; ++fd)
-    if (((r && FD_ISSET(fd, r)) || (w && FD_ISSET(fd, w)) || (e && FD_ISSET(fd, e))) && owned(fd) &&
-        owned(fd)->mode != Socket::Mode::fresh)
-      return true;
+    if ((r && FD_ISSET(fd, r)) || (w && FD_ISSET(fd, w)) || (e && FD_ISSET(fd, e)))
+      if (Socket* s = owned(fd); s && s->mode != Socket::Mode::fresh) return true;
   return false;
 }
 

@@ -134,12 +134,17 @@ int poll_any(pollfd* fds, nfds_t count, int timeout_ms, const sigset_t* mask) no
     }
     // A socket still connecting is reported as the kernel sees it: the program's next
     // call on it (SO_ERROR, a write) negotiates.
-    if (any_kernel && real().poll(kernel.data(), count, 0) > 0) {
+    // A process that serves negotiations looks at its wait set too, so that a program
+    // that polls without sleeping still answers them.
+    const bool serving = !sh.endpoints.empty() || !sh.peers.empty();
+    kernel.data()[count] = pollfd{serving ? sh.wait_set.get() : -1, POLLIN, 0};
+    if ((any_kernel || serving) && real().poll(kernel.data(), count + 1, 0) > 0) {
       for (nfds_t i = 0; i < count; ++i) {
         if (!kernel.data()[i].revents || kernel.data()[i].fd < 0) continue;
         fds[i].revents = kernel.data()[i].revents;
         ++ready;
       }
+      if (kernel.data()[count].revents && sh.service()) continue;
     }
     if (ready > 0 || timeout_ms == 0) return ready;
     int left = remaining(deadline, timeout_ms);
@@ -302,19 +307,20 @@ int collect(Shim& sh, EpollSet& set, epoll_event* events, int max) noexcept {
     Socket* s = sh.socket_of(fd);
     if (!s || s->mode != Socket::Mode::rxio) continue;
     uint32_t ready = to_epoll(readiness(*s)) & (interest.events | EPOLLERR | EPOLLHUP);
-    if (!ready) continue;
     if (interest.events & EPOLLET) {
       uint64_t seen = s->connection->stream_events();
       // An edge: a readiness bit that was not there, or bytes that came since.
-      bool edge = (ready & ~interest.reported) || seen != interest.reported_at;
+      bool edge = ready && ((ready & ~interest.reported) || seen != interest.reported_at);
       if (look_only) {
         n += edge;
         continue;
       }
+      // Bits that went away count again when they come back.
       interest.reported = ready;
       if (!edge) continue;
       interest.reported_at = seen;
     }
+    if (!ready) continue;
     if (look_only) {
       ++n;
       continue;

@@ -78,7 +78,8 @@ struct Socket {
   bool write_shut = false;   // shutdown(SHUT_WR) here
   std::vector<int> epolls;   // epoll fds that watch it
   int holds = 0;             // threads waiting on it without the mutex
-  bool gone = false;         // closed while held: the last holder frees it
+  bool gone = false;         // forgotten while held: the last holder frees it
+  bool closed = false;       // ... because the program closed it (not a fall-back)
   uint16_t port = 0;  // listening: the port it answers negotiations for
 };
 
@@ -102,6 +103,10 @@ struct EpollSet {
 // A negotiation in progress on the server side, on its own unix socket.
 struct Peer {
   UniqueFd fd;
+  // A checked request for a connection this process has not accepted yet: answered
+  // once it has (another process may own the listener's backlog), refused at `until`.
+  std::optional<Tuple> parked;
+  std::chrono::steady_clock::time_point until{};
   std::optional<Tuple> tuple;  // set once its request was accepted
   uint64_t cookie = 0;
 };
@@ -190,6 +195,8 @@ class Shim {
   // Handles what the wait set reported: engine events, negotiations. Returns whether
   // anything changed.
   bool service() noexcept;
+  // A write came up short: edge-triggered watchers must see POLLOUT come back.
+  void out_of_credit(int fd, Socket& s) noexcept;
   void add_to_wait_set(int fd) noexcept;
   void remove_from_wait_set(int fd) noexcept;
   // Puts the wait set into one of the program's epoll sets.
@@ -217,6 +224,9 @@ class Shim {
   std::chrono::steady_clock::time_point engine_retry_at{};
   void serve_endpoint(int fd) noexcept;
   bool serve_peer(Peer& peer) noexcept;
+  // Commits to a parked request once its connection is accepted here; false when the
+  // peer is done with (refused, gone).
+  bool answer(Peer& peer) noexcept;
   void match_cookies() noexcept;
   void settle(const Tuple& tuple) noexcept;
 };

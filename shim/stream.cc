@@ -77,6 +77,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
   const auto deadline = Clock::now() + std::chrono::milliseconds(limit < 0 ? 0 : limit);
   auto spin_until = Clock::now() + sh.poll_time;
   const std::size_t wanted = total_of(iov, count);
+  if (wanted == 0) return 0;
   std::size_t got = 0;
   for (;;) {
     s = sh.socket_of(fd);
@@ -112,9 +113,10 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       pollfd p[3] = {{fd, POLLIN, 0}, {}, {}};
       ++s->holds;
       sh.sleep(lock, p, 1, 10, nullptr);
-      bool gone = s->gone;
+      bool gone = s->gone, closed = s->closed;
       sh.release(s);
-      if (gone) {
+      // Closed by another thread: EBADF, as the kernel; fallen back to TCP: go on there.
+      if (gone && closed) {
         errno = EBADF;
         return -1;
       }
@@ -160,9 +162,10 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
     }
     ++s->holds;
     bool more = wait_for_change(sh, lock, deadline, limit < 0, spin_until);
-    bool gone = s->gone;
+    bool gone = s->gone, closed = s->closed;
     sh.release(s);
-    if (gone) {
+    // Closed by another thread: EBADF, as the kernel; fallen back to TCP: go on there.
+    if (gone && closed) {
       errno = EBADF;
       return -1;
     }
@@ -200,9 +203,10 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
         pollfd p[2];
         ++s->holds;
         sh.sleep(lock, p, 0, 10, nullptr);
-        bool gone = s->gone;
+        bool gone = s->gone, closed = s->closed;
         sh.release(s);
-        if (gone) {
+        // Closed by another thread: EBADF, as the kernel; fallen back to TCP: go on there.
+        if (gone && closed) {
           errno = EBADF;
           return -1;
         }
@@ -237,6 +241,7 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
     }
     if (s->record && sent > before) s->record->bytes_sent.fetch_add(sent - before, std::memory_order_relaxed);
     if (sent == wanted) return static_cast<ssize_t>(sent);
+    sh.out_of_credit(fd, *s);
     if (sent > before) spin_until = Clock::now() + sh.poll_time;
     if (sh.progress() > 0) continue;
     if (dontwait) {
@@ -246,9 +251,10 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
     }
     ++s->holds;
     bool more = wait_for_change(sh, lock, deadline, limit < 0, spin_until);
-    bool gone = s->gone;
+    bool gone = s->gone, closed = s->closed;
     sh.release(s);
-    if (gone) {
+    // Closed by another thread: EBADF, as the kernel; fallen back to TCP: go on there.
+    if (gone && closed) {
       errno = EBADF;
       return -1;
     }
