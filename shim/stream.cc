@@ -42,6 +42,32 @@ std::size_t total_of(const iovec* iov, int count) noexcept {
   return total;
 }
 
+// How a call may wait: read from the socket only once it has to (each is a system
+// call), so that a call that finds bytes or credit makes none.
+class Blocking {
+ public:
+  Blocking(int fd, int flags, int option) noexcept : fd_(fd), flags_(flags), option_(option) {}
+  bool dontwait() noexcept { return resolve().dontwait_; }
+  bool forever() noexcept { return resolve().limit_ < 0; }
+  Clock::time_point deadline() noexcept { return resolve().deadline_; }
+
+ private:
+  Blocking& resolve() noexcept {
+    if (!resolved_) {
+      resolved_ = true;
+      dontwait_ = nonblocking(fd_, flags_);
+      limit_ = dontwait_ ? 0 : timeout_ms(fd_, option_);
+      deadline_ = Clock::now() + std::chrono::milliseconds(limit_ < 0 ? 0 : limit_);
+    }
+    return *this;
+  }
+  int fd_, flags_, option_;
+  bool resolved_ = false;
+  bool dontwait_ = false;
+  int limit_ = -1;
+  Clock::time_point deadline_{};
+};
+
 // Waits, without the mutex, for the socket's state to move; false when `deadline`
 // passed first.
 bool wait_for_change(Shim& sh, std::unique_lock<ShimMutex>& lock, Clock::time_point deadline, bool forever,
@@ -72,9 +98,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
   Inside inside;
   std::unique_lock lock(sh.mutex);
   Socket* s = sh.socket_of(fd);
-  const bool dontwait = nonblocking(fd, flags);
-  const int limit = dontwait ? 0 : timeout_ms(fd, SO_RCVTIMEO);
-  const auto deadline = Clock::now() + std::chrono::milliseconds(limit < 0 ? 0 : limit);
+  Blocking how(fd, flags, SO_RCVTIMEO);
   auto spin_until = Clock::now() + sh.poll_time;
   const std::size_t wanted = total_of(iov, count);
   if (wanted == 0) return 0;
@@ -106,7 +130,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
         return real().recvmsg(fd, msg, flags);
       }
       // pending or committed: wait for the decision (or for TCP bytes).
-      if (dontwait) {
+      if (how.dontwait()) {
         errno = EAGAIN;
         return -1;
       }
@@ -143,7 +167,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       if (n < part.size()) break;
     }
     if (s->record && got) s->record->bytes_received.fetch_add(got, std::memory_order_relaxed);
-    bool all = got == wanted || !(flags & MSG_WAITALL) || dontwait;
+    bool all = got == wanted || !(flags & MSG_WAITALL) || how.dontwait();
     if (got > 0 && (all || (flags & MSG_PEEK))) return static_cast<ssize_t>(got);
     if (c.stream_closed()) return static_cast<ssize_t>(got);
     if (c.failed()) {
@@ -155,13 +179,13 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       spin_until = Clock::now() + sh.poll_time;
       continue;
     }
-    if (dontwait) {
+    if (how.dontwait()) {
       if (got) return static_cast<ssize_t>(got);
       errno = EAGAIN;
       return -1;
     }
     ++s->holds;
-    bool more = wait_for_change(sh, lock, deadline, limit < 0, spin_until);
+    bool more = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until);
     bool gone = s->gone, closed = s->closed;
     sh.release(s);
     // Closed by another thread: EBADF, as the kernel; fallen back to TCP: go on there.
@@ -183,9 +207,7 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
   Shim& sh = Shim::get();
   Inside inside;
   std::unique_lock lock(sh.mutex);
-  const bool dontwait = nonblocking(fd, flags);
-  const int limit = dontwait ? 0 : timeout_ms(fd, SO_SNDTIMEO);
-  const auto deadline = Clock::now() + std::chrono::milliseconds(limit < 0 ? 0 : limit);
+  Blocking how(fd, flags, SO_SNDTIMEO);
   auto spin_until = Clock::now() + sh.poll_time;
   const std::size_t wanted = total_of(iov, count);
   std::size_t sent = 0;
@@ -244,13 +266,13 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
     sh.out_of_credit(fd, *s);
     if (sent > before) spin_until = Clock::now() + sh.poll_time;
     if (sh.progress() > 0) continue;
-    if (dontwait) {
+    if (how.dontwait()) {
       if (sent) return static_cast<ssize_t>(sent);
       errno = EAGAIN;
       return -1;
     }
     ++s->holds;
-    bool more = wait_for_change(sh, lock, deadline, limit < 0, spin_until);
+    bool more = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until);
     bool gone = s->gone, closed = s->closed;
     sh.release(s);
     // Closed by another thread: EBADF, as the kernel; fallen back to TCP: go on there.
