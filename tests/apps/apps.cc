@@ -309,6 +309,17 @@ std::optional<Board> AppTest::board_when(pid_t pid, const std::function<bool(con
   }
 }
 
+std::optional<double> number_between(const std::string& text, const std::string& before, const std::string& after) {
+  for (std::size_t at = text.find(before); at != std::string::npos; at = text.find(before, at + 1)) {
+    const char* start = text.c_str() + at + before.size();
+    char* end = nullptr;
+    double value = std::strtod(start, &end);
+    if (end != start && text.compare(static_cast<std::size_t>(end - text.c_str()), after.size(), after) == 0)
+      return value;
+  }
+  return std::nullopt;
+}
+
 std::string expected_backend() {
   // RXIO_BACKEND=verbs: the programs' links are RDMA queue pairs (the rxe tier).
   return env("RXIO_BACKEND") == "verbs" ? "verbs" : "shm";

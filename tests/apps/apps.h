@@ -34,6 +34,10 @@ std::string quote(const std::string& text);
 // Where moved connections go: "verbs" under RXIO_BACKEND=verbs, else "shm".
 std::string expected_backend();
 
+// The number between `before` and `after` in `text` (the first place where one stands
+// there), or nullopt. Programs' progress lines share the prefixes of their results.
+std::optional<double> number_between(const std::string& text, const std::string& before, const std::string& after);
+
 // A TCP port nothing uses on either address family (iperf3 listens on ::).
 int free_port();
 
