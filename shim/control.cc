@@ -302,10 +302,9 @@ void Shim::release(Socket* s) noexcept {
   if (--s->holds == 0 && s->gone) delete s;
 }
 
-void Shim::fall_back(int fd, Socket& s, Fallback reason) noexcept {
+void Shim::fall_back(int fd, Fallback reason) noexcept {
   if (board) board->count(reason);
   log::info(std::string("shim: fd ") + std::to_string(fd) + " stays on TCP: " + to_string(reason));
-  (void)s;
   forget(fd);
 }
 
@@ -360,36 +359,36 @@ void Shim::negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& l
   if (!tuple) return forget(fd);
   s.tuple = *tuple;
   sockaddr_storage server = to_sockaddr(tuple->server);
-  if (!policy.allows(reinterpret_cast<sockaddr*>(&server))) return fall_back(fd, s, Fallback::policy);
+  if (!policy.allows(reinterpret_cast<sockaddr*>(&server))) return fall_back(fd, Fallback::policy);
   // Across hosts the negotiation would go through rdma_cm; this version moves
   // connections between processes of one host.
-  if (!same_host(*tuple)) return fall_back(fd, s, Fallback::not_supported);
+  if (!same_host(*tuple)) return fall_back(fd, Fallback::not_supported);
   std::string key = tuple->server.to_string();
   if (auto it = no_shim.find(key); it != no_shim.end()) {
-    if (Clock::now() < it->second) return fall_back(fd, s, Fallback::no_peer_shim);
+    if (Clock::now() < it->second) return fall_back(fd, Fallback::no_peer_shim);
     no_shim.erase(it);
   }
   transport::Engine* e = engine();
-  if (!e) return fall_back(fd, s, Fallback::no_backend);
+  if (!e) return fall_back(fd, Fallback::no_backend);
 
   UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!unix_fd) return fall_back(fd, s, Fallback::no_backend);
+  if (!unix_fd) return fall_back(fd, Fallback::no_backend);
   socklen_t length = 0;
   sockaddr_un where = abstract_address(tuple->server.port, length);
   if (real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0) {
-    if (errno == EAGAIN) return fall_back(fd, s, Fallback::timeout);  // its backlog is full
+    if (errno == EAGAIN) return fall_back(fd, Fallback::timeout);  // its backlog is full
     no_shim[key] = Clock::now() + kNoShimMemory;
-    return fall_back(fd, s, Fallback::no_peer_shim);
+    return fall_back(fd, Fallback::no_peer_shim);
   }
   ucred cred{};
   socklen_t cred_length = sizeof cred;
   if (real().getsockopt(unix_fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
       cred.pid == getpid())
     // Our own listener: its engine cannot answer while this thread waits in it.
-    return fall_back(fd, s, Fallback::not_supported);
+    return fall_back(fd, Fallback::not_supported);
   if (!send_all(unix_fd.get(), negotiation::encode(negotiation::Request{*tuple, static_cast<uint32_t>(getpid())}),
                 fd))
-    return fall_back(fd, s, Fallback::peer_refused);
+    return fall_back(fd, Fallback::peer_refused);
 
   // Wait for the answer without the mutex: this process's other threads go on.
   std::array<std::byte, 64> buffer;
@@ -412,20 +411,20 @@ void Shim::negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& l
   bool gone = s.gone;
   release(&s);
   if (gone) return;
-  if (n < 0 && n != -2) return fall_back(fd, s, errno == EAGAIN ? Fallback::timeout : Fallback::peer_refused);
+  if (n < 0 && n != -2) return fall_back(fd, errno == EAGAIN ? Fallback::timeout : Fallback::peer_refused);
   auto answer = n == -2 ? std::nullopt : negotiation::decode_answer(std::span(buffer.data(), std::size_t(n)));
   if (!answer) {
     send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
-    return fall_back(fd, s, Fallback::bad_message);
+    return fall_back(fd, Fallback::bad_message);
   }
-  if (!answer->accepted) return fall_back(fd, s, fallback_for(answer->refusal));
+  if (!answer->accepted) return fall_back(fd, fallback_for(answer->refusal));
   transport::Connection* c = nullptr;
   try {
     c = &e->connect("127.0.0.1", answer->engine_port);
   } catch (const std::exception& error) {
     log::info(std::string("shim: ") + error.what());
     send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
-    return fall_back(fd, s, Fallback::link_failed);
+    return fall_back(fd, Fallback::link_failed);
   }
   std::array<std::byte, 8> cookie;
   bytes::put64(cookie.data(), answer->cookie);
@@ -433,7 +432,7 @@ void Shim::negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& l
       !send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::confirm))) {
     c->close();
     closing.push_back(c);
-    return fall_back(fd, s, Fallback::link_failed);
+    return fall_back(fd, Fallback::link_failed);
   }
   become_rxio(fd, s, *c);
 }
@@ -446,8 +445,8 @@ void Shim::start_listening(int fd, Socket& s) noexcept {
   if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &length) != 0) return forget(fd);
   auto endpoint = Endpoint::from(reinterpret_cast<sockaddr*>(&local));
   if (!endpoint) return forget(fd);
-  if (!policy.allows(reinterpret_cast<sockaddr*>(&local))) return fall_back(fd, s, Fallback::policy);
-  if (!engine()) return fall_back(fd, s, Fallback::no_backend);
+  if (!policy.allows(reinterpret_cast<sockaddr*>(&local))) return fall_back(fd, Fallback::policy);
+  if (!engine()) return fall_back(fd, Fallback::no_backend);
   auto it = endpoints.find(endpoint->port);
   if (it == endpoints.end()) {
     UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
@@ -456,7 +455,7 @@ void Shim::start_listening(int fd, Socket& s) noexcept {
     if (!unix_fd || real().bind(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), unix_length) != 0 ||
         real().listen(unix_fd.get(), 1024) != 0) {
       // Another process answers for this port (its own address on the same port).
-      return fall_back(fd, s, Fallback::not_supported);
+      return fall_back(fd, Fallback::not_supported);
     }
     add_to_wait_set(unix_fd.get());
     it = endpoints.emplace(endpoint->port, Listening{std::move(unix_fd), 0}).first;
@@ -493,7 +492,7 @@ void Shim::adopt_accepted(int fd) noexcept {
 
 void Shim::decide_plain_as_server(int fd, Socket& s, Fallback reason) noexcept {
   if (s.mode == Socket::Mode::pending) decided_plain[s.tuple] = Clock::now() + negotiate_timeout * 2;
-  fall_back(fd, s, reason);
+  fall_back(fd, reason);
 }
 
 void Shim::serve_endpoint(int endpoint) noexcept {
@@ -644,7 +643,7 @@ void Shim::settle(const Tuple& tuple) noexcept {
         entry.connection->close();
         closing.push_back(entry.connection);
       }
-      fall_back(entry.fd, *s, Fallback::link_failed);
+      fall_back(entry.fd, Fallback::link_failed);
     } else {
       become_rxio(entry.fd, *s, *entry.connection);
     }

@@ -162,7 +162,6 @@ int poll_any(pollfd* fds, nfds_t count, int timeout_ms, const sigset_t* mask) no
 
 int select_any(int nfds, fd_set* readable, fd_set* writable, fd_set* failed, int timeout_ms,
                const sigset_t* mask) noexcept {
-  Shim& sh = Shim::get();
   std::vector<pollfd> fds;
   for (int fd = 0; fd < nfds; ++fd) {
     short events = 0;
@@ -196,7 +195,6 @@ int select_any(int nfds, fd_set* readable, fd_set* writable, fd_set* failed, int
       ++total;
     }
   }
-  (void)sh;
   return total;
 }
 
@@ -226,16 +224,20 @@ int epoll_control(int epfd, int op, int fd, epoll_event* event) noexcept {
   }
   auto it = set->interests.find(fd);
   const bool rxio = s->mode == Socket::Mode::rxio;
+  // The kernel's checks, in its order, for the sockets it no longer sees.
+  const bool known = it != set->interests.end();
+  if (op == EPOLL_CTL_ADD || op == EPOLL_CTL_MOD || op == EPOLL_CTL_DEL) {
+    if (op == EPOLL_CTL_ADD ? known : !known) {
+      errno = known ? EEXIST : ENOENT;
+      return -1;
+    }
+    if (op != EPOLL_CTL_DEL && !event) {
+      errno = EFAULT;
+      return -1;
+    }
+  }
   switch (op) {
     case EPOLL_CTL_ADD: {
-      if (it != set->interests.end()) {
-        errno = EEXIST;
-        return -1;
-      }
-      if (!event) {
-        errno = EFAULT;
-        return -1;
-      }
       if (!rxio && real().epoll_ctl(epfd, op, fd, event) != 0) return -1;
       EpollSet::Interest interest;
       interest.events = event->events;
@@ -248,14 +250,6 @@ int epoll_control(int epfd, int op, int fd, epoll_event* event) noexcept {
       return 0;
     }
     case EPOLL_CTL_MOD: {
-      if (it == set->interests.end()) {
-        errno = ENOENT;
-        return -1;
-      }
-      if (!event) {
-        errno = EFAULT;
-        return -1;
-      }
       if (it->second.in_kernel && real().epoll_ctl(epfd, op, fd, event) != 0) return -1;
       it->second.events = event->events;
       it->second.data = event->data;
@@ -266,10 +260,6 @@ int epoll_control(int epfd, int op, int fd, epoll_event* event) noexcept {
       return 0;
     }
     case EPOLL_CTL_DEL: {
-      if (it == set->interests.end()) {
-        errno = ENOENT;
-        return -1;
-      }
       if (it->second.in_kernel && real().epoll_ctl(epfd, op, fd, event) != 0) return -1;
       set->interests.erase(it);
       std::erase(s->epolls, epfd);

@@ -185,7 +185,7 @@ class Shim {
   void track(int fd);
   void forget(int fd) noexcept;       // the fd is closing, or stays plain TCP
   void release(Socket* s) noexcept;   // drops a hold
-  void fall_back(int fd, Socket& s, Fallback reason) noexcept;
+  void fall_back(int fd, Fallback reason) noexcept;
   void become_rxio(int fd, Socket& s, transport::Connection& c) noexcept;
   void negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
   void finish_connect(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;

@@ -89,6 +89,26 @@ bool wait_for_change(Shim& sh, std::unique_lock<ShimMutex>& lock, Clock::time_po
   return true;
 }
 
+// What a call returns once it stops early: the bytes it moved, or -1 with `error`.
+ssize_t done_or(std::size_t bytes, int error) noexcept {
+  if (bytes) return static_cast<ssize_t>(bytes);
+  errno = error;
+  return -1;
+}
+
+// Runs `wait` (which lets go of the mutex) with `s` kept alive. False when the program
+// closed the socket meanwhile (the call fails with EBADF, as the kernel's would); a
+// socket that fell back to TCP meanwhile goes on there.
+template <typename Wait>
+bool wait_holding(Shim& sh, Socket* s, Wait&& wait) noexcept {
+  ++s->holds;
+  wait();
+  bool closed = s->gone && s->closed;
+  sh.release(s);
+  if (closed) errno = EBADF;
+  return !closed;
+}
+
 }  // namespace
 
 ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
@@ -97,14 +117,13 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
   Shim& sh = Shim::get();
   Inside inside;
   std::unique_lock lock(sh.mutex);
-  Socket* s = sh.socket_of(fd);
   Blocking how(fd, flags, SO_RCVTIMEO);
   auto spin_until = Clock::now() + sh.poll_time;
   const std::size_t wanted = total_of(iov, count);
   if (wanted == 0) return 0;
   std::size_t got = 0;
   for (;;) {
-    s = sh.socket_of(fd);
+    Socket* s = sh.socket_of(fd);
     if (!s) {
       lock.unlock();
       // Decided for TCP meanwhile: the kernel has the rest.
@@ -135,15 +154,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
         return -1;
       }
       pollfd p[3] = {{fd, POLLIN, 0}, {}, {}};
-      ++s->holds;
-      sh.sleep(lock, p, 1, 10, nullptr);
-      bool gone = s->gone, closed = s->closed;
-      sh.release(s);
-      // Closed by another thread: EBADF, as the kernel; fallen back to TCP: go on there.
-      if (gone && closed) {
-        errno = EBADF;
-        return -1;
-      }
+      if (!wait_holding(sh, s, [&] { sh.sleep(lock, p, 1, 10, nullptr); })) return -1;
       continue;
     }
     transport::Connection& c = *s->connection;
@@ -157,12 +168,11 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       for (int j = 0; j < i; ++j) skip -= std::min(skip, iov[j].iov_len);
       if (skip >= iov[i].iov_len) continue;
       std::span<std::byte> part(static_cast<std::byte*>(iov[i].iov_base) + skip, iov[i].iov_len - skip);
-      std::size_t n = (flags & MSG_PEEK) ? 0 : c.stream_read(part);
       if (flags & MSG_PEEK) {
-        n = c.stream_peek(part);
-        got += n;
-        break;  // one peek copies from the start; spreading it over iovecs is not needed here
+        got += c.stream_peek(part);  // copies from the stream's start, into the first buffer
+        break;
       }
+      std::size_t n = c.stream_read(part);
       got += n;
       if (n < part.size()) break;
     }
@@ -170,34 +180,16 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
     bool all = got == wanted || !(flags & MSG_WAITALL) || how.dontwait();
     if (got > 0 && (all || (flags & MSG_PEEK))) return static_cast<ssize_t>(got);
     if (c.stream_closed()) return static_cast<ssize_t>(got);
-    if (c.failed()) {
-      if (got) return static_cast<ssize_t>(got);
-      errno = ECONNRESET;
-      return -1;
-    }
+    if (c.failed()) return done_or(got, ECONNRESET);
     if (sh.progress() > 0) {
       spin_until = Clock::now() + sh.poll_time;
       continue;
     }
-    if (how.dontwait()) {
-      if (got) return static_cast<ssize_t>(got);
-      errno = EAGAIN;
+    if (how.dontwait()) return done_or(got, EAGAIN);
+    bool more = false;
+    if (!wait_holding(sh, s, [&] { more = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until); }))
       return -1;
-    }
-    ++s->holds;
-    bool more = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until);
-    bool gone = s->gone, closed = s->closed;
-    sh.release(s);
-    // Closed by another thread: EBADF, as the kernel; fallen back to TCP: go on there.
-    if (gone && closed) {
-      errno = EBADF;
-      return -1;
-    }
-    if (!more) {
-      if (got) return static_cast<ssize_t>(got);
-      errno = EAGAIN;
-      return -1;
-    }
+    if (!more) return done_or(got, EAGAIN);
   }
 }
 
@@ -223,15 +215,7 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
       s = sh.socket_of(fd);
       if (s && s->mode == Socket::Mode::committed) {
         pollfd p[2];
-        ++s->holds;
-        sh.sleep(lock, p, 0, 10, nullptr);
-        bool gone = s->gone, closed = s->closed;
-        sh.release(s);
-        // Closed by another thread: EBADF, as the kernel; fallen back to TCP: go on there.
-        if (gone && closed) {
-          errno = EBADF;
-          return -1;
-        }
+        if (!wait_holding(sh, s, [&] { sh.sleep(lock, p, 0, 10, nullptr); })) return -1;
         continue;
       }
     }
@@ -266,25 +250,11 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
     sh.out_of_credit(fd, *s);
     if (sent > before) spin_until = Clock::now() + sh.poll_time;
     if (sh.progress() > 0) continue;
-    if (how.dontwait()) {
-      if (sent) return static_cast<ssize_t>(sent);
-      errno = EAGAIN;
+    if (how.dontwait()) return done_or(sent, EAGAIN);
+    bool more = false;
+    if (!wait_holding(sh, s, [&] { more = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until); }))
       return -1;
-    }
-    ++s->holds;
-    bool more = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until);
-    bool gone = s->gone, closed = s->closed;
-    sh.release(s);
-    // Closed by another thread: EBADF, as the kernel; fallen back to TCP: go on there.
-    if (gone && closed) {
-      errno = EBADF;
-      return -1;
-    }
-    if (!more) {
-      if (sent) return static_cast<ssize_t>(sent);
-      errno = EAGAIN;
-      return -1;
-    }
+    if (!more) return done_or(sent, EAGAIN);
   }
 }
 
