@@ -35,6 +35,10 @@ const std::vector<Knob> kKnobs = {
      "File of rules for the preload shim, read after RXIO_SHIM_RULES. The default file "
      "may be absent (no rules); a file this variable names must exist."},
     // "# none": a rules text with no rules (a comment), since every knob shows a default.
+    {"RXIO_SHIM_MOVE_AFTER", "count", "8",
+     "Data calls (reads and writes) a client makes on a TCP connection before the preload shim "
+     "moves it: short-lived connections finish on TCP without a negotiation. 0 or 1 moves it at "
+     "the first call."},
     {"RXIO_SHIM_RULES", "text", "# none",
      "Rules for the preload shim, checked before RXIO_SHIM_CONFIG's: entries 'allow|deny "
      "ADDRESS[/PREFIX][:PORT[-PORT]]' separated by newlines, ';' or ','. The first match "

@@ -15,7 +15,7 @@
 #
 # usage: bench/compare-shim.sh [BUILD_DIR]     (default: build)
 # Environment: ROUNDS (default 3), T seconds per sockperf and iperf3 run (5),
-# N redis GET/SET requests (100000), SHORT_N short-lived requests (4000),
+# N redis GET/SET requests (100000), SHORT_N short-lived requests (20000),
 # CONNECTS timed connects (20000), LIMIT seconds before a client counts as hung (300).
 # Exit: 0 every target met, 1 a target missed or a run failed, 2 usage, 77 a tool is missing.
 set -euo pipefail
@@ -23,9 +23,7 @@ set -euo pipefail
 ROUNDS=${ROUNDS:-3}
 T=${T:-5}
 N=${N:-100000}
-# Below the ~5,000 connections one client process can open over one shm link (its
-# arena is not reused yet, docs/shim.md): past that they fall back to TCP.
-SHORT_N=${SHORT_N:-4000}
+SHORT_N=${SHORT_N:-20000}
 CONNECTS=${CONNECTS:-20000}
 LIMIT=${LIMIT:-300}
 

@@ -1,11 +1,15 @@
 // The shim's control path: which sockets it tracks, the negotiation on both sides,
 // and the moves to rxio or back to plain TCP. Runs with Shim::mutex held.
 #include <fcntl.h>
+#include <linux/sockios.h>
+#include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -144,9 +148,9 @@ uint64_t random_cookie() {
 Fallback fallback_for(negotiation::Refusal refusal) {
   switch (refusal) {
     case negotiation::Refusal::not_owner: return Fallback::impostor;
-    case negotiation::Refusal::decided: return Fallback::wrote_first;
     case negotiation::Refusal::bad_message: return Fallback::bad_message;
     case negotiation::Refusal::policy:
+    case negotiation::Refusal::closing:
     case negotiation::Refusal::unavailable: break;
   }
   return Fallback::peer_refused;
@@ -196,6 +200,7 @@ Shim::Shim() {
   try {
     negotiate_timeout = milliseconds(config::get_count("RXIO_SHIM_TIMEOUT_MS"));
     poll_time = std::chrono::microseconds(config::get_count("RXIO_POLL_US"));
+    move_after = static_cast<uint32_t>(std::min<uint64_t>(config::get_count("RXIO_SHIM_MOVE_AFTER"), UINT32_MAX));
   } catch (const std::exception& e) {
     log::warn(std::string("shim: ") + e.what());
   }
@@ -262,9 +267,46 @@ int Shim::my_waker() noexcept {
   return waker.get();
 }
 
+void Socket::reset() noexcept {
+  mode = Mode::fresh;
+  calls = 0;
+  tried = false;
+  refs = 1;
+  connection = nullptr;
+  record = nullptr;
+  tuple = Tuple{};
+  server = read_shut = write_shut = false;
+  ahead.clear();
+  ahead.shrink_to_fit();
+  ahead_read = 0;
+  ahead_left = 0;
+  epolls.clear();
+  holds = 0;
+  gone = closed = false;
+  port = 0;
+}
+
+Socket* Shim::new_socket() noexcept {
+  if (spare_sockets.empty()) return new (std::nothrow) Socket();
+  Socket* s = spare_sockets.back();
+  spare_sockets.pop_back();
+  return s;
+}
+
+void Shim::recycle(Socket* s) noexcept {
+  s->reset();
+  try {
+    spare_sockets.push_back(s);
+  } catch (const std::bad_alloc&) {
+    // Kept out of the spares: leaked rather than freed under a reader.
+  }
+}
+
 void Shim::track(int fd) {
   if (fd < 0 || fd >= kMaxFds) return;
-  sockets[fd].store(new Socket(), std::memory_order_release);
+  Socket* s = new_socket();
+  if (!s) throw std::bad_alloc();
+  sockets[fd].store(s, std::memory_order_release);
 }
 
 void Shim::forget(int fd) noexcept {
@@ -285,27 +327,34 @@ void Shim::forget(int fd) noexcept {
       endpoints.erase(it);
     }
   }
-  if (s->mode == Socket::Mode::pending || s->mode == Socket::Mode::committed) {
-    pending.erase(s->tuple);
-    // Closed before its negotiation settled: nothing may be settled onto its fd number.
-    if (auto it = committed.find(s->tuple); it != committed.end()) it->second.fd = -1;
-    decided_plain[s->tuple] = Clock::now() + negotiate_timeout * 2;
+  if (s->server && s->mode != Socket::Mode::rxio) {
+    if (auto it = accepted.find(s->tuple); it != accepted.end() && it->second == fd) accepted.erase(it);
+    // Closed before its switch: nothing may land on its fd number.
+    if (auto it = committed.find(s->tuple); it != committed.end() && it->second.fd == fd) it->second.fd = -1;
   }
   if (s->holds > 0) {
     s->gone = true;  // the thread waiting on it frees it
     return;
   }
-  delete s;
+  recycle(s);
 }
 
 void Shim::release(Socket* s) noexcept {
-  if (--s->holds == 0 && s->gone) delete s;
+  if (--s->holds == 0 && s->gone) recycle(s);
 }
 
 void Shim::fall_back(int fd, Fallback reason) noexcept {
   if (board) board->count(reason);
   log::info(std::string("shim: fd ") + std::to_string(fd) + " stays on TCP: " + to_string(reason));
-  forget(fd);
+  Socket* s = socket_of(fd);
+  if (s && s->has_ahead()) {
+    // Bytes taken from the kernel during the attempt still come first.
+    s->tried = true;
+    s->mode = Socket::Mode::tcp;
+  } else {
+    forget(fd);
+  }
+  wake_sleepers();  // calls that waited for the switch
 }
 
 void Shim::become_rxio(int fd, Socket& s, transport::Connection& c) noexcept {
@@ -342,19 +391,90 @@ void Shim::watch_wait_set(int epfd, EpollSet& set) noexcept {
 
 bool Shim::is_wait_set_event(const epoll_event& ev) const noexcept { return ev.data.u64 == kWaitSetMagic; }
 
+// ---- the switch, both sides -------------------------------------------------------
+
+namespace {
+
+// Bytes this side's kernel sent on the TCP connection that the peer's kernel has not
+// acknowledged yet; -1 when the socket cannot say.
+int unacknowledged(int fd) noexcept {
+  int n = 0;
+  return real().ioctl(fd, SIOCOUTQ, &n) == 0 ? n : -1;
+}
+
+// Acknowledges what came in now, rather than after the delayed-ACK timer: the peer
+// waits for it before it switches.
+void acknowledge_now(int fd) noexcept {
+  int one = 1;
+  real().setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+}
+
+// Takes what the kernel holds of the TCP stream into s.ahead, so that the peer's
+// bytes never wait for a program that is not reading. False when the stream ended.
+bool take_ahead(int fd, Socket& s) noexcept {
+  if (!s.has_ahead()) {
+    s.ahead.clear();
+    s.ahead_read = 0;
+  }
+  for (;;) {
+    constexpr std::size_t kChunk = 64 * 1024;
+    std::size_t had = s.ahead.size();
+    try {
+      s.ahead.resize(had + kChunk);
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+    ssize_t n = real().recv(fd, s.ahead.data() + had, kChunk, MSG_DONTWAIT);
+    s.ahead.resize(had + std::size_t(std::max<ssize_t>(n, 0)));
+    s.ahead_left = s.ahead.size() - s.ahead_read;
+    if (n > 0) continue;
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+  }
+}
+
+// With the socket in moving mode, waits for the calls that went to the kernel without
+// the mutex to come back. False when one stays (a blocking sendfile).
+bool quiesce(Socket& s) noexcept {
+  auto until = Clock::now() + milliseconds(10);
+  while (s.kernel_calls.load() > 0) {
+    if (Clock::now() > until) return false;
+    sched_yield();
+  }
+  return true;
+}
+
+// Waits until the peer's kernel acknowledged every byte this side sent, taking in
+// what arrives meanwhile (the peer may be waiting for the same). False at `deadline`
+// or when the stream ended.
+bool wait_acknowledged(int fd, Socket& s, Clock::time_point deadline) noexcept {
+  for (;;) {
+    if (!take_ahead(fd, s)) return false;
+    acknowledge_now(fd);
+    int left = unacknowledged(fd);
+    if (left == 0) return true;
+    if (left < 0 || Clock::now() > deadline) return false;
+    timespec pause{0, 20'000};
+    nanosleep(&pause, nullptr);
+  }
+}
+
+}  // namespace
+
 // ---- the client side ---------------------------------------------------------------
 
-void Shim::finish_connect(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept {
+void Shim::finish_connect(int fd, Socket& s) noexcept {
   pollfd p{fd, POLLOUT, 0};
   if (real().poll(&p, 1, 0) != 1) return;  // still connecting
   sockaddr_storage peer{};
   socklen_t length = sizeof peer;
   // Failed: the error stays in SO_ERROR for the program to read.
   if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &length) != 0) return forget(fd);
-  negotiate_as_client(fd, s, lock);
+  s.mode = Socket::Mode::tcp;
 }
 
-void Shim::negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept {
+void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept {
+  s.tried = true;
+  if (s.read_shut || s.write_shut) return fall_back(fd, Fallback::not_supported);
   auto tuple = tuple_of(fd, false);
   if (!tuple) return forget(fd);
   s.tuple = *tuple;
@@ -386,50 +506,91 @@ void Shim::negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& l
       cred.pid == getpid())
     // Our own listener: its engine cannot answer while this thread waits in it.
     return fall_back(fd, Fallback::not_supported);
+
+  // From here the program's calls on the socket wait, so that this side's TCP bytes
+  // end where the switch says.
+  s.mode = Socket::Mode::moving;
+  if (!quiesce(s)) return fall_back(fd, Fallback::busy);
   if (!send_all(unix_fd.get(), negotiation::encode(negotiation::Request{*tuple, static_cast<uint32_t>(getpid())}),
                 fd))
     return fall_back(fd, Fallback::peer_refused);
 
-  // Wait for the answer without the mutex: this process's other threads go on.
+  const auto deadline = Clock::now() + negotiate_timeout;
+  // One message from the server, waited for without the mutex so that this process's
+  // other threads go on; with `take_in`, what TCP brings meanwhile is taken ahead.
   std::array<std::byte, 64> buffer;
-  ssize_t n = -1;
-  auto deadline = Clock::now() + negotiate_timeout;
-  // A server in its event loop answers within microseconds: look again for a while
-  // (the lock let go) before sleeping.
-  auto spin_until = Clock::now() + poll_time;
+  auto next_message = [&](bool take_in) -> ssize_t {
+    auto spin_until = Clock::now() + poll_time;
+    for (;;) {
+      ssize_t n = receive_message(unix_fd.get(), buffer, nullptr);
+      if (n >= 0 || n == -2 || errno != EAGAIN) return n;
+      if (take_in) {
+        if (!take_ahead(fd, s)) return -1;
+        acknowledge_now(fd);
+      }
+      auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+      if (left <= 0) return -1;
+      pollfd p[2] = {{unix_fd.get(), POLLIN, 0}, {take_in ? fd : -1, POLLIN, 0}};
+      lock.unlock();
+      real().poll(p, 2, Clock::now() < spin_until ? 0 : static_cast<int>(std::min<long>(left, 10)));
+      lock.lock();
+      if (s.gone) return -1;
+    }
+  };
   ++s.holds;
-  for (;;) {
-    n = receive_message(unix_fd.get(), buffer, nullptr);
-    if (n >= 0 || n == -2 || errno != EAGAIN) break;
-    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
-    if (left <= 0) break;
-    pollfd p{unix_fd.get(), POLLIN, 0};
-    lock.unlock();
-    real().poll(&p, 1, Clock::now() < spin_until ? 0 : static_cast<int>(left));
-    lock.lock();
-  }
+  ssize_t n = next_message(false);
+  auto answer = n < 0 ? std::nullopt : negotiation::decode_answer(std::span(buffer.data(), std::size_t(n)));
   bool gone = s.gone;
   release(&s);
   if (gone) return;
   if (n < 0 && n != -2) return fall_back(fd, errno == EAGAIN ? Fallback::timeout : Fallback::peer_refused);
-  auto answer = n == -2 ? std::nullopt : negotiation::decode_answer(std::span(buffer.data(), std::size_t(n)));
   if (!answer) {
     send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
     return fall_back(fd, Fallback::bad_message);
   }
   if (!answer->accepted) return fall_back(fd, fallback_for(answer->refusal));
+
   transport::Connection* c = nullptr;
+  auto give_up = [&](Fallback why) {
+    send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
+    if (c) {
+      c->close();
+      closing.push_back(c);
+    }
+    fall_back(fd, why);
+  };
   try {
     c = &e->connect("127.0.0.1", answer->engine_port);
   } catch (const std::exception& error) {
     log::info(std::string("shim: ") + error.what());
-    send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
-    return fall_back(fd, Fallback::link_failed);
+    return give_up(Fallback::link_failed);
   }
   std::array<std::byte, 8> cookie;
   bytes::put64(cookie.data(), answer->cookie);
-  if (c->stream_write(cookie) != cookie.size() ||
-      !send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::confirm))) {
+  if (c->stream_write(cookie) != cookie.size()) return give_up(Fallback::link_failed);
+  // The server reads the TCP stream to its end before the engine connection: all of
+  // it must be in its kernel first.
+  if (!wait_acknowledged(fd, s, deadline)) return give_up(Fallback::busy);
+  if (!send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::confirm)))
+    return give_up(Fallback::link_failed);
+
+  ++s.holds;
+  n = next_message(true);
+  auto notice = n > 0 ? negotiation::decode_notice(std::span(buffer.data(), std::size_t(n))) : std::nullopt;
+  gone = s.gone;
+  release(&s);
+  if (gone) {
+    c->close();
+    closing.push_back(c);
+    return;
+  }
+  if (notice != negotiation::Kind::switched) {
+    c->close();
+    closing.push_back(c);
+    return fall_back(fd, notice == negotiation::Kind::abort ? Fallback::busy : Fallback::timeout);
+  }
+  // The server's kernel had every byte it sent acknowledged: they are all here now.
+  if (!take_ahead(fd, s)) {
     c->close();
     closing.push_back(c);
     return fall_back(fd, Fallback::link_failed);
@@ -468,17 +629,13 @@ void Shim::start_listening(int fd, Socket& s) noexcept {
 void Shim::adopt_accepted(int fd) noexcept {
   auto tuple = tuple_of(fd, true);
   if (!tuple) return;
-  auto* s = new (std::nothrow) Socket();
+  Socket* s = new_socket();
   if (!s) return;
   s->server = true;
   s->tuple = *tuple;
-  s->mode = Socket::Mode::pending;
+  s->mode = Socket::Mode::tcp;
   sockets[fd].store(s, std::memory_order_release);
-  if (auto it = committed.find(*tuple); it != committed.end()) {
-    s->mode = Socket::Mode::committed;
-    it->second.fd = fd;
-  }
-  pending[*tuple] = fd;
+  accepted[*tuple] = fd;
   // A request that came before the program accepted the connection is answered now.
   for (std::size_t i = 0; i < peers.size();) {
     if (peers[i].parked != *tuple || answer(peers[i])) {
@@ -488,11 +645,6 @@ void Shim::adopt_accepted(int fd) noexcept {
     remove_from_wait_set(peers[i].fd.get());
     peers.erase(peers.begin() + static_cast<long>(i));
   }
-}
-
-void Shim::decide_plain_as_server(int fd, Socket& s, Fallback reason) noexcept {
-  if (s.mode == Socket::Mode::pending) decided_plain[s.tuple] = Clock::now() + negotiate_timeout * 2;
-  fall_back(fd, reason);
 }
 
 void Shim::serve_endpoint(int endpoint) noexcept {
@@ -512,28 +664,26 @@ bool Shim::answer(Peer& peer) noexcept {
     send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{false, why, 0, 0}));
     return false;
   };
-  if (auto it = decided_plain.find(tuple); it != decided_plain.end()) {
-    decided_plain.erase(it);
-    return refuse(negotiation::Refusal::decided, Fallback::wrote_first);
-  }
   // Only a connection this process accepted: with SO_REUSEPORT, or a listener shared
   // with other processes, the kernel may have given it to someone else.
-  auto held = pending.find(tuple);
-  if (held == pending.end()) {
+  auto held = accepted.find(tuple);
+  if (held == accepted.end()) {
     if (Clock::now() < peer.until) return true;
     return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
   }
+  Socket* s = socket_of(held->second);
+  if (!s || s->mode != Socket::Mode::tcp || s->read_shut || s->write_shut)
+    return refuse(negotiation::Refusal::closing, Fallback::not_supported);
   transport::Engine* e = engine();
   if (!e) return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);
   peer.parked.reset();
   peer.tuple = tuple;
-  peer.cookie = random_cookie();
-  Committed& entry = committed[tuple];
-  entry = Committed{peer.cookie, nullptr, false, false, held->second};
-  if (Socket* s = socket_of(held->second)) s->mode = Socket::Mode::committed;
-  if (!send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{true, {}, e->listen_port(), peer.cookie}))) {
-    entry.aborted = true;
-    settle(tuple);
+  uint64_t cookie = random_cookie();
+  committed[tuple] = Committed{cookie, nullptr, held->second};
+  // The client's last TCP bytes are acknowledged at once: it waits for that.
+  acknowledge_now(held->second);
+  if (!send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{true, {}, e->listen_port(), cookie}))) {
+    drop_committed(tuple);
     return false;
   }
   return true;
@@ -576,20 +726,54 @@ bool Shim::serve_peer(Peer& peer) noexcept {
   auto it = committed.find(*peer.tuple);
   if (it == committed.end()) return false;
   if (notice == negotiation::Kind::confirm) {
-    it->second.confirmed = true;
     // The cookie went before the confirm; over verbs it may still be on the wire.
     auto deadline = Clock::now() + negotiate_timeout;
     while (!it->second.connection && Clock::now() < deadline) {
       progress();
       match_cookies();
     }
-    if (!it->second.connection) it->second.aborted = true;
-  } else {
-    if (n > 0 && !notice && board) board->count(Fallback::bad_message);
-    it->second.aborted = true;
+    switch_as_server(peer, it->second);
+  } else if (n > 0 && !notice && board) {
+    board->count(Fallback::bad_message);
   }
-  settle(*peer.tuple);
+  drop_committed(*peer.tuple);
   return false;
+}
+
+void Shim::switch_as_server(Peer& peer, Committed& entry) noexcept {
+  auto abort = [&](Fallback why) {
+    send_all(peer.fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
+    if (entry.fd >= 0) fall_back(entry.fd, why);
+  };
+  Socket* s = entry.fd >= 0 ? socket_of(entry.fd) : nullptr;
+  if (!s || s->mode != Socket::Mode::tcp || s->tuple != *peer.tuple) return abort(Fallback::not_supported);
+  if (!entry.connection) return abort(Fallback::link_failed);
+  // The program's calls on the socket wait from here, so that our TCP bytes end now;
+  // the client sends none after its confirm.
+  s->mode = Socket::Mode::moving;
+  if (!quiesce(*s) || !wait_acknowledged(entry.fd, *s, Clock::now() + negotiate_timeout))
+    return abort(Fallback::busy);
+  if (!send_all(peer.fd.get(), negotiation::encode_notice(negotiation::Kind::switched)))
+    return abort(Fallback::link_failed);
+  accepted.erase(s->tuple);
+  transport::Connection* c = std::exchange(entry.connection, nullptr);
+  become_rxio(entry.fd, *s, *c);
+}
+
+void Shim::drop_committed(const Tuple& tuple) noexcept {
+  auto it = committed.find(tuple);
+  if (it == committed.end()) return;
+  if (it->second.connection) {
+    it->second.connection->close();
+    closing.push_back(it->second.connection);
+  }
+  // The client does not ask twice: its socket needs the shim no more.
+  if (Socket* s = it->second.fd >= 0 ? socket_of(it->second.fd) : nullptr;
+      s && s->mode == Socket::Mode::tcp && !s->has_ahead()) {
+    accepted.erase(tuple);
+    forget(it->second.fd);
+  }
+  committed.erase(it);
 }
 
 void Shim::match_cookies() noexcept {
@@ -621,36 +805,6 @@ void Shim::match_cookies() noexcept {
   }
 }
 
-void Shim::settle(const Tuple& tuple) noexcept {
-  auto it = committed.find(tuple);
-  if (it == committed.end()) return;
-  Committed& entry = it->second;
-  if (!entry.aborted && !(entry.confirmed && entry.connection)) return;
-  if (entry.fd < 0) {
-    // The program closed the socket before the negotiation settled.
-    if (entry.connection) {
-      entry.connection->close();
-      closing.push_back(entry.connection);
-    }
-    committed.erase(it);
-    return;
-  }
-  Socket* s = socket_of(entry.fd);
-  if (s && s->mode == Socket::Mode::committed && s->tuple == tuple) {
-    pending.erase(tuple);
-    if (entry.aborted) {
-      if (entry.connection) {
-        entry.connection->close();
-        closing.push_back(entry.connection);
-      }
-      fall_back(entry.fd, Fallback::link_failed);
-    } else {
-      become_rxio(entry.fd, *s, *entry.connection);
-    }
-  }
-  committed.erase(it);
-}
-
 bool Shim::service() noexcept {
   bool changed = false;
   transport::Engine* e = engine();
@@ -665,13 +819,7 @@ bool Shim::service() noexcept {
     peers.erase(peers.begin() + static_cast<long>(i));
     changed = true;
   }
-  if (!unmatched.empty() || !committed.empty()) {
-    match_cookies();
-    std::vector<Tuple> ready;
-    for (auto& [tuple, entry] : committed)
-      if (entry.fd >= 0 && (entry.aborted || (entry.confirmed && entry.connection))) ready.push_back(tuple);
-    for (const Tuple& t : ready) settle(t);
-  }
+  if (!unmatched.empty()) match_cookies();
   // Connections the program closed: what still arrives is dropped, as a closed TCP
   // socket would, so that the peer never waits for credit.
   for (std::size_t i = 0; i < closing.size();) {
@@ -682,8 +830,6 @@ bool Shim::service() noexcept {
     if (c->stream_closed() || c->failed()) closing.erase(closing.begin() + static_cast<long>(i));
     else ++i;
   }
-  const auto now = Clock::now();
-  std::erase_if(decided_plain, [&](const auto& entry) { return entry.second < now; });
   return changed;
 }
 
@@ -745,10 +891,11 @@ int connect_on(int fd, const sockaddr* address, socklen_t length) noexcept {
   Inside inside;
   int rc = real().connect(fd, address, length);
   int saved = errno;
-  std::unique_lock lock(sh.mutex);
+  std::lock_guard lock(sh.mutex);
   Socket* s = sh.socket_of(fd);
   if (s && s->mode == Socket::Mode::fresh) {
-    if (rc == 0) sh.negotiate_as_client(fd, *s, lock);
+    // The move, if any, comes with the program's later calls (RXIO_SHIM_MOVE_AFTER).
+    if (rc == 0) s->mode = Socket::Mode::tcp;
     else if (saved == EINPROGRESS) s->mode = Socket::Mode::connecting;
   }
   errno = saved;
@@ -758,12 +905,29 @@ int connect_on(int fd, const sockaddr* address, socklen_t length) noexcept {
 int shutdown_on(int fd, int how) noexcept {
   Shim& sh = Shim::get();
   Inside inside;
-  std::lock_guard lock(sh.mutex);
+  std::unique_lock lock(sh.mutex);
   Socket* s = sh.socket_of(fd);
-  if (!s || s->mode != Socket::Mode::rxio) return real().shutdown(fd, how);
+  // A switch under way decides where the end goes.
+  while (s && s->mode == Socket::Mode::moving) {
+    pollfd p[2];
+    ++s->holds;
+    sh.sleep(lock, p, 0, 10, nullptr);
+    sh.release(s);
+    s = sh.socket_of(fd);
+  }
   if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) {
     errno = EINVAL;
     return -1;
+  }
+  if (!s || s->mode != Socket::Mode::rxio) {
+    int rc = real().shutdown(fd, how);
+    // A half-closed TCP connection stays where it is.
+    if (rc == 0 && s && (s->mode == Socket::Mode::tcp || s->mode == Socket::Mode::connecting)) {
+      s->tried = true;
+      if (how != SHUT_WR) s->read_shut = true;
+      if (how != SHUT_RD) s->write_shut = true;
+    }
+    return rc;
   }
   if (how != SHUT_WR) s->read_shut = true;
   if (how != SHUT_RD && !s->write_shut) {
@@ -812,7 +976,7 @@ int socket_error(int fd, void* value, socklen_t* length) noexcept {
   Inside inside;
   std::unique_lock lock(sh.mutex);
   Socket* s = sh.socket_of(fd);
-  if (s && s->mode == Socket::Mode::connecting) sh.finish_connect(fd, *s, lock);
+  if (s && s->mode == Socket::Mode::connecting) sh.finish_connect(fd, *s);
   s = sh.socket_of(fd);
   if (s && s->mode == Socket::Mode::rxio && s->connection->failed() && value && length &&
       *length >= sizeof(int)) {
@@ -829,9 +993,17 @@ int bytes_readable(int fd, int* count) noexcept {
   Inside inside;
   std::lock_guard lock(sh.mutex);
   Socket* s = sh.socket_of(fd);
-  if (!s || s->mode != Socket::Mode::rxio) return real().ioctl(fd, FIONREAD, count);
-  sh.progress();
-  *count = static_cast<int>(std::min<std::size_t>(s->connection->stream_available(), INT32_MAX));
+  if (!s) return real().ioctl(fd, FIONREAD, count);
+  std::size_t ready = s->ahead.size() - s->ahead_read;
+  if (s->mode == Socket::Mode::rxio) {
+    sh.progress();
+    ready += s->connection->stream_available();
+  } else {
+    int in_kernel = 0;
+    if (real().ioctl(fd, FIONREAD, &in_kernel) != 0) return -1;
+    ready += std::size_t(in_kernel);
+  }
+  *count = static_cast<int>(std::min<std::size_t>(ready, INT32_MAX));
   return 0;
 }
 

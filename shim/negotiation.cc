@@ -141,6 +141,7 @@ std::array<std::byte, kNoticeSize> encode_notice(Kind kind) {
 std::optional<Kind> decode_notice(std::span<const std::byte> in) noexcept {
   if (header_is(in, kNoticeSize, Kind::confirm)) return Kind::confirm;
   if (header_is(in, kNoticeSize, Kind::abort)) return Kind::abort;
+  if (header_is(in, kNoticeSize, Kind::switched)) return Kind::switched;
   return std::nullopt;
 }
 

@@ -2,11 +2,16 @@
 // unix seqpacket socket beside the TCP connection (never inside it: a plain-TCP peer
 // must not see a byte of this). docs/shim.md has the sequence.
 //
-//   client                                    server (listening)
+//   client (stops writing to TCP)             server (listening)
 //   Request + its TCP socket (SCM_RIGHTS) ->
 //                                          <- Answer: accept (engine port, cookie) or refuse
 //   engine connection, cookie as its first 8 stream bytes
+//   (waits until the server's kernel acknowledged every TCP byte it sent)
 //   Confirm (or Abort: stay on TCP)       ->
+//                                             (stops writing to TCP, waits likewise)
+//                                          <- Switched (or Abort: stay on TCP)
+//   Each side then takes what its kernel still holds of the TCP stream, and reads the
+//   engine connection after it.
 #pragma once
 
 #include <netinet/in.h>
@@ -46,10 +51,10 @@ namespace negotiation {
 inline constexpr uint32_t kMagic = 0x474e5852;  // "RXNG"
 inline constexpr uint8_t kVersion = 1;
 
-enum class Kind : uint8_t { request = 1, accept = 2, refuse = 3, confirm = 4, abort = 5 };
+enum class Kind : uint8_t { request = 1, accept = 2, refuse = 3, confirm = 4, abort = 5, switched = 6 };
 
 // Why a server refused; the client counts it as a fallback.
-enum class Refusal : uint8_t { policy = 1, not_owner = 2, decided = 3, unavailable = 4, bad_message = 5 };
+enum class Refusal : uint8_t { policy = 1, not_owner = 2, closing = 3, unavailable = 4, bad_message = 5 };
 
 struct Request {
   Tuple tuple;
@@ -64,7 +69,7 @@ struct Answer {
 
 inline constexpr std::size_t kRequestSize = 48;
 inline constexpr std::size_t kAnswerSize = 24;
-inline constexpr std::size_t kNoticeSize = 8;  // confirm, abort
+inline constexpr std::size_t kNoticeSize = 8;  // confirm, abort, switched
 
 std::array<std::byte, kRequestSize> encode(const Request& request);
 std::array<std::byte, kAnswerSize> encode(const Answer& answer);

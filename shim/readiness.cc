@@ -26,7 +26,7 @@ short readiness(const Socket& s) noexcept {
   const transport::Connection& c = *s.connection;
   short events = 0;
   if (c.failed()) return POLLIN | POLLRDNORM | POLLOUT | POLLERR | POLLHUP;
-  if (c.stream_readable() || s.read_shut) events |= POLLIN | POLLRDNORM;
+  if (c.stream_readable() || s.read_shut || s.has_ahead()) events |= POLLIN | POLLRDNORM;
   if (c.stream_closed()) events |= POLLRDHUP | (s.write_shut ? POLLHUP : 0);
   // After shutdown(SHUT_WR) TCP still says writable: the write then fails at once.
   if (s.write_shut || c.stream_writable()) events |= POLLOUT | POLLWRNORM;
@@ -130,6 +130,11 @@ int poll_any(pollfd* fds, nfds_t count, int timeout_ms, const sigset_t* mask) no
         ready += fds[i].revents != 0;
       } else if (fds[i].fd >= 0) {
         any_kernel = true;
+        // Bytes a switch that did not happen took from the kernel.
+        if (s && s->has_ahead() && (fds[i].events & POLLIN)) {
+          fds[i].revents = POLLIN | (fds[i].events & POLLRDNORM);
+          ++ready;
+        }
       }
     }
     // A socket still connecting is reported as the kernel sees it: the program's next
@@ -141,8 +146,8 @@ int poll_any(pollfd* fds, nfds_t count, int timeout_ms, const sigset_t* mask) no
     if ((any_kernel || serving) && real().poll(kernel.data(), count + 1, 0) > 0) {
       for (nfds_t i = 0; i < count; ++i) {
         if (!kernel.data()[i].revents || kernel.data()[i].fd < 0) continue;
-        fds[i].revents = kernel.data()[i].revents;
-        ++ready;
+        ready += fds[i].revents == 0;
+        fds[i].revents |= kernel.data()[i].revents;
       }
       if (kernel.data()[count].revents && sh.service()) continue;
     }
@@ -293,12 +298,21 @@ int collect(Shim& sh, EpollSet& set, epoll_event* events, int max) noexcept {
   int n = 0;
   for (auto& [fd, interest] : set.interests) {
     if (n == max) break;
-    if (interest.in_kernel || interest.disarmed) continue;
+    if (interest.disarmed) continue;
     Socket* s = sh.socket_of(fd);
-    if (!s || s->mode != Socket::Mode::rxio) continue;
-    uint32_t ready = to_epoll(readiness(*s)) & (interest.events | EPOLLERR | EPOLLHUP);
+    if (!s) continue;
+    uint32_t ready = 0;
+    if (s->mode == Socket::Mode::rxio && !interest.in_kernel) {
+      ready = to_epoll(readiness(*s)) & (interest.events | EPOLLERR | EPOLLHUP);
+    } else if (s->has_ahead() && s->mode == Socket::Mode::tcp) {
+      // Bytes a switch that did not happen took from the kernel, which no longer
+      // reports them.
+      ready = interest.events & EPOLLIN;
+    } else {
+      continue;
+    }
     if (interest.events & EPOLLET) {
-      uint64_t seen = s->connection->stream_events();
+      uint64_t seen = s->connection ? s->connection->stream_events() : s->ahead.size();
       // An edge: a readiness bit that was not there, or bytes that came since.
       bool edge = ready && ((ready & ~interest.reported) || seen != interest.reported_at);
       if (look_only) {

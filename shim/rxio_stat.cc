@@ -65,7 +65,7 @@ void usage(FILE* out) {
                "  timeout        the peer's shim did not answer in time\n"
                "  no_backend     no engine here (no RDMA device, RXIO_BACKEND, locked-memory limit)\n"
                "  link_failed    the link to the peer's engine could not be set up\n"
-               "  wrote_first    the program sent on the socket before the negotiation finished\n"
+               "  busy           the socket could not pause for the switch (a blocked call, bytes that did not drain)\n"
                "  not_supported  something this version does not move\n"
                "unlisted counts connections the board had no record for (over %u open at once).\n"
                "\n"

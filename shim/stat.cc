@@ -33,7 +33,7 @@ namespace {
 
 constexpr const char* kFallbackNames[] = {"policy",      "no_peer_shim", "peer_refused", "bad_message",
                                           "impostor",    "timeout",      "no_backend",   "link_failed",
-                                          "wrote_first", "not_supported"};
+                                          "busy", "not_supported"};
 static_assert(std::size(kFallbackNames) == kFallbacks);
 constexpr const char* kBackendNames[] = {"tcp", "shm", "verbs"};
 static_assert(std::size(kBackendNames) == kBackends);

@@ -26,7 +26,7 @@ enum class Fallback : uint8_t {
   timeout,        // the peer's shim did not answer in time
   no_backend,     // the engine could not start here (no device, RXIO_BACKEND, memlock)
   link_failed,    // the link or connection to the peer's engine could not be set up
-  wrote_first,    // the program sent on the TCP socket before the negotiation finished
+  busy,           // the socket could not pause for the switch (a call blocked in the kernel, bytes that did not drain)
   not_supported,  // something this version does not move (a listener on a port another process negotiates for)
   count_
 };

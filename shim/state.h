@@ -62,25 +62,43 @@ class ShimMutex {
 struct Socket {
   enum class Mode : uint8_t {
     fresh,       // created, neither connected nor listening yet
-    connecting,  // a non-blocking connect is under way; negotiation follows
+    connecting,  // a non-blocking connect is under way
     listening,   // answers negotiations for its port
-    pending,     // accepted; the peer's shim may still ask to move it
-    committed,   // we accepted the peer's request; waiting for its confirm or abort
+    tcp,         // connected over TCP; calls go to the kernel; it may move later
+    moving,      // switching to rxio: the program's calls on it wait (docs/shim.md)
     rxio,        // carried by a transport connection
   };
-  Mode mode = Mode::fresh;
+  // Read without the mutex by the TCP fast path; changed only with it.
+  std::atomic<Mode> mode{Mode::fresh};
+  // Threads in a kernel call on it without the mutex (tcp mode). A switch waits for
+  // none to be left, so that no byte crosses the kernel socket behind its back.
+  std::atomic<int> kernel_calls{0};
+  // Data calls so far: a client moves its connection once they reach RXIO_SHIM_MOVE_AFTER,
+  // so that short-lived connections never pay for a negotiation.
+  std::atomic<uint32_t> calls{0};
+  std::atomic<bool> tried{false};  // a move was attempted or ruled out: never again
   int refs = 1;  // fds (dup) naming it
   transport::Connection* connection = nullptr;
   StatRecord* record = nullptr;
-  Tuple tuple;               // client and server ends (pending, committed, rxio)
+  Tuple tuple;               // client and server ends (tcp, moving, rxio)
   bool server = false;       // accepted here
   bool read_shut = false;    // shutdown(SHUT_RD) here
   bool write_shut = false;   // shutdown(SHUT_WR) here
+  // TCP bytes taken from the kernel during a switch, before the program read them:
+  // they come first, whatever the mode. `ahead_left` lets the fast path see them.
+  std::vector<std::byte> ahead;
+  std::size_t ahead_read = 0;
+  std::atomic<std::size_t> ahead_left{0};
   std::vector<int> epolls;   // epoll fds that watch it
   int holds = 0;             // threads waiting on it without the mutex
   bool gone = false;         // forgotten while held: the last holder frees it
   bool closed = false;       // ... because the program closed it (not a fall-back)
   uint16_t port = 0;  // listening: the port it answers negotiations for
+
+  bool has_ahead() const noexcept { return ahead_left.load(std::memory_order_relaxed) > 0; }
+  // Back to a fresh socket, for the next fd: Socket objects are reused, never freed,
+  // so that the fast path may read one it found in the table without the mutex.
+  void reset() noexcept;
 };
 
 // An epoll fd of the program that watches at least one socket the shim owns.
@@ -108,7 +126,6 @@ struct Peer {
   std::optional<Tuple> parked;
   std::chrono::steady_clock::time_point until{};
   std::optional<Tuple> tuple;  // set once its request was accepted
-  uint64_t cookie = 0;
 };
 
 // A connection a peer's engine opened, whose cookie has not arrived in full.
@@ -118,13 +135,11 @@ struct Unmatched {
   std::size_t have;
 };
 
-// The transport connection a committed tuple will use, once its cookie arrived.
+// A request this side accepted: the transport connection its cookie names, once it came.
 struct Committed {
   uint64_t cookie = 0;
   transport::Connection* connection = nullptr;
-  bool confirmed = false;
-  bool aborted = false;
-  int fd = -1;  // the program's socket, once it accepted it
+  int fd = -1;  // the program's socket; -1 once it closed it
 };
 
 class Shim {
@@ -143,6 +158,7 @@ class Shim {
   Policy policy;
   std::optional<StatBoard> board;
   std::chrono::milliseconds negotiate_timeout{1000};
+  uint32_t move_after = 8;  // RXIO_SHIM_MOVE_AFTER
   std::chrono::microseconds poll_time{0};
 
   // Everything a shim wait sleeps on besides the program's own fds: the engine, the
@@ -165,14 +181,13 @@ class Shim {
   std::unordered_map<uint16_t, Listening> endpoints;
   std::vector<Peer> peers;
   std::unordered_map<Tuple, Committed, TupleHash> committed;
-  std::unordered_map<Tuple, int, TupleHash> pending;  // accepted sockets not yet decided
+  std::unordered_map<Tuple, int, TupleHash> accepted;  // accepted sockets still on TCP
   std::vector<Unmatched> unmatched;
+  std::vector<Socket*> spare_sockets;
   // Connections whose socket was closed: drained until the peer closes too.
   std::vector<transport::Connection*> closing;
   // Servers that have no shim: (address, port) -> until when to believe it.
   std::unordered_map<std::string, std::chrono::steady_clock::time_point> no_shim;
-  // Tuples decided as plain TCP on the server side before a request came.
-  std::unordered_map<Tuple, std::chrono::steady_clock::time_point, TupleHash> decided_plain;
 
   Socket* socket_of(int fd) const noexcept {
     return fd >= 0 && fd < kMaxFds ? sockets[fd].load(std::memory_order_acquire) : nullptr;
@@ -185,13 +200,16 @@ class Shim {
   void track(int fd);
   void forget(int fd) noexcept;       // the fd is closing, or stays plain TCP
   void release(Socket* s) noexcept;   // drops a hold
+  Socket* new_socket() noexcept;      // from the spares, or made; null without memory
+  void recycle(Socket* s) noexcept;
   void fall_back(int fd, Fallback reason) noexcept;
   void become_rxio(int fd, Socket& s, transport::Connection& c) noexcept;
-  void negotiate_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
-  void finish_connect(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
+  // A client's connection that is due to move: negotiates and switches, or leaves it
+  // on TCP with the reason counted.
+  void move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
+  void finish_connect(int fd, Socket& s) noexcept;
   void start_listening(int fd, Socket& s) noexcept;
   void adopt_accepted(int fd) noexcept;
-  void decide_plain_as_server(int fd, Socket& s, Fallback reason) noexcept;
   // Handles what the wait set reported: engine events, negotiations. Returns whether
   // anything changed.
   bool service() noexcept;
@@ -228,8 +246,16 @@ class Shim {
   // peer is done with (refused, gone).
   bool answer(Peer& peer) noexcept;
   void match_cookies() noexcept;
-  void settle(const Tuple& tuple) noexcept;
+  // The server's half of the switch, once the client confirmed and its cookie came.
+  void switch_as_server(Peer& peer, Committed& entry) noexcept;
+  void drop_committed(const Tuple& tuple) noexcept;
 };
+
+// Due to move: a client's TCP connection whose calls reached the threshold.
+inline bool due_to_move(const Shim& sh, Socket& s) noexcept {
+  return !s.server && !s.tried.load(std::memory_order_relaxed) &&
+         s.calls.fetch_add(1, std::memory_order_relaxed) + 1 >= sh.move_after;
+}
 
 // Readiness of a socket in rxio mode, as poll() events (POLLIN, POLLOUT, POLLHUP,
 // POLLRDHUP, POLLERR).

@@ -11,6 +11,9 @@
 #include <array>
 #include <cerrno>
 #include <chrono>
+#include <cstring>
+#include <optional>
+#include <vector>
 
 #include "shim/calls.h"
 #include "shim/real.h"
@@ -109,53 +112,160 @@ bool wait_holding(Shim& sh, Socket* s, Wait&& wait) noexcept {
   return !closed;
 }
 
+// Copies what s.ahead holds into `iov` past `skip`; a peek leaves it there.
+std::size_t from_ahead(Socket& s, const iovec* iov, int count, std::size_t skip, bool peek) noexcept {
+  std::size_t at = s.ahead_read, copied = 0;
+  for (int i = 0; i < count && at < s.ahead.size(); ++i) {
+    if (skip >= iov[i].iov_len) {
+      skip -= iov[i].iov_len;
+      continue;
+    }
+    std::size_t n = std::min(iov[i].iov_len - skip, s.ahead.size() - at);
+    std::memcpy(static_cast<std::byte*>(iov[i].iov_base) + skip, s.ahead.data() + at, n);
+    skip = 0;
+    at += n;
+    copied += n;
+  }
+  if (!peek) {
+    s.ahead_read = at;
+    s.ahead_left = s.ahead.size() - at;
+  }
+  return copied;
+}
+
+// `message` with its buffers' first `skip` bytes left out, for a kernel call that goes
+// on where an earlier one stopped.
+msghdr rest_of(const msghdr& message, std::size_t skip, std::vector<iovec>& storage) noexcept {
+  msghdr rest = message;
+  if (skip == 0) return rest;
+  storage.clear();
+  for (std::size_t i = 0; i < message.msg_iovlen; ++i) {
+    const iovec& v = message.msg_iov[i];
+    if (skip >= v.iov_len) {
+      skip -= v.iov_len;
+      continue;
+    }
+    storage.push_back(iovec{static_cast<std::byte*>(v.iov_base) + skip, v.iov_len - skip});
+    skip = 0;
+  }
+  rest.msg_iov = storage.data();
+  rest.msg_iovlen = storage.size();
+  return rest;
+}
+
+// The TCP fast path: one kernel call without the mutex, for a socket on TCP that has
+// nothing read ahead. Empty when the call must take the slow path instead.
+template <typename Call>
+std::optional<ssize_t> on_tcp(Shim& sh, int fd, Call&& call) noexcept {
+  Socket* s = sh.socket_of(fd);
+  if (!s || s->mode.load() != Socket::Mode::tcp || due_to_move(sh, *s)) return std::nullopt;
+  // Counted before the second look: a switch sets its mode first, then waits for the
+  // count to drop (docs/shim.md).
+  s->kernel_calls.fetch_add(1);
+  std::optional<ssize_t> result;
+  if (sh.socket_of(fd) == s && s->mode.load() == Socket::Mode::tcp && !s->has_ahead()) result = call();
+  s->kernel_calls.fetch_sub(1);
+  return result;
+}
+
+bool would_block() noexcept { return errno == EAGAIN || errno == EWOULDBLOCK; }
+
 }  // namespace
 
 ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
   const iovec* iov = msg->msg_iov;
   const int count = static_cast<int>(msg->msg_iovlen);
   Shim& sh = Shim::get();
+  const std::size_t wanted = total_of(iov, count);
+  if (wanted == 0) return 0;
+  std::size_t got = 0;
+  // Whether the kernel just said it has nothing: the slow path need not ask again.
+  bool kernel_empty = false;
+  if (auto n = on_tcp(sh, fd, [&] { return real().recvmsg(fd, msg, flags | MSG_DONTWAIT); })) {
+    if (*n < 0 && !would_block()) return *n;
+    if (*n == 0 || (*n > 0 && (!(flags & MSG_WAITALL) || std::size_t(*n) == wanted))) return *n;
+    if (*n > 0) got = std::size_t(*n);
+    kernel_empty = true;
+  }
   Inside inside;
   std::unique_lock lock(sh.mutex);
   Blocking how(fd, flags, SO_RCVTIMEO);
   auto spin_until = Clock::now() + sh.poll_time;
-  const std::size_t wanted = total_of(iov, count);
-  if (wanted == 0) return 0;
-  std::size_t got = 0;
+  std::vector<iovec> storage;
+  // The kernel's part, after what came from elsewhere; what it says of addresses and
+  // flags goes back to the caller.
+  auto kernel_receive = [&](int with) {
+    if (got == 0) return real().recvmsg(fd, msg, with);
+    msghdr rest = rest_of(*msg, got, storage);
+    ssize_t n = real().recvmsg(fd, &rest, with);
+    msg->msg_namelen = rest.msg_namelen;
+    msg->msg_controllen = rest.msg_controllen;
+    msg->msg_flags = rest.msg_flags;
+    return n;
+  };
   for (;;) {
     Socket* s = sh.socket_of(fd);
     if (!s) {
       lock.unlock();
-      // Decided for TCP meanwhile: the kernel has the rest.
-      if (got) return static_cast<ssize_t>(got);
-      return real().recvmsg(fd, msg, flags);
+      // Left the shim meanwhile: the kernel has the rest.
+      if (got && (!(flags & MSG_WAITALL) || how.dontwait())) return static_cast<ssize_t>(got);
+      ssize_t n = kernel_receive(flags);
+      return n < 0 ? done_or(got, errno) : static_cast<ssize_t>(got + std::size_t(n));
     }
-    if (s->mode != Socket::Mode::rxio) {
-      if (s->mode == Socket::Mode::pending) {
-        // Bytes on the TCP socket mean the peer writes TCP: it has no shim, or gave up.
-        // Looked at first, so that a plain client costs one poll more than TCP here.
-        pollfd p{fd, POLLIN, 0};
-        if (real().poll(&p, 1, 0) == 1) sh.decide_plain_as_server(fd, *s, Fallback::no_peer_shim);
-      }
-      s = sh.socket_of(fd);
-      if (s) sh.service();
-      s = sh.socket_of(fd);
-      if (s && s->mode == Socket::Mode::connecting) sh.finish_connect(fd, *s, lock);
-      s = sh.socket_of(fd);
-      if (!s || s->mode == Socket::Mode::rxio) continue;
-      if (s->mode == Socket::Mode::fresh || s->mode == Socket::Mode::listening ||
-          s->mode == Socket::Mode::connecting) {
+    if (s->has_ahead()) {
+      got += from_ahead(*s, iov, count, got, flags & MSG_PEEK);
+      if (got == wanted || !(flags & MSG_WAITALL) || (flags & MSG_PEEK)) return static_cast<ssize_t>(got);
+    }
+    switch (s->mode.load()) {
+      case Socket::Mode::fresh:
+      case Socket::Mode::listening: {
         lock.unlock();
         return real().recvmsg(fd, msg, flags);
       }
-      // pending or committed: wait for the decision (or for TCP bytes).
-      if (how.dontwait()) {
-        errno = EAGAIN;
-        return -1;
+      case Socket::Mode::connecting: {
+        sh.finish_connect(fd, *s);
+        if (s->mode == Socket::Mode::connecting) {
+          lock.unlock();
+          return real().recvmsg(fd, msg, flags);
+        }
+        continue;
       }
-      pollfd p[3] = {{fd, POLLIN, 0}, {}, {}};
-      if (!wait_holding(sh, s, [&] { sh.sleep(lock, p, 1, 10, nullptr); })) return -1;
-      continue;
+      case Socket::Mode::moving: {
+        if (!wait_holding(sh, s, [&] { pollfd p[2]; sh.sleep(lock, p, 0, 10, nullptr); })) return -1;
+        continue;
+      }
+      case Socket::Mode::tcp: {
+        if (!s->server && !s->tried && s->calls >= sh.move_after) {
+          sh.move_as_client(fd, *s, lock);
+          continue;
+        }
+        if (!kernel_empty) {
+          ssize_t n = kernel_receive(flags | MSG_DONTWAIT);
+          if (n == 0) return static_cast<ssize_t>(got);
+          if (n < 0 && !would_block()) return done_or(got, errno);
+          if (n > 0) {
+            got += std::size_t(n);
+            if (got == wanted || !(flags & MSG_WAITALL) || (flags & MSG_PEEK)) return static_cast<ssize_t>(got);
+          }
+        }
+        kernel_empty = false;
+        if (how.dontwait()) return done_or(got, EAGAIN);
+        // Asleep on the socket and the shim's wait set: a switch the peer starts
+        // meanwhile is served, and this call then reads wherever the bytes went.
+        int left = -1;
+        if (!how.forever()) {
+          auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(how.deadline() - Clock::now()).count();
+          if (ms <= 0) return done_or(got, EAGAIN);
+          left = static_cast<int>(ms);
+        }
+        pollfd p[3] = {{fd, POLLIN, 0}, {}, {}};
+        int slept = 0;
+        if (!wait_holding(sh, s, [&] { slept = sh.sleep(lock, p, 1, left, nullptr); })) return -1;
+        if (slept < 0 && errno == EINTR) return done_or(got, EINTR);
+        continue;
+      }
+      case Socket::Mode::rxio:
+        break;
     }
     transport::Connection& c = *s->connection;
     // A stream has no addresses or ancillary data to give back.
@@ -163,6 +273,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
     msg->msg_controllen = 0;
     msg->msg_flags = 0;
     if (s->read_shut) return static_cast<ssize_t>(got);
+    const std::size_t before = got;
     for (int i = 0; i < count && got < wanted; ++i) {
       std::size_t skip = got;  // MSG_WAITALL resumes where it left off
       for (int j = 0; j < i; ++j) skip -= std::min(skip, iov[j].iov_len);
@@ -176,7 +287,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       got += n;
       if (n < part.size()) break;
     }
-    if (s->record && got) s->record->bytes_received.fetch_add(got, std::memory_order_relaxed);
+    if (s->record && got > before) s->record->bytes_received.fetch_add(got - before, std::memory_order_relaxed);
     bool all = got == wanted || !(flags & MSG_WAITALL) || how.dontwait();
     if (got > 0 && (all || (flags & MSG_PEEK))) return static_cast<ssize_t>(got);
     if (c.stream_closed()) return static_cast<ssize_t>(got);
@@ -197,32 +308,66 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
   const iovec* iov = msg->msg_iov;
   const int count = static_cast<int>(msg->msg_iovlen);
   Shim& sh = Shim::get();
+  const std::size_t wanted = total_of(iov, count);
+  std::size_t sent = 0;
+  bool kernel_full = false;
+  if (auto n = on_tcp(sh, fd, [&] { return real().sendmsg(fd, msg, flags | MSG_DONTWAIT); })) {
+    if (*n < 0 && !would_block()) return *n;
+    if (*n >= 0 && std::size_t(*n) == wanted) return *n;
+    if (*n > 0) sent = std::size_t(*n);
+    kernel_full = true;
+  }
   Inside inside;
   std::unique_lock lock(sh.mutex);
   Blocking how(fd, flags, SO_SNDTIMEO);
   auto spin_until = Clock::now() + sh.poll_time;
-  const std::size_t wanted = total_of(iov, count);
-  std::size_t sent = 0;
+  std::vector<iovec> storage;
   for (;;) {
     Socket* s = sh.socket_of(fd);
-    if (s && s->mode != Socket::Mode::rxio) {
-      sh.service();
-      s = sh.socket_of(fd);
-      if (s && s->mode == Socket::Mode::connecting) sh.finish_connect(fd, *s, lock);
-      s = sh.socket_of(fd);
-      // The program speaks first: TCP, unless a negotiation already came for it.
-      if (s && s->mode == Socket::Mode::pending) sh.decide_plain_as_server(fd, *s, Fallback::wrote_first);
-      s = sh.socket_of(fd);
-      if (s && s->mode == Socket::Mode::committed) {
-        pollfd p[2];
-        if (!wait_holding(sh, s, [&] { sh.sleep(lock, p, 0, 10, nullptr); })) return -1;
+    const Socket::Mode mode = s ? s->mode.load() : Socket::Mode::fresh;
+    if (!s || mode == Socket::Mode::fresh || mode == Socket::Mode::listening) {
+      lock.unlock();
+      msghdr rest = rest_of(*msg, sent, storage);
+      ssize_t n = real().sendmsg(fd, &rest, flags);
+      return n < 0 ? done_or(sent, errno) : static_cast<ssize_t>(sent + std::size_t(n));
+    }
+    if (mode == Socket::Mode::connecting) {
+      sh.finish_connect(fd, *s);
+      if (s->mode == Socket::Mode::connecting) {
+        lock.unlock();
+        return real().sendmsg(fd, msg, flags);
+      }
+      continue;
+    }
+    if (mode == Socket::Mode::moving) {
+      if (!wait_holding(sh, s, [&] { pollfd p[2]; sh.sleep(lock, p, 0, 10, nullptr); })) return -1;
+      continue;
+    }
+    if (mode == Socket::Mode::tcp) {
+      if (!s->server && !s->tried && s->calls >= sh.move_after) {
+        sh.move_as_client(fd, *s, lock);
         continue;
       }
-    }
-    if (!s || s->mode != Socket::Mode::rxio) {
-      lock.unlock();
-      if (sent) return static_cast<ssize_t>(sent);
-      return real().sendmsg(fd, msg, flags);
+      if (!kernel_full) {
+        msghdr rest = rest_of(*msg, sent, storage);
+        ssize_t n = real().sendmsg(fd, &rest, flags | MSG_DONTWAIT);
+        if (n < 0 && !would_block()) return done_or(sent, errno);
+        if (n > 0) sent += std::size_t(n);
+        if (sent == wanted) return static_cast<ssize_t>(sent);
+      }
+      kernel_full = false;
+      if (how.dontwait()) return done_or(sent, EAGAIN);
+      int left = -1;
+      if (!how.forever()) {
+        auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(how.deadline() - Clock::now()).count();
+        if (ms <= 0) return done_or(sent, EAGAIN);
+        left = static_cast<int>(ms);
+      }
+      pollfd p[3] = {{fd, POLLOUT, 0}, {}, {}};
+      int slept = 0;
+      if (!wait_holding(sh, s, [&] { slept = sh.sleep(lock, p, 1, left, nullptr); })) return -1;
+      if (slept < 0 && errno == EINTR) return done_or(sent, EINTR);
+      continue;
     }
     transport::Connection& c = *s->connection;
     if (s->write_shut || c.failed()) {
@@ -262,6 +407,9 @@ ssize_t send_file(int out, int in, off_t* offset, std::size_t count) noexcept {
   // The file's bytes go through a buffer onto the stream, as rsocket does; a
   // thread's buffer is made once.
   static thread_local std::array<std::byte, 64 * 1024> buffer;
+  // On TCP the kernel copies it, as it would without the shim.
+  if (auto n = on_tcp(Shim::get(), out, [&] { return real().sendfile(out, in, offset, count); }))
+    if (*n >= 0 || !would_block()) return *n;
   std::size_t done = 0;
   while (done < count) {
     std::size_t want = std::min(buffer.size(), count - done);

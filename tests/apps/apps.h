@@ -116,12 +116,12 @@ class AppTest : public testing::TestWithParam<Shimmed> {
   std::optional<Board> board_when(pid_t pid, const std::function<bool(const Board&)>& done,
                                   std::chrono::milliseconds timeout = 5s);
   // While `client` has its connection to `server` open: each shimmed side's board says
-  // where the connection went (shm with both shimmed, TCP for want of a shimmed peer
-  // otherwise).
+  // where the connection went (moved with both shimmed; otherwise on TCP, which a
+  // shimmed client counts for want of a shimmed peer).
   void expect_backends(Process& server, Process& client);
   // The server's board after all the clients of the test: with both sides shimmed, at
-  // least `connections` moved to shm and none stayed on TCP for want of a shimmed peer;
-  // with plain clients, none moved.
+  // least `connections` moved and none stayed on TCP for want of a shimmed peer; with
+  // plain clients, none moved.
   void expect_server_totals(Process& server, uint64_t connections);
 
  private:

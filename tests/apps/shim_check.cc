@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <algorithm>
 #include <map>
 #include <random>
 #include <string>
@@ -54,7 +55,13 @@ enum Scenario : char {
   kHalfClose = 'h',    // reads to EOF, then answers with the byte count and closes
   kCloseAtOnce = 'c',  // writes 8 MiB and closes at once
   kSum = 'u',          // reads to EOF, answers with a checksum of everything
+  kDuplex = 'd',       // sends a seeded stream while it checks the client's, then a verdict
 };
+
+// Each way of a duplex connection: enough for the switch to land mid-stream, in
+// both directions at once.
+constexpr std::size_t kDuplexBytes = 8u << 20;
+constexpr uint64_t kClientSeed = 11, kServerSeed = 12;
 
 uint64_t checksum(const unsigned char* data, std::size_t n, uint64_t h = 1469598103934665603ull) {
   for (std::size_t i = 0; i < n; ++i) h = (h ^ data[i]) * 1099511628211ull;
@@ -81,6 +88,44 @@ bool read_all(int fd, void* data, std::size_t n) {
     if (r <= 0) return false;
     p += r;
     n -= static_cast<std::size_t>(r);
+  }
+  return true;
+}
+
+// `total` bytes of the stream `seed`, in writes of changing size: small ones first,
+// so that many calls cross the socket before the shim moves it.
+bool write_stream(int fd, uint64_t seed, std::size_t total) {
+  std::mt19937_64 bytes(seed);
+  std::mt19937 sizes(static_cast<uint32_t>(seed));
+  std::vector<unsigned char> chunk;
+  for (std::size_t sent = 0; sent < total;) {
+    std::size_t n = std::min<std::size_t>(total - sent, 1 + sizes() % (sent < (1u << 20) ? 700 : 65536));
+    chunk.resize(n);
+    for (auto& b : chunk) b = static_cast<unsigned char>(bytes());
+    if (!write_all(fd, chunk.data(), n)) return false;
+    sent += n;
+  }
+  return true;
+}
+
+// Reads `total` bytes, in reads of changing size, each checked against the stream
+// `seed`: false at the first wrong byte or an early end.
+bool read_stream(int fd, uint64_t seed, std::size_t total) {
+  std::mt19937_64 bytes(seed);
+  std::mt19937 sizes(static_cast<uint32_t>(seed) + 1);
+  std::vector<unsigned char> buffer(65536);
+  for (std::size_t got = 0; got < total;) {
+    std::size_t want = std::min<std::size_t>(total - got, 1 + sizes() % buffer.size());
+    ssize_t r = ::read(fd, buffer.data(), want);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    for (ssize_t i = 0; i < r; ++i)
+      if (buffer[static_cast<std::size_t>(i)] != static_cast<unsigned char>(bytes())) {
+        std::fprintf(stderr, "stream %llu: byte %zu differs\n", static_cast<unsigned long long>(seed),
+                     got + static_cast<std::size_t>(i));
+        return false;
+      }
+    got += static_cast<std::size_t>(r);
   }
   return true;
 }
@@ -132,6 +177,15 @@ void serve_connection(int fd) {
       }
       uint64_t answer[2] = {h, total};
       write_all(fd, answer, sizeof answer);
+      break;
+    }
+    case kDuplex: {
+      bool right = false;
+      std::thread reader([&] { right = read_stream(fd, kClientSeed, kDuplexBytes); });
+      write_stream(fd, kServerSeed, kDuplexBytes);
+      reader.join();
+      char verdict = right ? 'y' : 'n';
+      write_all(fd, &verdict, 1);
       break;
     }
     default:
@@ -452,6 +506,20 @@ void blocked_reader_sees_the_end() {
   ::close(fd);
 }
 
+// Both ways at once, each from its own thread, while the connection moves: every byte
+// arrives once, in order, on whichever path it took.
+void duplex_across_the_move() {
+  int fd = dial(kDuplex);
+  bool right = false;
+  std::thread reader([&] { right = read_stream(fd, kServerSeed, kDuplexBytes); });
+  CHECK(write_stream(fd, kClientSeed, kDuplexBytes));
+  reader.join();
+  CHECK(right);
+  char verdict = 0;
+  CHECK(read_all(fd, &verdict, 1) && verdict == 'y');
+  ::close(fd);
+}
+
 const std::map<std::string, std::function<void()>> kScenarios = {
     {"echo", echo_with_poll},
     {"epoll", epoll_modes},
@@ -463,6 +531,7 @@ const std::map<std::string, std::function<void()>> kScenarios = {
     {"dup-sendfile", dup_sendfile_writev},
     {"many", many_connections},
     {"blocked-reader", blocked_reader_sees_the_end},
+    {"duplex", duplex_across_the_move},
 };
 
 }  // namespace

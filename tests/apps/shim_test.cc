@@ -19,7 +19,7 @@ TEST_P(ShimCheck, BehavesAsTcp) {
   ASSERT_TRUE(wait_listening(server, std::stoi(port)));
   const std::vector<std::string> scenarios = {"echo",         "epoll",   "select", "flags",
                                               "half-close",   "close-in-flight",  "refused",
-                                              "dup-sendfile", "many",    "blocked-reader"};
+                                              "dup-sendfile", "many",    "blocked-reader", "duplex"};
   std::string names;
   for (const auto& s : scenarios) names += " " + s;
   Result result = run(client_prefix() + check + " client " + port + names, 120s);
@@ -27,12 +27,38 @@ TEST_P(ShimCheck, BehavesAsTcp) {
   for (const auto& s : scenarios) EXPECT_NE(result.output.find(s + ": ok"), std::string::npos) << result.output;
   // One connection per scenario, three for epoll, two hundred for "many", none for
   // "refused" (it dials a closed port).
-  expect_server_totals(server, 210);
+  expect_server_totals(server, 211);
+  EXPECT_TRUE(server.stop()) << server.output();
+}
+
+// At the default RXIO_SHIM_MOVE_AFTER, connections that end after a few calls stay on
+// TCP with nothing counted against them, and a busy one moves while bytes flow both
+// ways.
+class ShimDefaults : public ShimCheck {};
+
+TEST_P(ShimDefaults, MovesOnlyConnectionsThatLast) {
+  const std::string check = quote(env("RXIO_SHIM_CHECK"));
+  const std::string port = std::to_string(free_port());
+  const std::string defaults = "env -u RXIO_SHIM_MOVE_AFTER ";
+  Process server = start(defaults + server_prefix() + check + " serve " + port);
+  ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+  Process client = start(defaults + client_prefix() + check + " client " + port + " many half-close duplex");
+  Result result = finish(client, 120s);
+  EXPECT_TRUE(result.exited_0) << result.output;
+  // The server's board (the client's went with it): 250 connections, one moved.
+  const std::string moved = "moved." + expected_backend();
+  auto board = board_when(server.pid(), [&](const Board& b) { return b[moved] >= 1; });
+  ASSERT_TRUE(board) << "the server (pid " << server.pid() << ") has no statistics board";
+  EXPECT_EQ((*board)[moved], 1u) << "only the duplex connection lasts long enough: " << board->json;
+  for (const char* reason : {"no_peer_shim", "peer_refused", "timeout", "busy", "link_failed", "not_supported"})
+    EXPECT_EQ((*board)[std::string("fallbacks.") + reason], 0u) << board->json;
   EXPECT_TRUE(server.stop()) << server.output();
 }
 
 INSTANTIATE_TEST_SUITE_P(Apps, ShimCheck, testing::Values(Shimmed::both, Shimmed::server, Shimmed::client),
                          test_name);
+// A move needs both sides shimmed.
+INSTANTIATE_TEST_SUITE_P(Apps, ShimDefaults, testing::Values(Shimmed::both), test_name);
 
 }  // namespace
 }  // namespace rxio::apps

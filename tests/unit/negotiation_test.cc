@@ -47,12 +47,13 @@ TEST(Negotiation, AnswersRoundTrip) {
   EXPECT_TRUE(yes->accepted);
   EXPECT_EQ(yes->engine_port, 5000);
   EXPECT_EQ(yes->cookie, 0x1122334455667788ull);
-  auto no = decode_answer(encode(Answer{false, Refusal::decided, 0, 0}));
+  auto no = decode_answer(encode(Answer{false, Refusal::closing, 0, 0}));
   ASSERT_TRUE(no);
   EXPECT_FALSE(no->accepted);
-  EXPECT_EQ(no->refusal, Refusal::decided);
+  EXPECT_EQ(no->refusal, Refusal::closing);
   EXPECT_EQ(decode_notice(encode_notice(Kind::confirm)), Kind::confirm);
   EXPECT_EQ(decode_notice(encode_notice(Kind::abort)), Kind::abort);
+  EXPECT_EQ(decode_notice(encode_notice(Kind::switched)), Kind::switched);
 }
 
 TEST(Negotiation, TruncatedOrPaddedMessagesAreRefused) {
