@@ -416,19 +416,19 @@ bool take_ahead(int fd, Socket& s) noexcept {
     s.ahead.clear();
     s.ahead_read = 0;
   }
+  static thread_local std::array<std::byte, 64 * 1024> chunk;
   for (;;) {
-    constexpr std::size_t kChunk = 64 * 1024;
-    std::size_t had = s.ahead.size();
+    ssize_t n = real().recv(fd, chunk.data(), chunk.size(), MSG_DONTWAIT);
+    if (n <= 0) return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
     try {
-      s.ahead.resize(had + kChunk);
+      s.ahead.insert(s.ahead.end(), chunk.data(), chunk.data() + n);
     } catch (const std::bad_alloc&) {
+      // What was read is lost: the connection must end rather than go on without it.
+      log::warn("shim: out of memory while switching fd " + std::to_string(fd) + ": the connection is reset");
+      real().shutdown(fd, SHUT_RDWR);
       return false;
     }
-    ssize_t n = real().recv(fd, s.ahead.data() + had, kChunk, MSG_DONTWAIT);
-    s.ahead.resize(had + std::size_t(std::max<ssize_t>(n, 0)));
     s.ahead_left = s.ahead.size() - s.ahead_read;
-    if (n > 0) continue;
-    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
   }
 }
 
@@ -827,8 +827,12 @@ bool Shim::service() noexcept {
     std::array<std::byte, 4096> sink;
     while (c->stream_read(sink) > 0) {
     }
-    if (c->stream_closed() || c->failed()) closing.erase(closing.begin() + static_cast<long>(i));
-    else ++i;
+    if (c->stream_closed() || c->failed()) {
+      c->release();  // its rings serve later connections
+      closing.erase(closing.begin() + static_cast<long>(i));
+    } else {
+      ++i;
+    }
   }
   return changed;
 }

@@ -134,16 +134,28 @@ Link::~Link() {
 }
 
 Connection& Link::add_connection() {
-  auto id = static_cast<uint32_t>(connections.size());
-  if (id >= wire::kMaxConnections)
-    throw Error(EMFILE, "opening connection " + std::to_string(id) + " to " + peer, {},
-                "a link carries at most " + std::to_string(wire::kMaxConnections) + " connections");
-  owned.push_back(std::unique_ptr<Connection>(new Connection(*this, id)));
-  connections.push_back(owned.back().get());
-  // So that the data path never grows them.
-  waiting.reserve(connections.size());
-  draining.reserve(connections.size());
-  Connection& c = *owned.back();
+  uint32_t id = 0;
+  if (!free_ids.empty()) {
+    // A released connection's id: both sides freed it, and nothing names it any more.
+    id = free_ids.back();
+    owned[id].reset(new Connection(*this, id));
+    free_ids.pop_back();
+    connections[id] = owned[id].get();
+  } else {
+    id = static_cast<uint32_t>(connections.size());
+    if (id >= wire::kMaxConnections)
+      throw Error(EMFILE, "opening connection " + std::to_string(id) + " to " + peer, {},
+                  "a link carries at most " + std::to_string(wire::kMaxConnections) + " connections at once");
+    owned.push_back(std::unique_ptr<Connection>(new Connection(*this, id)));
+    connections.push_back(owned.back().get());
+    // So that the data path never grows them.
+    waiting.reserve(connections.size());
+    draining.reserve(connections.size());
+    releases_to_send.reserve(connections.size());
+    to_free.reserve(connections.size());
+    free_ids.reserve(connections.size());
+  }
+  Connection& c = *owned[id];
   c.error_ = error;
   c.error_text_ = error_text;
   return c;
@@ -159,6 +171,7 @@ void Link::fail(int err, const std::string& why) noexcept {
   error = err;
   error_text = "link to " + peer + " failed: " + why;
   for (Connection* c : connections) {
+    if (!c) continue;  // freed
     c->error_ = err;
     c->error_text_ = error_text;
     Connection::Ring& r = *c->ring_;
@@ -262,7 +275,7 @@ Engine::~Engine() { impl_->shutdown(); }
 void Engine::Impl::shutdown() noexcept {
   for (auto& link : links)
     for (Connection* c : link->connections)
-      if (c->id_ != 0 && c->established_) c->close();
+      if (c && c->id_ != 0 && c->established_) c->close();
   // Eager sends completed when posted: let them, and the closes, reach the peer.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
   auto busy = [&] {
@@ -286,6 +299,25 @@ void Engine::Impl::retire(std::unique_ptr<Link> link) noexcept {
   }
 }
 
+void Engine::Impl::reap_links() noexcept {
+  for (std::size_t i = 0; i < links.size();) {
+    Link* link = links[i].get();
+    // Opened by the peer before it went, never taken: nobody will take them now.
+    if (link->error) std::erase_if(accepted, [link](const Connection* c) { return c->link_ == link; });
+    bool done = link->error && std::all_of(link->connections.begin() + 1, link->connections.end(),
+                                           [](const Connection* c) { return !c || c->released_; });
+    if (!done) {
+      ++i;
+      continue;
+    }
+    std::erase_if(links_by_peer, [link](const auto& entry) { return entry.second == link; });
+    std::unique_ptr<Link> gone = std::move(links[i]);
+    links.erase(links.begin() + static_cast<std::ptrdiff_t>(i));
+    poll_fds_stale = true;
+    retire(std::move(gone));
+  }
+}
+
 const std::string& Engine::device_name() const { return impl_->device_name; }
 
 std::size_t Engine::qp_count() const {
@@ -298,7 +330,7 @@ EngineStats Engine::stats() const {
   EngineStats s;
   s.links = impl_->links.size();
   for (const auto& link : impl_->links) {
-    s.connections += link->connections.size() - 1;
+    s.connections += link->connections.size() - 1 - link->free_ids.size();
     if (link->port->backend() == Backend::shm) ++s.shm_links;
     if (link->port->backend() == Backend::tcp) ++s.tcp_links;
     if (link->error) ++s.failed_links;
@@ -765,6 +797,7 @@ int Engine::wait_fd() {
 int Engine::on_wake() noexcept {
   Impl& e = *impl_;
   int handled = e.check_links(0);
+  e.reap_links();
   if (e.listener) e.poll_listener(std::chrono::milliseconds(0));
   return handled + e.progress();
 }

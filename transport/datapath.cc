@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "base/bytes.h"
 #include "transport/link.h"
 
 namespace rxio::transport {
@@ -101,7 +102,8 @@ void Link::post_imm(Connection& c, wire::ImmType type, uint8_t value) noexcept {
 void Link::return_credits(Connection& c, bool force) noexcept {
   Connection::Ring& r = *c.ring_;
   uint32_t threshold = std::max<uint32_t>(1, r.recv.slots() / 2);
-  if (error || r.recv.unreturned() == 0 || (!force && r.recv.unreturned() < threshold)) return;
+  // Once released, the peer needs no credit: it sends nothing more.
+  if (error || c.release_queued_ || r.recv.unreturned() == 0 || (!force && r.recv.unreturned() < threshold)) return;
   if (sq_used >= sq_depth) {
     mark_waiting(c);  // retried when the send queue drains
     return;
@@ -189,6 +191,16 @@ void Link::drain(Connection& c, bool write) noexcept {
       post_slot(c, wire::SlotKind::accept, 0, payload);
     }
     replies_to_send.erase(replies_to_send.begin(), replies_to_send.begin() + static_cast<std::ptrdiff_t>(sent));
+    sent = 0;
+    while (sent < releases_to_send.size() && can_post_slot(c)) {
+      Connection& done = *releases_to_send[sent++];
+      std::array<std::byte, wire::kReleaseSize> payload;
+      bytes::put32(payload.data(), done.peer_id_);
+      post_slot(c, wire::SlotKind::release, 0, payload);
+      done.release_sent_ = true;
+      if (done.peer_released_) to_free.push_back(&done);
+    }
+    releases_to_send.erase(releases_to_send.begin(), releases_to_send.begin() + static_cast<std::ptrdiff_t>(sent));
   }
   const uint32_t limit = eager_limit(r, engine.options.eager_limit);
   while (!r.sends.empty() && !error) {
@@ -219,11 +231,12 @@ void Link::drain(Connection& c, bool write) noexcept {
   if (r.close_to_send && r.sends.empty() && can_post_slot(c)) {
     r.close_to_send = false;
     post_slot(c, wire::SlotKind::close, 0, {});
+    release_when_done(c);
   }
   return_credits(c, false);
   if (write) write_entries(c);
   bool more = !r.sends.empty() || r.close_to_send || r.rndv_out_written != r.rndv_out_staged ||
-              (c.id_ == 0 && !replies_to_send.empty());
+              (c.id_ == 0 && (!replies_to_send.empty() || !releases_to_send.empty()));
   if (more && !error) mark_waiting(c);
 }
 
@@ -235,6 +248,28 @@ void Link::drain_waiting() noexcept {
   for (Connection* c : draining) c->ring_->waiting = false;
   for (Connection* c : draining) drain(*c, true);
   draining.clear();
+  if (!to_free.empty()) free_released();
+}
+
+void Link::release_when_done(Connection& c) noexcept {
+  const Connection::Ring& r = *c.ring_;
+  if (!c.released_ || c.release_queued_ || error || !c.established_ || !c.closed_ || !c.peer_closed_ ||
+      r.close_to_send || !r.sends.empty() || r.rndv_out_written != r.rndv_out_staged ||
+      std::any_of(r.rndv_sends.begin(), r.rndv_sends.end(), [](const Request* q) { return q != nullptr; }))
+    return;
+  c.release_queued_ = true;
+  releases_to_send.push_back(&c);
+  mark_waiting(control());
+}
+
+void Link::free_released() noexcept {
+  for (Connection* c : to_free) {
+    std::erase(waiting, c);
+    free_ids.push_back(c->id_);
+    connections[c->id_] = nullptr;
+    owned[c->id_].reset();  // its rings go back to the port
+  }
+  to_free.clear();
 }
 
 // ---- arrivals ----------------------------------------------------------------------
@@ -372,7 +407,7 @@ void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte>
     auto reply = wire::decode_connect_reply(payload, fault);
     if (!reply) return count_fault(fault, "a connect reply");
     if (reply->peer_connection == 0 || reply->peer_connection >= connections.size() ||
-        connections[reply->peer_connection]->established_)
+        !connections[reply->peer_connection] || connections[reply->peer_connection]->established_)
       return count_fault(wire::Fault::bad_connection, "a connect reply");
     Connection& c = *connections[reply->peer_connection];
     c.peer_id_ = reply->connection;
@@ -380,6 +415,19 @@ void Link::on_control(const wire::SlotHeader& header, std::span<const std::byte>
     c.ring_->send = SendRing(reply->ring.slots);
     c.ring_->peer_rndv = reply->rndv;
     c.established_ = true;
+    return;
+  }
+  if (header.kind == wire::SlotKind::release) {
+    uint32_t id = bytes::get32(payload.data());
+    if (id == 0 || id >= connections.size() || !connections[id] || !connections[id]->peer_closed_ ||
+        connections[id]->peer_released_)
+      return count_fault(wire::Fault::bad_connection, "a release");
+    Connection& c = *connections[id];
+    c.peer_released_ = true;
+    if (c.release_sent_) {
+      to_free.push_back(&c);
+      mark_waiting(control());  // freed when the link next drains
+    }
     return;
   }
   count_fault(wire::Fault::bad_kind, "the control connection");
@@ -393,7 +441,8 @@ void Link::on_arrival(const ibv_wc& wc) noexcept {
   wire::Fault fault{};
   auto imm = wire::decode_imm(ntohl(wc.imm_data), fault);
   if (!imm) return count_fault(fault, "immediate data");
-  if (imm->connection >= connections.size()) return count_fault(wire::Fault::bad_connection, "immediate data");
+  if (imm->connection >= connections.size() || !connections[imm->connection])
+    return count_fault(wire::Fault::bad_connection, "immediate data");
   Connection& c = *connections[imm->connection];
   Connection::Ring& r = *c.ring_;
   if (imm->type == wire::ImmType::credit) {
@@ -436,6 +485,7 @@ void Link::on_arrival(const ibv_wc& wc) noexcept {
       // will never be matched.
       while (Request* q = pop(r.posted)) complete(*q, Status::closed, 0);
       return_credits(c, false);
+      release_when_done(c);
       return;
     default:
       count_fault(wire::Fault::bad_kind, "a data connection");
@@ -720,6 +770,12 @@ void Connection::close() noexcept {
   closed_ = true;
   ring_->close_to_send = true;
   link_->drain(*this, false);
+}
+
+void Connection::release() noexcept {
+  close();
+  released_ = true;
+  link_->release_when_done(*this);
 }
 
 }  // namespace rxio::transport

@@ -149,7 +149,8 @@ class Engine {
   // the caller progresses instead of sleeping.
   bool arm() noexcept;
   // After wait_fd() turned readable: acknowledges what signalled, notices peers that
-  // went away, takes in links that peers opened, and progresses.
+  // went away (and lets go of their links once every connection on them is released),
+  // takes in links that peers opened, and progresses.
   int on_wake() noexcept;
   // The next connection a peer opened, without waiting; nullptr when there is none.
   Connection* try_accept() noexcept;
@@ -206,6 +207,10 @@ class Connection {
   // Tells the peer no more will be sent; its receives end with Status::closed once
   // everything sent before has been delivered.
   void close() noexcept;
+  // The application is done with the connection: it closes if it had not, and the
+  // engine frees it (its rings and its id, for later connections) once the peer has
+  // closed and released it too. It must not be used afterwards.
+  void release() noexcept;
 
   bool failed() const noexcept { return error_ != 0; }
   // errno-style reason when failed(), and its text.
@@ -232,6 +237,10 @@ class Connection {
   bool established_ = false;
   bool peer_closed_ = false;
   bool closed_ = false;
+  bool released_ = false;       // by the application
+  bool release_queued_ = false;  // both sides closed: our release is due; we write nothing more
+  bool release_sent_ = false;
+  bool peer_released_ = false;   // the peer writes nothing more
   uint64_t stream_events_ = 0;
   int error_ = 0;
   std::string error_text_;

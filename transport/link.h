@@ -135,6 +135,12 @@ class Link {
   std::vector<Connection*> draining;     // the list being drained, swapped with `waiting`
   RequestList deferred;                  // reads and writes waiting for send-queue room
   std::vector<wire::ConnectReply> replies_to_send;  // accepted connections, not yet answered
+  // Released connections: our release not posted yet; then those both sides released,
+  // freed when the link next drains. Capacity for every connection, reserved, so that
+  // the data path never grows them.
+  std::vector<Connection*> releases_to_send;
+  std::vector<Connection*> to_free;
+  std::vector<uint32_t> free_ids;  // of connections freed, for the next ones
   int error = 0;
   std::string error_text;
 
@@ -163,6 +169,10 @@ class Link {
   void drain(Connection& c, bool write) noexcept;
   void drain_waiting() noexcept;
   void mark_waiting(Connection& c) noexcept;
+  // Queues our release of `c` once the application released it and both sides closed
+  // it with nothing of ours in flight.
+  void release_when_done(Connection& c) noexcept;
+  void free_released() noexcept;
   void post_request(Request& request) noexcept;  // a READ or WRITE, or deferred
   void on_send_completion(const ibv_wc& wc) noexcept;
   void on_arrival(const ibv_wc& wc) noexcept;
@@ -260,6 +270,9 @@ struct Engine::Impl {
   void rebuild_poll_fds();
   // Takes ownership of a link whose set-up is failing.
   void retire(std::unique_ptr<Link> link) noexcept;
+  // Lets go of links that failed (their peer went away) once the application has
+  // released all their connections.
+  void reap_links() noexcept;
   // Polls the CQ and the software ports, and handles what completed.
   int poll_cq() noexcept;
   void handle(const ibv_wc& wc, Link* port_link) noexcept;

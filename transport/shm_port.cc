@@ -20,12 +20,25 @@
 namespace rxio::transport {
 namespace {
 
+// A range of the arena; gives it back when freed, for the next connection's rings.
 class ArenaRegion final : public Region {
  public:
-  ArenaRegion(std::byte* data, std::size_t size) {
-    data_ = data;
+  ArenaRegion(std::byte* base, std::size_t offset, std::size_t size, std::shared_ptr<ArenaFreeRanges> free)
+      : offset_(offset), free_(std::move(free)) {
+    data_ = base + offset;
     size_ = size;
   }
+  ~ArenaRegion() override {
+    try {
+      free_->by_size[size_].push_back(offset_);
+    } catch (const std::bad_alloc&) {
+      // The range stays unused.
+    }
+  }
+
+ private:
+  std::size_t offset_;
+  std::shared_ptr<ArenaFreeRanges> free_;
 };
 
 }  // namespace
@@ -93,13 +106,18 @@ std::string ShmPort::probe_peer(uint64_t address, uint64_t value) const {
 }
 
 std::unique_ptr<Region> ShmPort::allocate(std::size_t size, bool) {
+  if (auto it = free_->by_size.find(size); it != free_->by_size.end() && !it->second.empty()) {
+    std::size_t offset = it->second.back();
+    it->second.pop_back();
+    return std::make_unique<ArenaRegion>(arena_.data(), offset, size, free_);
+  }
   constexpr std::size_t kAlign = 64;
   std::size_t start = (used_ + kAlign - 1) & ~(kAlign - 1);
   if (start + size > arena_size_)
     throw Error(ENOMEM, "allocating " + format_bytes(size) + " in the shared-memory arena of " +
                             format_bytes(arena_size_), {}, "raise RXIO_SHM_ARENA, or open fewer connections per peer");
   used_ = start + size;
-  return std::make_unique<ArenaRegion>(arena_.data() + start, size);
+  return std::make_unique<ArenaRegion>(arena_.data(), start, size, free_);
 }
 
 // ---- the data path: no allocation, no locks; system calls only for cross-memory

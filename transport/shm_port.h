@@ -13,7 +13,10 @@
 
 #include <array>
 #include <atomic>
+#include <memory>
+#include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "base/fd.h"
 #include "transport/port.h"
@@ -43,6 +46,13 @@ class Mapping {
  private:
   std::byte* data_ = nullptr;
   std::size_t size_ = 0;
+};
+
+// Ranges of an arena that freed regions gave back, by size (a link's rings come in a
+// few sizes), for the next allocation of that size. Shared with the regions, which may
+// outlive their port.
+struct ArenaFreeRanges {
+  std::unordered_map<std::size_t, std::vector<std::size_t>> by_size;  // size -> offsets
 };
 
 class ShmPort final : public Port {
@@ -101,6 +111,7 @@ class ShmPort final : public Port {
   UniqueFd event_fd_;
   Doorbell* doorbell_ = nullptr;  // ours: the peer pushes, we pop
   std::size_t used_ = kArenaReserved;
+  std::shared_ptr<ArenaFreeRanges> free_ = std::make_shared<ArenaFreeRanges>();
   uint64_t probe_ = 0;
 
   pid_t peer_ = 0;

@@ -113,6 +113,7 @@ std::optional<SlotHeader> decode_slot_header(std::span<const std::byte> slot, ui
     case SlotKind::stream: break;
     case SlotKind::connect: fixed = kConnectRequestSize; break;
     case SlotKind::accept: fixed = kConnectReplySize; break;
+    case SlotKind::release: fixed = kReleaseSize; break;
     case SlotKind::close:
       if (header.length != 0) {
         fault = Fault::bad_length;

@@ -59,7 +59,10 @@ enum class SlotKind : uint8_t {
   connect = 5,       // control connection only (payload: ConnectRequest)
   accept = 6,        // control connection only (payload: ConnectReply)
   close = 7,         // the sender will send no more (no payload)
+  release = 8,       // control connection only (payload: the receiver's id of a connection
+                     // both sides closed): the sender will write nothing more for it
 };
+inline constexpr std::size_t kReleaseSize = 4;
 struct SlotHeader {
   SlotKind kind;
   uint32_t length;  // payload bytes after the header

@@ -64,6 +64,59 @@ TEST_P(Conformance, ThousandConnectionsShareOneLink) {
   EXPECT_EQ(rc, 0);
 }
 
+// Connections opened and released one after another reuse what released ones had:
+// an shm arena that holds a few dozen rings at once serves hundreds of connections,
+// and every backend frees them.
+TEST_P(Conformance, ReleasedConnectionsGiveBackTheirRings) {
+  constexpr int kConnections = 400;
+  auto small = [base = options(2, 128)] {
+    transport::Options o = base();
+    o.shm_arena = 4u << 20;  // room for about 60 connections' rings
+    return o;
+  };
+  // Progresses until the engine holds no connection (the last releases are in flight).
+  auto all_freed = [](Engine& engine) {
+    auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (engine.stats().connections > 0 && std::chrono::steady_clock::now() < deadline) engine.progress();
+    return engine.stats().connections == 0;
+  };
+  int rc = run_pair(
+      small,
+      [&](Engine& engine) {
+        for (int i = 0; i < kConnections; ++i) {
+          Connection& c = engine.accept(30s);
+          std::array<std::byte, 8> buffer;
+          Request recv, send;
+          c.recv(buffer, transport::kAnyTag, recv);
+          ASSERT_EQ(engine.wait(recv, 30s), Status::ok) << "connection " << i;
+          c.send(buffer, recv.tag(), send);
+          ASSERT_EQ(engine.wait(send, 30s), Status::ok) << "connection " << i;
+          c.release();
+        }
+        EXPECT_TRUE(all_freed(engine)) << engine.stats().connections << " connections left";
+        EXPECT_TRUE(one_link(engine));
+      },
+      [&](Engine& engine, uint16_t port) {
+        for (int i = 0; i < kConnections; ++i) {
+          Connection& c = engine.connect("127.0.0.1", port);
+          uint64_t value = 7000000 + i;
+          std::array<std::byte, 8> out, in;
+          std::memcpy(out.data(), &value, 8);
+          Request send, recv;
+          c.send(out, i, send);
+          c.recv(in, transport::kAnyTag, recv);
+          CLIENT_CHECK(engine.wait(send, 30s) == Status::ok);
+          CLIENT_CHECK(engine.wait(recv, 30s) == Status::ok);
+          CLIENT_CHECK(recv.tag() == uint64_t(i) && std::memcmp(in.data(), out.data(), 8) == 0);
+          c.release();
+        }
+        CLIENT_CHECK(all_freed(engine));
+        return 0;
+      },
+      "127.0.0.1");
+  EXPECT_EQ(rc, 0);
+}
+
 TEST_P(Conformance, SlowReceiverLosesNothing) {
   constexpr uint32_t kMessages = 300;
   int rc = run_pair(
@@ -172,6 +225,12 @@ TEST_P(Conformance, KilledPeerFailsCallsInBoundedTime) {
         // Every later call reports the failure at once.
         Request after;
         EXPECT_EQ(c.send(std::span<const std::byte>(in.data(), 10), 1, after), Status::failed);
+        // Released, the dead peer's link goes, with its descriptors and memory.
+        EXPECT_EQ(engine.stats().links, 1u);
+        c.release();
+        engine.on_wake();
+        EXPECT_EQ(engine.stats().links, 0u);
+        EXPECT_EQ(engine.stats().connections, 0u);
       },
       [&](Engine& engine, uint16_t port) {
         Connection& c = engine.connect("127.0.0.1", port);

@@ -50,6 +50,11 @@ TEST(SlotHeader, RoundTripsAndChecksLengths) {
   EXPECT_EQ(fault, Fault::bad_kind);
   wire::encode(wire::SlotHeader{wire::SlotKind::close, 1, 0}, slot.data());
   EXPECT_FALSE(wire::decode_slot_header(slot, 112, fault)) << "close carries nothing";
+  wire::encode(wire::SlotHeader{wire::SlotKind::release, 8, 0}, slot.data());
+  EXPECT_FALSE(wire::decode_slot_header(slot, 112, fault)) << "a release names one connection";
+  EXPECT_EQ(fault, Fault::bad_length);
+  wire::encode(wire::SlotHeader{wire::SlotKind::release, wire::kReleaseSize, 0}, slot.data());
+  EXPECT_TRUE(wire::decode_slot_header(slot, 112, fault));
   slot[0] = std::byte{99};
   EXPECT_FALSE(wire::decode_slot_header(slot, 112, fault));
   EXPECT_EQ(fault, Fault::bad_kind);
