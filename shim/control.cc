@@ -1,5 +1,6 @@
 // The shim's control path: which sockets it tracks, the negotiation on both sides,
 // and the moves to rxio or back to plain TCP. Runs with Shim::mutex held.
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <linux/sockios.h>
 #include <netinet/tcp.h>
@@ -201,6 +202,7 @@ Shim::Shim() {
     negotiate_timeout = milliseconds(config::get_count("RXIO_SHIM_TIMEOUT_MS"));
     poll_time = std::chrono::microseconds(config::get_count("RXIO_POLL_US"));
     move_after = static_cast<uint32_t>(std::min<uint64_t>(config::get_count("RXIO_SHIM_MOVE_AFTER"), UINT32_MAX));
+    verbs_forced = config::get_choice("RXIO_BACKEND", {"auto", "verbs", "shm", "tcp"}) == "verbs";
   } catch (const std::exception& e) {
     log::warn(std::string("shim: ") + e.what());
   }
@@ -212,7 +214,8 @@ transport::Engine* Shim::engine() noexcept {
   if (engine_failed && Clock::now() < engine_retry_at) return nullptr;
   try {
     auto* e = new transport::Engine(transport::Options{});
-    e->listen("127.0.0.1", 0);
+    // Remote clients reach it where RDMA can carry their connections.
+    e->listen(e->device_name().empty() ? "127.0.0.1" : "0.0.0.0", 0);
     add_to_wait_set(e->wait_fd());
     engine_ = e;
     engine_failed = false;
@@ -239,7 +242,18 @@ void Shim::add_to_wait_set(int fd) noexcept {
 
 void Shim::remove_from_wait_set(int fd) noexcept { ::epoll_ctl(wait_set.get(), EPOLL_CTL_DEL, fd, nullptr); }
 
-int Shim::progress() noexcept { return engine_ ? engine_->progress() : 0; }
+int Shim::progress() noexcept {
+  if (!engine_) return 0;
+  int handled = engine_->progress();
+  // What came in may be a cookie or a client's word for a move. Any progress call
+  // takes in the arrivals, and with them the wake-up that would have come (arm()
+  // progresses too): while moves are pending, look at them whatever was handled.
+  if (!committed.empty() || !unmatched.empty()) {
+    match_cookies();
+    serve_committed();
+  }
+  return handled;
+}
 
 void ShimMutex::unlock() noexcept {
   shim_.hand_over();
@@ -472,6 +486,54 @@ void Shim::finish_connect(int fd, Socket& s) noexcept {
   s.mode = Socket::Mode::tcp;
 }
 
+namespace {
+
+// The peer's IP as text, for the engine's connect.
+std::string address_text(const Endpoint& e) {
+  char text[INET6_ADDRSTRLEN] = {};
+  inet_ntop(e.family, e.address.data(), text, sizeof text);
+  return text;
+}
+
+bool loopback(const Endpoint& e) {
+  static const std::array<uint8_t, 16> loopback6{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+  return e.family == AF_INET ? e.address[0] == 127 : e.address == loopback6;
+}
+
+verbs::cm::SocketAddress cm_address(const Endpoint& e) {
+  verbs::cm::SocketAddress a;
+  a.storage = to_sockaddr(e);
+  return a;
+}
+
+// A message received over rdma_cm comes padded with zeros to the size the CM gives
+// private data: the message is its start.
+std::span<const std::byte> unpadded(std::span<const std::byte> data, std::size_t size) {
+  if (data.size() < size) return data;
+  for (std::byte b : data.subspan(size))
+    if (b != std::byte{0}) return data;
+  return data.first(size);
+}
+
+// An RDMA_CM_EVENT_REJECTED status when the rejecting side's application gave a reason.
+constexpr int kRejectedByConsumer = 28;
+
+// Answers a local client on its unix socket, a remote one with a reject that carries
+// the answer.
+bool send_answer(Peer& peer, const negotiation::Answer& answer) noexcept {
+  auto bytes = negotiation::encode(answer);
+  if (!peer.cm_id) return send_all(peer.fd.get(), bytes);
+  try {
+    peer.cm_id->reject(bytes);
+    return true;
+  } catch (const std::exception& error) {
+    log::info(std::string("shim: answering over rdma_cm: ") + error.what());
+    return false;
+  }
+}
+
+}  // namespace
+
 void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept {
   s.tried = true;
   if (s.read_shut || s.write_shut) return fall_back(fd, Fallback::not_supported);
@@ -480,9 +542,6 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
   s.tuple = *tuple;
   sockaddr_storage server = to_sockaddr(tuple->server);
   if (!policy.allows(reinterpret_cast<sockaddr*>(&server))) return fall_back(fd, Fallback::policy);
-  // Across hosts the negotiation would go through rdma_cm; this version moves
-  // connections between processes of one host.
-  if (!same_host(*tuple)) return fall_back(fd, Fallback::not_supported);
   std::string key = tuple->server.to_string();
   if (auto it = no_shim.find(key); it != no_shim.end()) {
     if (Clock::now() < it->second) return fall_back(fd, Fallback::no_peer_shim);
@@ -490,111 +549,161 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
   }
   transport::Engine* e = engine();
   if (!e) return fall_back(fd, Fallback::no_backend);
-
-  UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!unix_fd) return fall_back(fd, Fallback::no_backend);
-  socklen_t length = 0;
-  sockaddr_un where = abstract_address(tuple->server.port, length);
-  if (real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0) {
-    if (errno == EAGAIN) return fall_back(fd, Fallback::timeout);  // its backlog is full
-    no_shim[key] = Clock::now() + kNoShimMemory;
-    return fall_back(fd, Fallback::no_peer_shim);
-  }
-  ucred cred{};
-  socklen_t cred_length = sizeof cred;
-  if (real().getsockopt(unix_fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
-      cred.pid == getpid())
-    // Our own listener: its engine cannot answer while this thread waits in it.
-    return fall_back(fd, Fallback::not_supported);
+  // Another host is asked through rdma_cm; so is this one with RXIO_BACKEND=verbs, as
+  // another host would be (but for loopback addresses, which rdma_cm cannot reach).
+  const bool remote = !same_host(*tuple) || (verbs_forced && !loopback(tuple->server));
+  if (remote && e->device_name().empty()) return fall_back(fd, Fallback::no_backend);
 
   // From here the program's calls on the socket wait, so that this side's TCP bytes
   // end where the switch says.
   s.mode = Socket::Mode::moving;
   if (!quiesce(s)) return fall_back(fd, Fallback::busy);
-  if (!send_all(unix_fd.get(), negotiation::encode(negotiation::Request{*tuple, static_cast<uint32_t>(getpid())}),
-                fd))
-    return fall_back(fd, Fallback::peer_refused);
-
   const auto deadline = Clock::now() + negotiate_timeout;
-  // One message from the server, waited for without the mutex so that this process's
-  // other threads go on; with `take_in`, what TCP brings meanwhile is taken ahead.
-  std::array<std::byte, 64> buffer;
-  auto next_message = [&](bool take_in) -> ssize_t {
-    auto spin_until = Clock::now() + poll_time;
-    for (;;) {
-      ssize_t n = receive_message(unix_fd.get(), buffer, nullptr);
-      if (n >= 0 || n == -2 || errno != EAGAIN) return n;
-      if (take_in) {
-        if (!take_ahead(fd, s)) return -1;
-        acknowledge_now(fd);
+  const negotiation::Request request{*tuple, static_cast<uint32_t>(getpid())};
+  std::optional<negotiation::Answer> answer;
+  Fallback why = Fallback::peer_refused;
+
+  if (remote) {
+    // A connect request with the request as its private data; the server's shim
+    // answers with a reject that carries its answer. Held under the mutex: rdma_cm
+    // answers in microseconds, or says at once that nobody listens.
+    try {
+      verbs::cm::EventChannel channel;
+      verbs::cm::Id id(channel);
+      auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+      id.resolve_address(channel, cm_address(tuple->server), left);
+      id.resolve_route(channel, left);
+      auto bytes = negotiation::encode(request);
+      verbs::cm::ConnectParams params;
+      params.private_data = bytes;
+      params.qp_num = 0xffffff & static_cast<uint32_t>(random_cookie());  // no QP: it is refused either way
+      id.connect(params);
+      auto event = channel.next(std::chrono::duration_cast<milliseconds>(deadline - Clock::now()));
+      if (!event) {
+        why = Fallback::timeout;
+      } else if (event->type() == RDMA_CM_EVENT_REJECTED && event->status() == kRejectedByConsumer) {
+        answer = negotiation::decode_answer(unpadded(event->private_data(), negotiation::kAnswerSize));
+        why = Fallback::bad_message;
+      } else if (event->type() == RDMA_CM_EVENT_ESTABLISHED) {
+        id.disconnect();  // something else listens there: not a shim
+        why = Fallback::no_peer_shim;
+      } else {
+        // Nobody listens on that port for rdma_cm, or the host has no RDMA.
+        no_shim[key] = Clock::now() + kNoShimMemory;
+        why = Fallback::no_peer_shim;
       }
-      auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
-      if (left <= 0) return -1;
-      pollfd p[2] = {{unix_fd.get(), POLLIN, 0}, {take_in ? fd : -1, POLLIN, 0}};
-      lock.unlock();
-      real().poll(p, 2, Clock::now() < spin_until ? 0 : static_cast<int>(std::min<long>(left, 10)));
-      lock.lock();
-      if (s.gone) return -1;
+    } catch (const std::exception& error) {
+      log::info(std::string("shim: asking ") + key + " over rdma_cm: " + error.what());
+      no_shim[key] = Clock::now() + kNoShimMemory;
+      why = Fallback::no_peer_shim;
     }
-  };
-  ++s.holds;
-  ssize_t n = next_message(false);
-  auto answer = n < 0 ? std::nullopt : negotiation::decode_answer(std::span(buffer.data(), std::size_t(n)));
-  bool gone = s.gone;
-  release(&s);
-  if (gone) return;
-  if (n < 0 && n != -2) return fall_back(fd, errno == EAGAIN ? Fallback::timeout : Fallback::peer_refused);
-  if (!answer) {
-    send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
-    return fall_back(fd, Fallback::bad_message);
+  } else {
+    UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (!unix_fd) return fall_back(fd, Fallback::no_backend);
+    socklen_t length = 0;
+    sockaddr_un where = abstract_address(tuple->server.port, length);
+    if (real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0) {
+      if (errno == EAGAIN) return fall_back(fd, Fallback::timeout);  // its backlog is full
+      no_shim[key] = Clock::now() + kNoShimMemory;
+      return fall_back(fd, Fallback::no_peer_shim);
+    }
+    ucred cred{};
+    socklen_t cred_length = sizeof cred;
+    if (real().getsockopt(unix_fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
+        cred.pid == getpid())
+      // Our own listener: its engine cannot answer while this thread waits in it.
+      return fall_back(fd, Fallback::not_supported);
+    if (!send_all(unix_fd.get(), negotiation::encode(request), fd)) return fall_back(fd, Fallback::peer_refused);
+    // The answer, waited for without the mutex so that this process's other threads go on.
+    std::array<std::byte, 64> buffer;
+    ssize_t n = -1;
+    auto spin_until = Clock::now() + poll_time;
+    ++s.holds;
+    for (;;) {
+      n = receive_message(unix_fd.get(), buffer, nullptr);
+      if (n >= 0 || n == -2 || errno != EAGAIN) break;
+      auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+      if (left <= 0) break;
+      pollfd p{unix_fd.get(), POLLIN, 0};
+      lock.unlock();
+      real().poll(&p, 1, Clock::now() < spin_until ? 0 : static_cast<int>(left));
+      lock.lock();
+    }
+    bool gone = s.gone;
+    release(&s);
+    if (gone) return;
+    if (n >= 0) answer = negotiation::decode_answer(std::span(buffer.data(), std::size_t(n)));
+    why = n == -2 || n >= 0 ? Fallback::bad_message : errno == EAGAIN ? Fallback::timeout : Fallback::peer_refused;
   }
+  if (!answer) return fall_back(fd, why);
   if (!answer->accepted) return fall_back(fd, fallback_for(answer->refusal));
 
+  // The engine connection; its first bytes are the cookie, then this side's Confirm
+  // (closing it instead is the abort), and from the server its Switched or Abort.
   transport::Connection* c = nullptr;
-  auto give_up = [&](Fallback why) {
-    send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
+  auto give_up = [&](Fallback reason) {
     if (c) {
       c->close();
       closing.push_back(c);
     }
-    fall_back(fd, why);
+    fall_back(fd, reason);
   };
   try {
-    c = &e->connect("127.0.0.1", answer->engine_port);
+    c = &e->connect(remote ? address_text(tuple->server) : "127.0.0.1", answer->engine_port);
   } catch (const std::exception& error) {
     log::info(std::string("shim: ") + error.what());
     return give_up(Fallback::link_failed);
   }
+  // Across hosts only RDMA is worth the move.
+  if (remote && std::string_view(c->backend_name()) != "verbs") return give_up(Fallback::no_backend);
   std::array<std::byte, 8> cookie;
   bytes::put64(cookie.data(), answer->cookie);
   if (c->stream_write(cookie) != cookie.size()) return give_up(Fallback::link_failed);
   // The server reads the TCP stream to its end before the engine connection: all of
   // it must be in its kernel first.
   if (!wait_acknowledged(fd, s, deadline)) return give_up(Fallback::busy);
-  if (!send_all(unix_fd.get(), negotiation::encode_notice(negotiation::Kind::confirm)))
+  if (c->stream_write(negotiation::encode_notice(negotiation::Kind::confirm)) != negotiation::kNoticeSize)
     return give_up(Fallback::link_failed);
+  progress();
 
+  // The server's word, taking in what TCP brings meanwhile (the server may be waiting
+  // for its own bytes to be acknowledged).
+  std::array<std::byte, negotiation::kNoticeSize> word;
+  std::size_t have = 0;
+  auto spin_until = Clock::now() + poll_time;
   ++s.holds;
-  n = next_message(true);
-  auto notice = n > 0 ? negotiation::decode_notice(std::span(buffer.data(), std::size_t(n))) : std::nullopt;
-  gone = s.gone;
+  for (;;) {
+    progress();
+    have += c->stream_read(std::span(word).subspan(have));
+    if (have == word.size() || c->stream_closed() || c->failed() || s.gone || Clock::now() > deadline) break;
+    if (!take_ahead(fd, s)) break;
+    acknowledge_now(fd);
+    if (Clock::now() < spin_until) {
+      lock.unlock();
+      lock.lock();
+      continue;
+    }
+    if (!e->arm()) continue;
+    pollfd p[2] = {{e->wait_fd(), POLLIN, 0}, {fd, POLLIN, 0}};
+    lock.unlock();
+    real().poll(p, 2, 1);
+    lock.lock();
+  }
+  bool gone = s.gone;
   release(&s);
   if (gone) {
     c->close();
     closing.push_back(c);
     return;
   }
+  auto notice = have == word.size() ? negotiation::decode_notice(word) : std::nullopt;
   if (notice != negotiation::Kind::switched) {
-    c->close();
-    closing.push_back(c);
-    return fall_back(fd, notice == negotiation::Kind::abort ? Fallback::busy : Fallback::timeout);
+    return give_up(notice == negotiation::Kind::abort ? Fallback::busy
+                   : have == word.size()               ? Fallback::bad_message
+                                                       : Fallback::timeout);
   }
   // The server's kernel had every byte it sent acknowledged: they are all here now.
-  if (!take_ahead(fd, s)) {
-    c->close();
-    closing.push_back(c);
-    return fall_back(fd, Fallback::link_failed);
-  }
+  if (!take_ahead(fd, s)) return give_up(Fallback::link_failed);
   become_rxio(fd, s, *c);
 }
 
@@ -619,11 +728,33 @@ void Shim::start_listening(int fd, Socket& s) noexcept {
       return fall_back(fd, Fallback::not_supported);
     }
     add_to_wait_set(unix_fd.get());
-    it = endpoints.emplace(endpoint->port, Listening{std::move(unix_fd), 0}).first;
+    it = endpoints.emplace(endpoint->port, Listening{std::move(unix_fd), std::nullopt, 0}).first;
+    offer_remote_moves(it->second, *endpoint);
   }
   ++it->second.listeners;
   s.mode = Socket::Mode::listening;
   s.port = endpoint->port;
+}
+
+void Shim::offer_remote_moves(Listening& endpoint, const Endpoint& address) noexcept {
+  transport::Engine* e = engine();
+  if (!e || e->device_name().empty()) return;  // no RDMA here: remote clients stay on TCP
+  try {
+    if (!cm_events) {
+      cm_events.emplace();
+      int flags = real().fcntl(cm_events->fd(), F_GETFL);
+      real().fcntl(cm_events->fd(), F_SETFL, flags | O_NONBLOCK);
+      add_to_wait_set(cm_events->fd());
+    }
+    // The same port in rdma_cm's own port space, which the kernel's TCP does not share.
+    verbs::cm::Id listener(*cm_events);
+    listener.bind(cm_address(address));
+    listener.listen(128);
+    endpoint.cm_listener.emplace(std::move(listener));
+  } catch (const std::exception& error) {
+    log::info(std::string("shim: remote clients of port ") + std::to_string(address.port) +
+              " stay on TCP: " + error.what());
+  }
 }
 
 void Shim::adopt_accepted(int fd) noexcept {
@@ -642,7 +773,7 @@ void Shim::adopt_accepted(int fd) noexcept {
       ++i;
       continue;
     }
-    remove_from_wait_set(peers[i].fd.get());
+    if (peers[i].fd) remove_from_wait_set(peers[i].fd.get());
     peers.erase(peers.begin() + static_cast<long>(i));
   }
 }
@@ -656,12 +787,65 @@ void Shim::serve_endpoint(int endpoint) noexcept {
   }
 }
 
-// False when the peer is done with (answered for good, or gone).
+void Shim::serve_cm_events() noexcept {
+  while (cm_events) {
+    std::optional<verbs::cm::Event> event;
+    try {
+      event = cm_events->next(milliseconds(0));
+    } catch (const std::exception&) {
+      return;
+    }
+    if (!event) return;
+    if (event->type() != RDMA_CM_EVENT_CONNECT_REQUEST) continue;
+    Peer peer;
+    peer.cm_id.emplace(verbs::cm::Id::adopt(event->id()));
+    auto request = negotiation::decode_request(unpadded(event->private_data(), negotiation::kRequestSize));
+    // The proof a remote client can give: it asks from the address the connection
+    // comes from.
+    auto from = Endpoint::from(verbs::cm::SocketAddress::of_peer(*peer.cm_id).get());
+    event.reset();  // acknowledged before the id is answered or destroyed
+    bool keep = false;
+    if (!request) {
+      if (board) board->count(Fallback::bad_message);
+      send_answer(peer, negotiation::Answer{false, negotiation::Refusal::bad_message, 0, 0});
+    } else if (!from || from->family != request->tuple.client.family || from->address != request->tuple.client.address) {
+      if (board) board->count(Fallback::impostor);
+      send_answer(peer, negotiation::Answer{false, negotiation::Refusal::not_owner, 0, 0});
+    } else {
+      keep = take_request(peer, *request);
+    }
+    if (keep) {
+      try {
+        peers.push_back(std::move(peer));
+      } catch (const std::bad_alloc&) {
+      }
+    }
+  }
+}
+
+bool Shim::take_request(Peer& peer, const negotiation::Request& request) noexcept {
+  if (!endpoints.contains(request.tuple.server.port)) {
+    if (board) board->count(Fallback::impostor);
+    send_answer(peer, negotiation::Answer{false, negotiation::Refusal::not_owner, 0, 0});
+    return false;
+  }
+  sockaddr_storage client = to_sockaddr(request.tuple.client);
+  if (!policy.allows(reinterpret_cast<sockaddr*>(&client))) {
+    if (board) board->count(Fallback::policy);
+    send_answer(peer, negotiation::Answer{false, negotiation::Refusal::policy, 0, 0});
+    return false;
+  }
+  peer.parked = request.tuple;
+  peer.until = Clock::now() + negotiate_timeout;
+  return answer(peer);
+}
+
+// False when the peer is done with (answered, or refused in the end).
 bool Shim::answer(Peer& peer) noexcept {
   const Tuple tuple = *peer.parked;
   auto refuse = [&](negotiation::Refusal why, Fallback counted) {
     if (board) board->count(counted);
-    send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{false, why, 0, 0}));
+    send_answer(peer, negotiation::Answer{false, why, 0, 0});
     return false;
   };
   // Only a connection this process accepted: with SO_REUSEPORT, or a listener shared
@@ -676,88 +860,88 @@ bool Shim::answer(Peer& peer) noexcept {
     return refuse(negotiation::Refusal::closing, Fallback::not_supported);
   transport::Engine* e = engine();
   if (!e) return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);
-  peer.parked.reset();
-  peer.tuple = tuple;
   uint64_t cookie = random_cookie();
-  committed[tuple] = Committed{cookie, nullptr, held->second};
+  try {
+    committed[tuple] = Committed{cookie, nullptr, held->second, Clock::now() + negotiate_timeout * 2, {}, 0};
+  } catch (const std::bad_alloc&) {
+    return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);
+  }
   // The client's last TCP bytes are acknowledged at once: it waits for that.
   acknowledge_now(held->second);
-  if (!send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{true, {}, e->listen_port(), cookie}))) {
-    drop_committed(tuple);
-    return false;
-  }
-  return true;
+  if (!send_answer(peer, negotiation::Answer{true, {}, e->listen_port(), cookie})) drop_committed(tuple);
+  return false;
 }
 
+// False when the peer is done with.
 bool Shim::serve_peer(Peer& peer) noexcept {
   if (peer.parked) return answer(peer);
   std::array<std::byte, 64> buffer;
   UniqueFd passed;
   ssize_t n = receive_message(peer.fd.get(), buffer, &passed);
   if (n == -1 && errno == EAGAIN) return true;
+  if (n <= 0) return false;  // gone before asking
   auto refuse = [&](negotiation::Refusal why, Fallback counted) {
     if (board) board->count(counted);
     send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{false, why, 0, 0}));
     return false;
   };
-  if (!peer.tuple) {
-    if (n <= 0) return false;  // gone before asking
-    auto request = negotiation::decode_request(std::span(buffer.data(), std::size_t(n)));
-    if (!request) return refuse(negotiation::Refusal::bad_message, Fallback::bad_message);
-    // The proof: the client handed over its TCP socket, whose ends must be the ones it
-    // names, from the process it claims to be.
-    ucred cred{};
-    socklen_t cred_length = sizeof cred;
-    auto owned = passed ? tuple_of(passed.get(), false) : std::nullopt;
-    if (!owned || *owned != request->tuple ||
-        real().getsockopt(peer.fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
-        static_cast<uint32_t>(cred.pid) != request->pid)
-      return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
-    if (!endpoints.contains(request->tuple.server.port)) return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
-    sockaddr_storage client = to_sockaddr(request->tuple.client);
-    if (!policy.allows(reinterpret_cast<sockaddr*>(&client)))
-      return refuse(negotiation::Refusal::policy, Fallback::policy);
-    peer.parked = request->tuple;
-    peer.until = Clock::now() + negotiate_timeout;
-    return answer(peer);
-  }
-  // Accepted: now the confirm, or an abort (or the client vanishing: the same).
-  auto notice = n > 0 ? negotiation::decode_notice(std::span(buffer.data(), std::size_t(n))) : std::nullopt;
-  auto it = committed.find(*peer.tuple);
-  if (it == committed.end()) return false;
-  if (notice == negotiation::Kind::confirm) {
-    // The cookie went before the confirm; over verbs it may still be on the wire.
-    auto deadline = Clock::now() + negotiate_timeout;
-    while (!it->second.connection && Clock::now() < deadline) {
-      progress();
-      match_cookies();
-    }
-    switch_as_server(peer, it->second);
-  } else if (n > 0 && !notice && board) {
-    board->count(Fallback::bad_message);
-  }
-  drop_committed(*peer.tuple);
-  return false;
+  auto request = negotiation::decode_request(std::span(buffer.data(), std::size_t(n)));
+  if (!request) return refuse(negotiation::Refusal::bad_message, Fallback::bad_message);
+  // The proof: the client handed over its TCP socket, whose ends must be the ones it
+  // names, from the process it claims to be.
+  ucred cred{};
+  socklen_t cred_length = sizeof cred;
+  auto owned = passed ? tuple_of(passed.get(), false) : std::nullopt;
+  if (!owned || *owned != request->tuple ||
+      real().getsockopt(peer.fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
+      static_cast<uint32_t>(cred.pid) != request->pid)
+    return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
+  return take_request(peer, *request);
 }
 
-void Shim::switch_as_server(Peer& peer, Committed& entry) noexcept {
+void Shim::serve_committed() noexcept {
+  const auto now = Clock::now();
+  std::vector<Tuple> done;
+  for (auto& [tuple, entry] : committed) {
+    transport::Connection* c = entry.connection;
+    if (!c) {
+      if (now > entry.until) done.push_back(tuple);
+      continue;
+    }
+    entry.have += c->stream_read(std::span(entry.word).subspan(entry.have));
+    if (entry.have < entry.word.size()) {
+      if (c->stream_closed() || c->failed() || now > entry.until) done.push_back(tuple);  // the client gave up
+      continue;
+    }
+    auto notice = negotiation::decode_notice(entry.word);
+    // A client that gave up after its confirm (its time ran out) closed the connection.
+    if (notice == negotiation::Kind::confirm && !c->stream_closed() && !c->failed()) switch_as_server(tuple, entry);
+    else if (!notice && board) board->count(Fallback::bad_message);
+    done.push_back(tuple);
+  }
+  for (const Tuple& tuple : done) drop_committed(tuple);
+}
+
+void Shim::switch_as_server(const Tuple& tuple, Committed& entry) noexcept {
+  transport::Connection& c = *entry.connection;
   auto abort = [&](Fallback why) {
-    send_all(peer.fd.get(), negotiation::encode_notice(negotiation::Kind::abort));
+    c.stream_write(negotiation::encode_notice(negotiation::Kind::abort));
+    engine_->progress();
     if (entry.fd >= 0) fall_back(entry.fd, why);
   };
   Socket* s = entry.fd >= 0 ? socket_of(entry.fd) : nullptr;
-  if (!s || s->mode != Socket::Mode::tcp || s->tuple != *peer.tuple) return abort(Fallback::not_supported);
-  if (!entry.connection) return abort(Fallback::link_failed);
+  if (!s || s->mode != Socket::Mode::tcp || s->tuple != tuple) return abort(Fallback::not_supported);
   // The program's calls on the socket wait from here, so that our TCP bytes end now;
-  // the client sends none after its confirm.
+  // the client sent none after its confirm.
   s->mode = Socket::Mode::moving;
   if (!quiesce(*s) || !wait_acknowledged(entry.fd, *s, Clock::now() + negotiate_timeout))
     return abort(Fallback::busy);
-  if (!send_all(peer.fd.get(), negotiation::encode_notice(negotiation::Kind::switched)))
+  if (c.stream_write(negotiation::encode_notice(negotiation::Kind::switched)) != negotiation::kNoticeSize)
     return abort(Fallback::link_failed);
   accepted.erase(s->tuple);
-  transport::Connection* c = std::exchange(entry.connection, nullptr);
-  become_rxio(entry.fd, *s, *c);
+  entry.connection = nullptr;
+  become_rxio(entry.fd, *s, c);
+  engine_->progress();  // the word goes out now (not Shim::progress: it would serve the moves again)
 }
 
 void Shim::drop_committed(const Tuple& tuple) noexcept {
@@ -810,16 +994,20 @@ bool Shim::service() noexcept {
   transport::Engine* e = engine();
   if (e) changed = e->on_wake() > 0;
   for (auto& [port, endpoint] : endpoints) serve_endpoint(endpoint.fd.get());
+  serve_cm_events();
   for (std::size_t i = 0; i < peers.size();) {
     if (serve_peer(peers[i])) {
       ++i;
       continue;
     }
-    remove_from_wait_set(peers[i].fd.get());
+    if (peers[i].fd) remove_from_wait_set(peers[i].fd.get());
     peers.erase(peers.begin() + static_cast<long>(i));
     changed = true;
   }
-  if (!unmatched.empty()) match_cookies();
+  if (!unmatched.empty() || !committed.empty()) {
+    match_cookies();
+    serve_committed();
+  }
   // Connections the program closed: what still arrives is dropped, as a closed TCP
   // socket would, so that the peer never waits for credit.
   for (std::size_t i = 0; i < closing.size();) {

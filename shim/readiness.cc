@@ -36,7 +36,12 @@ short readiness(const Socket& s) noexcept {
 int Shim::sleep(std::unique_lock<ShimMutex>& lock, pollfd* fds, unsigned long count, int timeout_ms,
                 const sigset_t* mask) noexcept {
   transport::Engine* e = engine();
-  if (e && !e->arm()) return 0;  // work came in: the caller looks again
+  if (e && !e->arm()) {
+    // Work came in: the shim's own first (a cookie, a client's word), then the caller
+    // looks again.
+    service();
+    return 0;
+  }
   const int waker = my_waker();
   fds[count] = pollfd{wait_set.get(), POLLIN, 0};
   fds[count + 1] = pollfd{waker, POLLIN, 0};
@@ -366,7 +371,7 @@ void prepare_outer_wait(Shim& sh) noexcept {
     uint64_t one = 1;
     [[maybe_unused]] ssize_t w = real().write(set->pending.get(), &one, sizeof one);
   }
-  if (transport::Engine* e = sh.engine()) e->arm();
+  if (transport::Engine* e = sh.engine(); e && !e->arm()) sh.service();
 }
 
 }  // namespace
@@ -411,7 +416,10 @@ int epoll_wait_any(int epfd, epoll_event* events, int max, int timeout_ms, const
       lock.lock();
       continue;
     }
-    if (engine && !engine->arm()) continue;
+    if (engine && !engine->arm()) {
+      sh.service();
+      continue;
+    }
     // This thread's waker joins the set while it sleeps there.
     const int waker = Shim::my_waker();
     epoll_event wake{};

@@ -26,6 +26,7 @@
 #include "shim/policy.h"
 #include "shim/stat.h"
 #include "transport/engine.h"
+#include "verbs/cm.h"
 
 namespace rxio::shim {
 
@@ -118,14 +119,16 @@ struct EpollSet {
   UniqueFd pending;
 };
 
-// A negotiation in progress on the server side, on its own unix socket.
+// A client asking the server side to move a connection: a local one on its own unix
+// socket, or a remote one through an rdma_cm connect request (answered by a reject
+// that carries the answer).
 struct Peer {
   UniqueFd fd;
+  std::optional<verbs::cm::Id> cm_id;
   // A checked request for a connection this process has not accepted yet: answered
   // once it has (another process may own the listener's backlog), refused at `until`.
   std::optional<Tuple> parked;
   std::chrono::steady_clock::time_point until{};
-  std::optional<Tuple> tuple;  // set once its request was accepted
 };
 
 // A connection a peer's engine opened, whose cookie has not arrived in full.
@@ -135,11 +138,15 @@ struct Unmatched {
   std::size_t have;
 };
 
-// A request this side accepted: the transport connection its cookie names, once it came.
+// A request this side accepted: the transport connection its cookie names, once it
+// came, then the client's word on it (Confirm or Abort), due before `until`.
 struct Committed {
   uint64_t cookie = 0;
   transport::Connection* connection = nullptr;
   int fd = -1;  // the program's socket; -1 once it closed it
+  std::chrono::steady_clock::time_point until{};
+  std::array<std::byte, negotiation::kNoticeSize> word{};
+  std::size_t have = 0;
 };
 
 class Shim {
@@ -159,6 +166,7 @@ class Shim {
   std::optional<StatBoard> board;
   std::chrono::milliseconds negotiate_timeout{1000};
   uint32_t move_after = 8;  // RXIO_SHIM_MOVE_AFTER
+  bool verbs_forced = false;  // RXIO_BACKEND=verbs: moves as across hosts (rdma_cm)
   std::chrono::microseconds poll_time{0};
 
   // Everything a shim wait sleeps on besides the program's own fds: the engine, the
@@ -176,8 +184,11 @@ class Shim {
   // (a dual-stack server listens on 0.0.0.0 and :: with one port).
   struct Listening {
     UniqueFd fd;
+    std::optional<verbs::cm::Id> cm_listener;  // for remote clients, where RDMA is
     int listeners = 0;
   };
+  // The rdma_cm events of the listeners above; made with the first.
+  std::optional<verbs::cm::EventChannel> cm_events;
   std::unordered_map<uint16_t, Listening> endpoints;
   std::vector<Peer> peers;
   std::unordered_map<Tuple, Committed, TupleHash> committed;
@@ -241,13 +252,19 @@ class Shim {
   bool engine_failed = false;
   std::chrono::steady_clock::time_point engine_retry_at{};
   void serve_endpoint(int fd) noexcept;
+  void serve_cm_events() noexcept;
+  void offer_remote_moves(Listening& endpoint, const Endpoint& address) noexcept;
   bool serve_peer(Peer& peer) noexcept;
-  // Commits to a parked request once its connection is accepted here; false when the
-  // peer is done with (refused, gone).
+  // Checks a decoded request and answers or parks it; false when the peer is done with.
+  bool take_request(Peer& peer, const negotiation::Request& request) noexcept;
+  // Answers a parked request once its connection is accepted here; false when the
+  // peer is done with (answered, or refused in the end).
   bool answer(Peer& peer) noexcept;
   void match_cookies() noexcept;
-  // The server's half of the switch, once the client confirmed and its cookie came.
-  void switch_as_server(Peer& peer, Committed& entry) noexcept;
+  // Reads the clients' words on their engine connections and switches the confirmed.
+  void serve_committed() noexcept;
+  // The server's half of the switch, once the client confirmed.
+  void switch_as_server(const Tuple& tuple, Committed& entry) noexcept;
   void drop_committed(const Tuple& tuple) noexcept;
 };
 

@@ -198,6 +198,7 @@ rdma_conn_param to_conn_param(const ConnectParams& params) {
   conn.initiator_depth = params.initiator_depth;
   conn.retry_count = params.retry_count;
   conn.rnr_retry_count = params.rnr_retry_count;
+  conn.qp_num = params.qp_num;
   return conn;
 }
 

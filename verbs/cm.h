@@ -81,6 +81,7 @@ struct ConnectParams {
   uint8_t initiator_depth = 16;
   uint8_t retry_count = 7;
   uint8_t rnr_retry_count = 7;
+  uint32_t qp_num = 0;  // connect without a QP of the id's own: the number the peer is told
 };
 
 class Id {

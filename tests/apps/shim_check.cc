@@ -3,6 +3,8 @@
 //
 //   rxio-shim-check serve PORT            serves connections, a thread each, until killed
 //   rxio-shim-check client PORT SCENARIO  runs one scenario against it; exit 0 when right
+// Both use 127.0.0.1, or the IPv4 address in RXIO_SHIM_CHECK_ADDRESS (an RDMA interface's,
+// for the rdma_cm path in the Soft-RoCE guest).
 //
 // Each connection starts with one byte naming the scenario the server plays.
 #include <arpa/inet.h>
@@ -62,6 +64,16 @@ enum Scenario : char {
 // both directions at once.
 constexpr std::size_t kDuplexBytes = 8u << 20;
 constexpr uint64_t kClientSeed = 11, kServerSeed = 12;
+
+// Where the server listens and the client dials.
+in_addr check_address() {
+  in_addr a{htonl(INADDR_LOOPBACK)};
+  if (const char* text = std::getenv("RXIO_SHIM_CHECK_ADDRESS"); text && *text && inet_pton(AF_INET, text, &a) != 1) {
+    std::fprintf(stderr, "rxio-shim-check: RXIO_SHIM_CHECK_ADDRESS=%s is not an IPv4 address\n", text);
+    std::exit(2);
+  }
+  return a;
+}
 
 uint64_t checksum(const unsigned char* data, std::size_t n, uint64_t h = 1469598103934665603ull) {
   for (std::size_t i = 0; i < n; ++i) h = (h ^ data[i]) * 1099511628211ull;
@@ -203,7 +215,7 @@ int serve(uint16_t port) {
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_port = htons(port);
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_addr = check_address();
   if (::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 || ::listen(listener, 512) != 0) {
     std::perror("rxio-shim-check serve: bind/listen");
     return 1;
@@ -228,7 +240,7 @@ int dial(char scenario, bool nonblocking = false) {
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_port = htons(g_port);
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_addr = check_address();
   int rc = ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
   if (nonblocking) {
     CHECK(rc == 0 || errno == EINPROGRESS);
