@@ -361,8 +361,9 @@ void Shim::fall_back(int fd, Fallback reason) noexcept {
   if (board) board->count(reason);
   log::info(std::string("shim: fd ") + std::to_string(fd) + " stays on TCP: " + to_string(reason));
   Socket* s = socket_of(fd);
-  if (s && s->has_ahead()) {
-    // Bytes taken from the kernel during the attempt still come first.
+  if (s && (s->has_ahead() || s->refs > 1)) {
+    // Bytes taken from the kernel during the attempt still come first; other fds
+    // (dup) name the socket too. It stays, on TCP, for good.
     s->tried = true;
     s->mode = Socket::Mode::tcp;
   } else {
@@ -382,12 +383,16 @@ void Shim::become_rxio(int fd, Socket& s, transport::Connection& c) noexcept {
     s.record = board->open(fd, reinterpret_cast<sockaddr*>(&local), reinterpret_cast<sockaddr*>(&peer), backend,
                            ConnState::established, s.server);
   }
-  // The kernel socket no longer tells readiness: watch the connection instead.
+  // The kernel socket no longer tells readiness: watch the connection instead, for
+  // every fd (dup) that names it.
   for (int ep : s.epolls) {
     EpollSet* set = epoll_of(ep);
     if (!set) continue;
-    real().epoll_ctl(ep, EPOLL_CTL_DEL, fd, nullptr);
-    if (auto it = set->interests.find(fd); it != set->interests.end()) it->second.in_kernel = false;
+    for (auto& [watched, interest] : set->interests) {
+      if (!interest.in_kernel || socket_of(watched) != &s) continue;
+      real().epoll_ctl(ep, EPOLL_CTL_DEL, watched, nullptr);
+      interest.in_kernel = false;
+    }
     watch_wait_set(ep, *set);
   }
   log::info(std::string("shim: fd ") + std::to_string(fd) + " (" + s.tuple.client.to_string() + " -> " +
@@ -424,16 +429,21 @@ void acknowledge_now(int fd) noexcept {
 }
 
 // Takes what the kernel holds of the TCP stream into s.ahead, so that the peer's
-// bytes never wait for a program that is not reading. False when the stream ended.
+// bytes never wait for a program that is not reading (up to a limit: past it they
+// wait in the kernel). The stream's end is no failure: a peer that switched and then
+// closed its socket sent its last bytes on the engine connection. False when the
+// socket failed.
 bool take_ahead(int fd, Socket& s) noexcept {
+  constexpr std::size_t kAheadLimit = 16u << 20;
   if (!s.has_ahead()) {
     s.ahead.clear();
     s.ahead_read = 0;
   }
   static thread_local std::array<std::byte, 64 * 1024> chunk;
-  for (;;) {
+  while (s.ahead.size() - s.ahead_read < kAheadLimit) {
     ssize_t n = real().recv(fd, chunk.data(), chunk.size(), MSG_DONTWAIT);
-    if (n <= 0) return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+    if (n == 0) return true;
+    if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK;
     try {
       s.ahead.insert(s.ahead.end(), chunk.data(), chunk.data() + n);
     } catch (const std::bad_alloc&) {
@@ -444,12 +454,14 @@ bool take_ahead(int fd, Socket& s) noexcept {
     }
     s.ahead_left = s.ahead.size() - s.ahead_read;
   }
+  return true;
 }
 
 // With the socket in moving mode, waits for the calls that went to the kernel without
-// the mutex to come back. False when one stays (a blocking sendfile).
+// the mutex to come back (a thread may be preempted in one). False when one stays (a
+// blocking sendfile).
 bool quiesce(Socket& s) noexcept {
-  auto until = Clock::now() + milliseconds(10);
+  auto until = Clock::now() + milliseconds(100);
   while (s.kernel_calls.load() > 0) {
     if (Clock::now() > until) return false;
     sched_yield();
@@ -667,15 +679,16 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
   progress();
 
   // The server's word, taking in what TCP brings meanwhile (the server may be waiting
-  // for its own bytes to be acknowledged).
+  // for its own bytes to be acknowledged, for up to its own timeout).
   std::array<std::byte, negotiation::kNoticeSize> word;
   std::size_t have = 0;
   auto spin_until = Clock::now() + poll_time;
+  const auto word_deadline = Clock::now() + negotiate_timeout * 2;
   ++s.holds;
   for (;;) {
     progress();
     have += c->stream_read(std::span(word).subspan(have));
-    if (have == word.size() || c->stream_closed() || c->failed() || s.gone || Clock::now() > deadline) break;
+    if (have == word.size() || c->stream_closed() || c->failed() || s.gone || Clock::now() > word_deadline) break;
     if (!take_ahead(fd, s)) break;
     acknowledge_now(fd);
     if (Clock::now() < spin_until) {
@@ -697,14 +710,19 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
     return;
   }
   auto notice = have == word.size() ? negotiation::decode_notice(word) : std::nullopt;
-  if (notice != negotiation::Kind::switched) {
-    return give_up(notice == negotiation::Kind::abort ? Fallback::busy
-                   : have == word.size()               ? Fallback::bad_message
-                                                       : Fallback::timeout);
-  }
   // The server's kernel had every byte it sent acknowledged: they are all here now.
-  if (!take_ahead(fd, s)) return give_up(Fallback::link_failed);
-  become_rxio(fd, s, *c);
+  if (notice == negotiation::Kind::switched && take_ahead(fd, s)) return become_rxio(fd, s, *c);
+  // Refused, or the connection closed without a word (the server's socket went): both
+  // sides stay on TCP.
+  if (notice == negotiation::Kind::abort) return give_up(Fallback::busy);
+  if (have == 0 && c->stream_closed()) return give_up(Fallback::peer_refused);
+  // Anything else leaves this side unsure of where the server writes: rather than lose
+  // bytes unseen, the connection ends (the kernel's disconnect resets it).
+  log::warn("shim: fd " + std::to_string(fd) + ": the server's shim did not finish the switch; the connection is reset");
+  sockaddr unspecified{};
+  unspecified.sa_family = AF_UNSPEC;
+  real().connect(fd, &unspecified, sizeof unspecified);
+  give_up(have < word.size() ? Fallback::timeout : Fallback::bad_message);
 }
 
 // ---- the server side ---------------------------------------------------------------
@@ -856,7 +874,7 @@ bool Shim::answer(Peer& peer) noexcept {
     return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
   }
   Socket* s = socket_of(held->second);
-  if (!s || s->mode != Socket::Mode::tcp || s->read_shut || s->write_shut)
+  if (!s || s->tuple != tuple || s->mode != Socket::Mode::tcp || s->read_shut || s->write_shut)
     return refuse(negotiation::Refusal::closing, Fallback::not_supported);
   transport::Engine* e = engine();
   if (!e) return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);
@@ -924,13 +942,16 @@ void Shim::serve_committed() noexcept {
 
 void Shim::switch_as_server(const Tuple& tuple, Committed& entry) noexcept {
   transport::Connection& c = *entry.connection;
+  Socket* s = entry.fd >= 0 ? socket_of(entry.fd) : nullptr;
+  // The fd may name another socket by now (closed, its number reused).
+  if (s && (s->tuple != tuple || !s->server)) s = nullptr;
   auto abort = [&](Fallback why) {
     c.stream_write(negotiation::encode_notice(negotiation::Kind::abort));
     engine_->progress();
-    if (entry.fd >= 0) fall_back(entry.fd, why);
+    if (s) fall_back(entry.fd, why);
   };
-  Socket* s = entry.fd >= 0 ? socket_of(entry.fd) : nullptr;
-  if (!s || s->mode != Socket::Mode::tcp || s->tuple != tuple) return abort(Fallback::not_supported);
+  // Half-closed since the answer: its end went out on TCP, so it stays there.
+  if (!s || s->mode != Socket::Mode::tcp || s->read_shut || s->write_shut) return abort(Fallback::not_supported);
   // The program's calls on the socket wait from here, so that our TCP bytes end now;
   // the client sent none after its confirm.
   s->mode = Socket::Mode::moving;
@@ -953,7 +974,7 @@ void Shim::drop_committed(const Tuple& tuple) noexcept {
   }
   // The client does not ask twice: its socket needs the shim no more.
   if (Socket* s = it->second.fd >= 0 ? socket_of(it->second.fd) : nullptr;
-      s && s->mode == Socket::Mode::tcp && !s->has_ahead()) {
+      s && s->tuple == tuple && s->mode == Socket::Mode::tcp && !s->has_ahead() && s->refs == 1) {
     accepted.erase(tuple);
     forget(it->second.fd);
   }

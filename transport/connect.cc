@@ -302,8 +302,13 @@ void Engine::Impl::retire(std::unique_ptr<Link> link) noexcept {
 void Engine::Impl::reap_links() noexcept {
   for (std::size_t i = 0; i < links.size();) {
     Link* link = links[i].get();
-    // Opened by the peer before it went, never taken: nobody will take them now.
-    if (link->error) std::erase_if(accepted, [link](const Connection* c) { return c->link_ == link; });
+    // Opened by the peer before it went, never taken: nobody will take, or release, them now.
+    if (link->error)
+      std::erase_if(accepted, [link](Connection* c) {
+        if (c->link_ != link) return false;
+        c->released_ = true;
+        return true;
+      });
     bool done = link->error && std::all_of(link->connections.begin() + 1, link->connections.end(),
                                            [](const Connection* c) { return !c || c->released_; });
     if (!done) {

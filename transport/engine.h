@@ -209,7 +209,8 @@ class Connection {
   void close() noexcept;
   // The application is done with the connection: it closes if it had not, and the
   // engine frees it (its rings and its id, for later connections) once the peer has
-  // closed and released it too. It must not be used afterwards.
+  // closed and released it too. It must not be used afterwards, and must have no
+  // request in flight (a one-sided read or write completes on the connection).
   void release() noexcept;
 
   bool failed() const noexcept { return error_ != 0; }

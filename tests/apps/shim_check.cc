@@ -518,6 +518,44 @@ void blocked_reader_sees_the_end() {
   ::close(fd);
 }
 
+// A socket that two fds name when it moves, watched by epoll through the second: both
+// keep working, and epoll reports the moved socket's bytes.
+void dup_then_move() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(g_port);
+  address.sin_addr = check_address();
+  CHECK(::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
+  int copy = ::dup(fd);
+  int ep = ::epoll_create1(EPOLL_CLOEXEC);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = copy;
+  CHECK(::epoll_ctl(ep, EPOLL_CTL_ADD, copy, &ev) == 0);
+  char scenario = kEcho;
+  CHECK(write_all(copy, &scenario, 1));
+  for (int i = 0; i < 20; ++i) {
+    auto out = random_bytes(100 + 37 * static_cast<std::size_t>(i), 50 + static_cast<uint64_t>(i));
+    CHECK(write_all(i % 2 ? fd : copy, out.data(), out.size()));
+    std::vector<unsigned char> in(out.size());
+    std::size_t got = 0;
+    while (got < in.size()) {
+      epoll_event ready{};
+      CHECK(::epoll_wait(ep, &ready, 1, 5000) == 1 && ready.data.fd == copy);
+      ssize_t r = ::recv(i % 2 ? copy : fd, in.data() + got, in.size() - got, MSG_DONTWAIT);
+      if (r < 0 && errno == EAGAIN) continue;
+      CHECK(r > 0);
+      if (r <= 0) break;
+      got += static_cast<std::size_t>(r);
+    }
+    CHECK(in == out);
+  }
+  ::close(ep);
+  ::close(copy);
+  ::close(fd);
+}
+
 // Both ways at once, each from its own thread, while the connection moves: every byte
 // arrives once, in order, on whichever path it took.
 void duplex_across_the_move() {
@@ -544,6 +582,7 @@ const std::map<std::string, std::function<void()>> kScenarios = {
     {"many", many_connections},
     {"blocked-reader", blocked_reader_sees_the_end},
     {"duplex", duplex_across_the_move},
+    {"dup-move", dup_then_move},
 };
 
 }  // namespace
