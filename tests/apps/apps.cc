@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -265,7 +266,16 @@ Result AppTest::run(const std::string& command, std::chrono::seconds timeout) {
   return finish(process, timeout);
 }
 
+int time_scale() {
+  static const int scale = [] {
+    int value = std::atoi(env("RXIO_APPS_TIME_SCALE").c_str());
+    return std::clamp(value, 1, 100);
+  }();
+  return scale;
+}
+
 Result AppTest::finish(Process& process, std::chrono::seconds timeout) {
+  timeout *= time_scale();
   auto status = process.wait(timeout);
   if (!status) process.stop();
   Result result;
@@ -276,7 +286,7 @@ Result AppTest::finish(Process& process, std::chrono::seconds timeout) {
 }
 
 testing::AssertionResult AppTest::wait_listening(Process& server, int port) {
-  const auto deadline = Clock::now() + 5s;
+  const auto deadline = Clock::now() + 5s * time_scale();
   bool tcp = false, shim = false;
   while (Clock::now() < deadline && server.running()) {
     tcp = tcp_listening(port);
@@ -292,7 +302,7 @@ testing::AssertionResult AppTest::wait_listening(Process& server, int port) {
 
 std::optional<Board> AppTest::board_when(pid_t pid, const std::function<bool(const Board&)>& done,
                                          std::chrono::milliseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
+  const auto deadline = Clock::now() + timeout * time_scale();
   std::optional<Board> last;
   for (;;) {
     Result read = run(quote(env("RXIO_STAT")) + " --json -p " + std::to_string(pid) + " | " + quote(python()) +

@@ -85,6 +85,10 @@ struct Board {
 
 // A test of one program in the three pairings of Shimmed, with a temporary RXIO_STAT_DIR
 // of its own that the programs and rxio-stat share.
+// How much slower this machine runs the programs than a plain one: RXIO_APPS_TIME_SCALE
+// (default 1; the Soft-RoCE guest runs under TCG). Waits and run times grow by it.
+int time_scale();
+
 class AppTest : public testing::TestWithParam<Shimmed> {
  protected:
   // Skipped when one of `programs` is not installed.
@@ -99,7 +103,8 @@ class AppTest : public testing::TestWithParam<Shimmed> {
   std::string client_prefix() const;
   static const std::string& python();
 
-  // A file in the test's directory.
+  // The test's directory, and a file in it.
+  const std::string& dir() const { return dir_; }
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
   Process start(const std::string& command, bool stdin_pipe = false);
   // Runs `command` to its end (stopped after `timeout`).

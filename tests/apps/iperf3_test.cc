@@ -9,15 +9,20 @@ class Iperf3 : public AppTest {
  protected:
   Iperf3() : AppTest({"iperf3"}) {}
 
-  // One two-second test with the client's `options`; the bytes the receiving side got.
+  // One three-second test (times the scale) with the client's `options`; the bytes the
+  // receiving side got.
   uint64_t measure(const std::string& options) {
     const std::string port = std::to_string(free_port());
-    Process server = start(server_prefix() + "iperf3 -s -1 -p " + port);
+    // iperf3 keeps each stream's buffer in a file under TMPDIR: the test's own directory,
+    // which exists wherever the test runs (inside the Soft-RoCE guest too).
+    const std::string iperf3 = "env TMPDIR=" + quote(dir()) + " iperf3 ";
+    Process server = start(server_prefix() + iperf3 + "-s -1 -p " + port);
     if (auto listening = wait_listening(server, std::stoi(port)); !listening) {
       ADD_FAILURE() << listening.message();
       return 0;
     }
-    Process client = start(client_prefix() + "iperf3 -c 127.0.0.1 -p " + port + " -t 2 -J " + options);
+    Process client = start(client_prefix() + iperf3 + "-c 127.0.0.1 -p " + port + " -t " +
+                           std::to_string(3 * time_scale()) + " -J " + options);
     expect_backends(server, client);
     Result measured = finish(client);
     EXPECT_TRUE(measured.exited_0) << measured.output;

@@ -25,12 +25,14 @@ TEST_P(Redis, StoresAndBenchmarks) {
     return run(cli + " " + arguments);
   };
 
-  // A client that stays connected for two seconds, long enough to be seen on the boards.
-  Process slow = start(cli + " -r 20 -i 0.1 incr slow");
+  // A client that stays connected for two seconds (times the scale), long enough to be
+  // seen on the boards.
+  const std::string increments = std::to_string(20 * time_scale());
+  Process slow = start(cli + " -r " + increments + " -i 0.1 incr slow");
   ++connections;
   expect_backends(server, slow);
   Result counted = finish(slow);
-  EXPECT_TRUE(counted.exited_0 && counted.output.ends_with("\n20\n")) << counted.output;
+  EXPECT_TRUE(counted.exited_0 && counted.output.ends_with("\n" + increments + "\n")) << counted.output;
 
   const std::vector<std::string> values = {"1", "hello world", std::string(1400, 'x'), std::string(70000, 'y')};
   for (std::size_t i = 0; i < values.size(); ++i) {

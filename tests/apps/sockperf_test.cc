@@ -17,7 +17,7 @@ TEST_P(Sockperf, PingPongsAndStreams) {
   ASSERT_TRUE(wait_listening(server, std::stoi(port)));
   const std::string client = client_prefix() + "sockperf ";
 
-  Process ping = start(client + "pp --tcp -i 127.0.0.1 -p " + port + " -t 2");
+  Process ping = start(client + "pp --tcp -i 127.0.0.1 -p " + port + " -t " + std::to_string(2 * time_scale()));
   expect_backends(server, ping);
   Result pinged = finish(ping);
   EXPECT_TRUE(pinged.exited_0) << pinged.output;
