@@ -71,25 +71,25 @@ class Blocking {
   Clock::time_point deadline_{};
 };
 
-// Waits, without the mutex, for the socket's state to move; false when `deadline`
-// passed first.
-bool wait_for_change(Shim& sh, std::unique_lock<ShimMutex>& lock, Clock::time_point deadline, bool forever,
-                     Clock::time_point spin_until) noexcept {
+// Waits, without the mutex, for the socket's state to move. Returns 0 to look again,
+// or the errno to stop with: EAGAIN when `deadline` passed, EINTR when a signal came
+// (as the kernel's blocking call would return).
+int wait_for_change(Shim& sh, std::unique_lock<ShimMutex>& lock, Clock::time_point deadline, bool forever,
+                    Clock::time_point spin_until) noexcept {
   if (Clock::now() < spin_until) {
     sh.progress();
     lock.unlock();
     lock.lock();
-    return true;
+    return 0;
   }
   int left = -1;
   if (!forever) {
     auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-    if (ms <= 0) return false;
+    if (ms <= 0) return EAGAIN;
     left = static_cast<int>(ms);
   }
   pollfd spare[2];
-  sh.sleep(lock, spare, 0, left, nullptr);
-  return true;
+  return sh.sleep(lock, spare, 0, left, nullptr) < 0 && errno == EINTR ? EINTR : 0;
 }
 
 // What a call returns once it stops early: the bytes it moved, or -1 with `error`.
@@ -170,6 +170,26 @@ std::optional<ssize_t> on_tcp(Shim& sh, int fd, Call&& call) noexcept {
 
 bool would_block() noexcept { return errno == EAGAIN || errno == EWOULDBLOCK; }
 
+// For a socket on TCP whose kernel call would block: sleeps, without the mutex, until
+// the socket is ready for `events` or the shim's wait set wakes (a switch the peer
+// starts meanwhile is served there, and the call then goes on wherever the bytes now
+// go). Returns 0 to look again, the errno to stop with, or -1 when the program closed
+// the socket meanwhile (errno set).
+int wait_on_kernel(Shim& sh, std::unique_lock<ShimMutex>& lock, Socket* s, int fd, short events,
+                   Blocking& how) noexcept {
+  if (how.dontwait()) return EAGAIN;
+  int left = -1;
+  if (!how.forever()) {
+    auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(how.deadline() - Clock::now()).count();
+    if (ms <= 0) return EAGAIN;
+    left = static_cast<int>(ms);
+  }
+  pollfd p[3] = {{fd, events, 0}, {}, {}};
+  int slept = 0;
+  if (!wait_holding(sh, s, [&] { slept = sh.sleep(lock, p, 1, left, nullptr); })) return -1;
+  return slept < 0 && errno == EINTR ? EINTR : 0;
+}
+
 }  // namespace
 
 ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
@@ -249,19 +269,9 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
           }
         }
         kernel_empty = false;
-        if (how.dontwait()) return done_or(got, EAGAIN);
-        // Asleep on the socket and the shim's wait set: a switch the peer starts
-        // meanwhile is served, and this call then reads wherever the bytes went.
-        int left = -1;
-        if (!how.forever()) {
-          auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(how.deadline() - Clock::now()).count();
-          if (ms <= 0) return done_or(got, EAGAIN);
-          left = static_cast<int>(ms);
-        }
-        pollfd p[3] = {{fd, POLLIN, 0}, {}, {}};
-        int slept = 0;
-        if (!wait_holding(sh, s, [&] { slept = sh.sleep(lock, p, 1, left, nullptr); })) return -1;
-        if (slept < 0 && errno == EINTR) return done_or(got, EINTR);
+        int stop = wait_on_kernel(sh, lock, s, fd, POLLIN, how);
+        if (stop < 0) return -1;
+        if (stop) return done_or(got, stop);
         continue;
       }
       case Socket::Mode::rxio:
@@ -297,10 +307,10 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       continue;
     }
     if (how.dontwait()) return done_or(got, EAGAIN);
-    bool more = false;
-    if (!wait_holding(sh, s, [&] { more = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until); }))
+    int stop = 0;
+    if (!wait_holding(sh, s, [&] { stop = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until); }))
       return -1;
-    if (!more) return done_or(got, EAGAIN);
+    if (stop) return done_or(got, stop);
   }
 }
 
@@ -356,17 +366,9 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
         if (sent == wanted) return static_cast<ssize_t>(sent);
       }
       kernel_full = false;
-      if (how.dontwait()) return done_or(sent, EAGAIN);
-      int left = -1;
-      if (!how.forever()) {
-        auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(how.deadline() - Clock::now()).count();
-        if (ms <= 0) return done_or(sent, EAGAIN);
-        left = static_cast<int>(ms);
-      }
-      pollfd p[3] = {{fd, POLLOUT, 0}, {}, {}};
-      int slept = 0;
-      if (!wait_holding(sh, s, [&] { slept = sh.sleep(lock, p, 1, left, nullptr); })) return -1;
-      if (slept < 0 && errno == EINTR) return done_or(sent, EINTR);
+      int stop = wait_on_kernel(sh, lock, s, fd, POLLOUT, how);
+      if (stop < 0) return -1;
+      if (stop) return done_or(sent, stop);
       continue;
     }
     transport::Connection& c = *s->connection;
@@ -396,10 +398,10 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
     if (sent > before) spin_until = Clock::now() + sh.poll_time;
     if (sh.progress() > 0) continue;
     if (how.dontwait()) return done_or(sent, EAGAIN);
-    bool more = false;
-    if (!wait_holding(sh, s, [&] { more = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until); }))
+    int stop = 0;
+    if (!wait_holding(sh, s, [&] { stop = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until); }))
       return -1;
-    if (!more) return done_or(sent, EAGAIN);
+    if (stop) return done_or(sent, stop);
   }
 }
 

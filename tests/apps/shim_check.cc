@@ -16,6 +16,7 @@
 #include <sys/ioctl.h>
 #include <sys/select.h>
 #include <sys/sendfile.h>
+#include <sys/time.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -73,6 +74,14 @@ in_addr check_address() {
     std::exit(2);
   }
   return a;
+}
+
+sockaddr_in server_address(uint16_t port) {
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  address.sin_addr = check_address();
+  return address;
 }
 
 uint64_t checksum(const unsigned char* data, std::size_t n, uint64_t h = 1469598103934665603ull) {
@@ -212,10 +221,7 @@ int serve(uint16_t port) {
   int listener = ::socket(AF_INET, SOCK_STREAM, 0);
   int one = 1;
   ::setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(port);
-  address.sin_addr = check_address();
+  sockaddr_in address = server_address(port);
   if (::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 || ::listen(listener, 512) != 0) {
     std::perror("rxio-shim-check serve: bind/listen");
     return 1;
@@ -237,10 +243,7 @@ uint16_t g_port = 0;
 
 int dial(char scenario, bool nonblocking = false) {
   int fd = ::socket(AF_INET, SOCK_STREAM | (nonblocking ? SOCK_NONBLOCK : 0), 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(g_port);
-  address.sin_addr = check_address();
+  sockaddr_in address = server_address(g_port);
   int rc = ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
   if (nonblocking) {
     CHECK(rc == 0 || errno == EINPROGRESS);
@@ -518,14 +521,31 @@ void blocked_reader_sees_the_end() {
   ::close(fd);
 }
 
+// A signal whose handler does not ask for restarts ends a blocked read with EINTR, as
+// it ends the kernel's (sockperf and others stop their runs that way).
+void signal_ends_a_blocked_read() {
+  int fd = dial(kSilent);
+  struct sigaction action {};
+  action.sa_handler = [](int) {};
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = 0;  // no SA_RESTART
+  struct sigaction before {};
+  CHECK(::sigaction(SIGALRM, &action, &before) == 0);
+  itimerval in_100ms{{0, 0}, {0, 100 * 1000}};
+  CHECK(::setitimer(ITIMER_REAL, &in_100ms, nullptr) == 0);
+  char byte;
+  auto start = Clock::now();
+  CHECK(::read(fd, &byte, 1) == -1 && errno == EINTR);
+  CHECK(Clock::now() - start < milliseconds(3000));
+  ::sigaction(SIGALRM, &before, nullptr);
+  ::close(fd);
+}
+
 // A socket that two fds name when it moves, watched by epoll through the second: both
 // keep working, and epoll reports the moved socket's bytes.
 void dup_then_move() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(g_port);
-  address.sin_addr = check_address();
+  sockaddr_in address = server_address(g_port);
   CHECK(::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
   int copy = ::dup(fd);
   int ep = ::epoll_create1(EPOLL_CLOEXEC);
@@ -583,6 +603,7 @@ const std::map<std::string, std::function<void()>> kScenarios = {
     {"blocked-reader", blocked_reader_sees_the_end},
     {"duplex", duplex_across_the_move},
     {"dup-move", dup_then_move},
+    {"signal", signal_ends_a_blocked_read},
 };
 
 }  // namespace
