@@ -248,11 +248,14 @@ int Shim::progress() noexcept {
   // What came in may be a cookie or a client's word for a move. Any progress call
   // takes in the arrivals, and with them the wake-up that would have come (arm()
   // progresses too): while moves are pending, look at them whatever was handled.
-  if (!committed.empty() || !unmatched.empty()) {
-    match_cookies();
-    serve_committed();
-  }
+  serve_moves();
   return handled;
+}
+
+void Shim::serve_moves() noexcept {
+  if (committed.empty() && unmatched.empty()) return;
+  match_cookies();
+  serve_committed();
 }
 
 void ShimMutex::unlock() noexcept {
@@ -1025,10 +1028,7 @@ bool Shim::service() noexcept {
     peers.erase(peers.begin() + static_cast<long>(i));
     changed = true;
   }
-  if (!unmatched.empty() || !committed.empty()) {
-    match_cookies();
-    serve_committed();
-  }
+  serve_moves();
   // Connections the program closed: what still arrives is dropped, as a closed TCP
   // socket would, so that the peer never waits for credit.
   for (std::size_t i = 0; i < closing.size();) {

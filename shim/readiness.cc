@@ -65,11 +65,8 @@ int Shim::sleep(std::unique_lock<ShimMutex>& lock, pollfd* fds, unsigned long co
   if (n > 0 && fds[count].revents) {
     --n;
     service();
-  } else if (!committed.empty() || !unmatched.empty()) {
-    // Woken by another thread, which may have taken in a cookie or a client's word
-    // (arm() progresses): look at the moves under way.
-    match_cookies();
-    serve_committed();
+  } else {
+    serve_moves();  // woken by another thread, which may have taken their arrivals in
   }
   errno = saved;
   return n;

@@ -263,6 +263,9 @@ class Shim {
   void match_cookies() noexcept;
   // Reads the clients' words on their engine connections and switches the confirmed.
   void serve_committed() noexcept;
+  // Both of the above, while moves are under way: whoever took in the engine's
+  // arrivals (any progress call, arm()) may have taken a cookie or a word.
+  void serve_moves() noexcept;
   // The server's half of the switch, once the client confirmed.
   void switch_as_server(const Tuple& tuple, Committed& entry) noexcept;
   void drop_committed(const Tuple& tuple) noexcept;
