@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   # build
   g++ meson ninja-build pkg-config python3
-  libibverbs-dev librdmacm-dev libgtest-dev libgmock-dev libboost-dev liburing-dev
+  libibverbs-dev librdmacm-dev libgtest-dev libgmock-dev libboost-dev liburing-dev nlohmann-json3-dev
   # fuzzing (libFuzzer)
   clang libclang-rt-14-dev
   # the Soft-RoCE guest of the rxe tier (tests/rxe/guest.sh)

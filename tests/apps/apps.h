@@ -59,6 +59,9 @@ class Process {
   // SIGTERM to the group, SIGKILL when the program lingers past 5 s; reaps it. False
   // when SIGTERM did not end it.
   bool stop();
+  // SIGSTOP and SIGCONT to the group: holds a program where it is, its connections open.
+  void pause();
+  void resume();
   // EOF on stdin: how a test lets a client that holds its connections open go on.
   void close_stdin();
   std::string output() const;

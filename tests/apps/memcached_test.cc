@@ -74,7 +74,7 @@ for s in sockets:
 
 class Memcached : public AppTest {
  protected:
-  Memcached() : AppTest({"memcached"}) {}
+  Memcached() : AppTest({"memcached", "python3"}) {}
 };
 
 TEST_P(Memcached, ServesThreadedClients) {
