@@ -1081,7 +1081,7 @@ int accept_on(int fd, sockaddr* address, socklen_t* length, int flags) noexcept 
     if (blocking) {
       pollfd p[3] = {{fd, POLLIN, 0}, {}, {}};
       if (real().poll(p, 1, 0) == 0) {
-        if (sh.sleep(lock, p, 1, -1, nullptr) < 0 && errno == EINTR) return -1;
+        if (sh.sleep(lock, p, 1, -1, nullptr) < 0 && errno == EINTR && !Shim::signals_restart()) return -1;
         continue;
       }
     }

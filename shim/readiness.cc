@@ -7,6 +7,7 @@
 // sleep ends when a peer writes, and the shim then works out who became ready. The
 // program's epoll sets hold the wait set as one more member, so nested epoll sets and
 // an fd in several sets keep working.
+#include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -70,6 +71,16 @@ int Shim::sleep(std::unique_lock<ShimMutex>& lock, pollfd* fds, unsigned long co
   }
   errno = saved;
   return n;
+}
+
+bool Shim::signals_restart() noexcept {
+  for (int signal = 1; signal < NSIG; ++signal) {
+    struct sigaction action {};
+    if (::sigaction(signal, nullptr, &action) != 0) continue;  // none by that number
+    const bool handled = (action.sa_flags & SA_SIGINFO) || (action.sa_handler != SIG_DFL && action.sa_handler != SIG_IGN);
+    if (handled && !(action.sa_flags & SA_RESTART)) return false;
+  }
+  return true;
 }
 
 namespace {

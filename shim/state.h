@@ -237,6 +237,10 @@ class Shim {
   // counting only the program's fds.
   int sleep(std::unique_lock<ShimMutex>& lock, struct pollfd* fds, unsigned long count, int timeout_ms,
             const sigset_t* mask) noexcept;
+  // After a sleep ended with EINTR: whether a socket call without a timeout goes on, as
+  // the kernel restarts it for a handler with SA_RESTART. Which signal came is not
+  // known, so only when no handler of the process goes without SA_RESTART.
+  static bool signals_restart() noexcept;
   // Progresses the engine, waking other sleeping threads when something came in.
   int progress() noexcept;
   // With the mutex held, before letting go: see ShimMutex.

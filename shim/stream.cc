@@ -73,7 +73,7 @@ class Blocking {
 
 // Waits, without the mutex, for the socket's state to move. Returns 0 to look again,
 // or the errno to stop with: EAGAIN when `deadline` passed, EINTR when a signal came
-// (as the kernel's blocking call would return).
+// and the kernel's blocking call would not have been restarted.
 int wait_for_change(Shim& sh, std::unique_lock<ShimMutex>& lock, Clock::time_point deadline, bool forever,
                     Clock::time_point spin_until) noexcept {
   if (Clock::now() < spin_until) {
@@ -89,7 +89,9 @@ int wait_for_change(Shim& sh, std::unique_lock<ShimMutex>& lock, Clock::time_poi
     left = static_cast<int>(ms);
   }
   pollfd spare[2];
-  return sh.sleep(lock, spare, 0, left, nullptr) < 0 && errno == EINTR ? EINTR : 0;
+  return sh.sleep(lock, spare, 0, left, nullptr) < 0 && errno == EINTR && !(forever && Shim::signals_restart())
+             ? EINTR
+             : 0;
 }
 
 // What a call returns once it stops early: the bytes it moved, or -1 with `error`.
@@ -187,7 +189,7 @@ int wait_on_kernel(Shim& sh, std::unique_lock<ShimMutex>& lock, Socket* s, int f
   pollfd p[3] = {{fd, events, 0}, {}, {}};
   int slept = 0;
   if (!wait_holding(sh, s, [&] { slept = sh.sleep(lock, p, 1, left, nullptr); })) return -1;
-  return slept < 0 && errno == EINTR ? EINTR : 0;
+  return slept < 0 && errno == EINTR && !(how.forever() && Shim::signals_restart()) ? EINTR : 0;
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <atomic>
 #include <csignal>
 #include <chrono>
 #include <cstdio>
@@ -541,6 +542,34 @@ void signal_ends_a_blocked_read() {
   ::close(fd);
 }
 
+// A signal whose handler asks for restarts does not end a blocked read: it goes on
+// after the handler and returns what comes next (here the end, from SHUT_RD).
+void signal_restarts_a_blocked_read() {
+  int fd = dial(kSilent);
+  static std::atomic<int> handled{0};
+  handled = 0;
+  struct sigaction action {};
+  action.sa_handler = [](int) { ++handled; };
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  struct sigaction before {};
+  CHECK(::sigaction(SIGALRM, &action, &before) == 0);
+  itimerval in_100ms{{0, 0}, {0, 100 * 1000}};
+  CHECK(::setitimer(ITIMER_REAL, &in_100ms, nullptr) == 0);
+  std::thread closer([fd] {
+    std::this_thread::sleep_for(milliseconds(400));
+    ::shutdown(fd, SHUT_RD);
+  });
+  char byte;
+  auto start = Clock::now();
+  CHECK(::read(fd, &byte, 1) == 0);
+  CHECK(handled == 1);
+  CHECK(Clock::now() - start >= milliseconds(300));
+  closer.join();
+  ::sigaction(SIGALRM, &before, nullptr);
+  ::close(fd);
+}
+
 // A socket that two fds name when it moves, watched by epoll through the second: both
 // keep working, and epoll reports the moved socket's bytes.
 void dup_then_move() {
@@ -604,6 +633,7 @@ const std::map<std::string, std::function<void()>> kScenarios = {
     {"duplex", duplex_across_the_move},
     {"dup-move", dup_then_move},
     {"signal", signal_ends_a_blocked_read},
+    {"signal-restart", signal_restarts_a_blocked_read},
 };
 
 }  // namespace

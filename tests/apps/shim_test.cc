@@ -20,7 +20,7 @@ TEST_P(ShimCheck, BehavesAsTcp) {
   const std::vector<std::string> scenarios = {"echo",         "epoll",   "select", "flags",
                                               "half-close",   "close-in-flight",  "refused",
                                               "dup-sendfile", "many",    "blocked-reader", "duplex",
-                                              "dup-move",     "signal"};
+                                              "dup-move",     "signal",  "signal-restart"};
   std::string names;
   for (const auto& s : scenarios) names += " " + s;
   Result result = run(client_prefix() + check + " client " + port + names, 120s);
@@ -28,7 +28,7 @@ TEST_P(ShimCheck, BehavesAsTcp) {
   for (const auto& s : scenarios) EXPECT_NE(result.output.find(s + ": ok"), std::string::npos) << result.output;
   // One connection per scenario, three for epoll, two hundred for "many", none for
   // "refused" (it dials a closed port).
-  expect_server_totals(server, 213);
+  expect_server_totals(server, 214);
   EXPECT_TRUE(server.stop()) << server.output();
 }
 
