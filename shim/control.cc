@@ -473,9 +473,11 @@ bool quiesce(Socket& s) noexcept {
 }
 
 // Waits until the peer's kernel acknowledged every byte this side sent, taking in
-// what arrives meanwhile (the peer may be waiting for the same). False at `deadline`
-// or when the stream ended.
-bool wait_acknowledged(int fd, Socket& s, Clock::time_point deadline) noexcept {
+// what arrives meanwhile (the peer may be waiting for the same). False at `deadline`,
+// when the stream ended, or (with `lock`, let go of between looks so that the
+// process's other threads go on) when the program closed `fd` meanwhile.
+bool wait_acknowledged(int fd, Socket& s, Clock::time_point deadline, Shim& sh,
+                       std::unique_lock<ShimMutex>* lock = nullptr) noexcept {
   for (;;) {
     if (!take_ahead(fd, s)) return false;
     acknowledge_now(fd);
@@ -483,7 +485,12 @@ bool wait_acknowledged(int fd, Socket& s, Clock::time_point deadline) noexcept {
     if (left == 0) return true;
     if (left < 0 || Clock::now() > deadline) return false;
     timespec pause{0, 20'000};
+    if (lock) lock->unlock();
     nanosleep(&pause, nullptr);
+    if (lock) {
+      lock->lock();
+      if (s.gone || sh.socket_of(fd) != &s) return false;
+    }
   }
 }
 
@@ -676,7 +683,25 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
   if (c->stream_write(cookie) != cookie.size()) return give_up(Fallback::link_failed);
   // The server reads the TCP stream to its end before the engine connection: all of
   // it must be in its kernel first.
-  if (!wait_acknowledged(fd, s, deadline)) return give_up(Fallback::busy);
+  ++s.holds;
+  const bool acknowledged = wait_acknowledged(fd, s, deadline, *this, &lock);
+  const bool closed = s.gone;
+  const bool renamed = !closed && socket_of(fd) != &s;  // fd closed, another (dup) names it
+  if (renamed) {
+    s.tried = true;
+    s.mode = Socket::Mode::tcp;
+  }
+  release(&s);
+  if (closed || renamed) {
+    // No Confirm went out: closing the engine connection tells the server to stay on
+    // TCP.
+    c->close();
+    closing.push_back(c);
+    if (board) board->count(Fallback::busy);
+    wake_sleepers();
+    return;
+  }
+  if (!acknowledged) return give_up(Fallback::busy);
   if (c->stream_write(negotiation::encode_notice(negotiation::Kind::confirm)) != negotiation::kNoticeSize)
     return give_up(Fallback::link_failed);
   progress();
@@ -958,7 +983,7 @@ void Shim::switch_as_server(const Tuple& tuple, Committed& entry) noexcept {
   // The program's calls on the socket wait from here, so that our TCP bytes end now;
   // the client sent none after its confirm.
   s->mode = Socket::Mode::moving;
-  if (!quiesce(*s) || !wait_acknowledged(entry.fd, *s, Clock::now() + negotiate_timeout))
+  if (!quiesce(*s) || !wait_acknowledged(entry.fd, *s, Clock::now() + negotiate_timeout, *this))
     return abort(Fallback::busy);
   if (c.stream_write(negotiation::encode_notice(negotiation::Kind::switched)) != negotiation::kNoticeSize)
     return abort(Fallback::link_failed);
