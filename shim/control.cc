@@ -245,6 +245,7 @@ void Shim::remove_from_wait_set(int fd) noexcept { ::epoll_ctl(wait_set.get(), E
 int Shim::progress() noexcept {
   if (!engine_) return 0;
   int handled = engine_->progress();
+  notice_failures();
   // What came in may be a cookie or a client's word for a move. Any progress call
   // takes in the arrivals, and with them the wake-up that would have come (arm()
   // progresses too): while moves are pending, look at them whatever was handled.
@@ -301,6 +302,10 @@ void Socket::reset() noexcept {
   holds = 0;
   gone = closed = false;
   port = 0;
+  rxio_read = rxio_written = 0;
+  kept.clear();
+  back = Returning{};
+  broken = lingering = false;
 }
 
 Socket* Shim::new_socket() noexcept {
@@ -329,15 +334,34 @@ void Shim::track(int fd) {
 void Shim::forget(int fd) noexcept {
   Socket* s = socket_of(fd);
   if (!s) return;
+  if (s->back.watched) unwatch_return(fd);
   sockets[fd].store(nullptr, std::memory_order_release);
   for (int ep : s->epolls)
     if (EpollSet* set = epoll_of(ep)) set->interests.erase(fd);
   if (--s->refs > 0) return;
-  if (s->mode == Socket::Mode::rxio && s->connection) {
-    s->connection->close();
-    closing.push_back(s->connection);
-  }
   if (s->record && board) board->close(s->record);
+  s->record = nullptr;
+  // A moved socket the program closes lingers, with a private descriptor of its TCP
+  // socket, until its connection ends: a link that fails meanwhile still goes back to
+  // TCP, so that the peer gets every byte (back.cc).
+  if (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning) {
+    int kept_fd = real().fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (s->connection) s->connection->close();
+    if (kept_fd >= 0) {
+      try {
+        lingering.emplace_back(kept_fd, s);
+        s->lingering = true;
+        s->write_shut = true;
+        s->epolls.clear();
+        if (s->holds > 0) s->gone = true;
+        return;
+      } catch (const std::bad_alloc&) {
+        real().close(kept_fd);
+      }
+    }
+    if (s->connection) closing.push_back(s->connection);
+    s->connection = nullptr;
+  }
   if (s->mode == Socket::Mode::listening) {
     if (auto it = endpoints.find(s->port); it != endpoints.end() && --it->second.listeners == 0) {
       remove_from_wait_set(it->second.fd.get());
@@ -357,7 +381,7 @@ void Shim::forget(int fd) noexcept {
 }
 
 void Shim::release(Socket* s) noexcept {
-  if (--s->holds == 0 && s->gone) recycle(s);
+  if (--s->holds == 0 && s->gone && !s->lingering) recycle(s);
 }
 
 void Shim::fall_back(int fd, Fallback reason) noexcept {
@@ -378,6 +402,10 @@ void Shim::fall_back(int fd, Fallback reason) noexcept {
 void Shim::become_rxio(int fd, Socket& s, transport::Connection& c) noexcept {
   s.mode = Socket::Mode::rxio;
   s.connection = &c;
+  s.rxio_read = s.rxio_written = 0;
+  if (!s.kept.reserve(c.stream_window()))
+    log::warn("shim: fd " + std::to_string(fd) + ": no memory to keep what is written; if its link fails, the " +
+              "connection is reset rather than go back to TCP");
   Backend backend = backend_of(c);
   if (board) {
     board->count_moved(backend);
@@ -1042,6 +1070,7 @@ bool Shim::service() noexcept {
   bool changed = false;
   transport::Engine* e = engine();
   if (e) changed = e->on_wake() > 0;
+  notice_failures();
   for (auto& [port, endpoint] : endpoints) serve_endpoint(endpoint.fd.get());
   serve_cm_events();
   for (std::size_t i = 0; i < peers.size();) {
@@ -1054,6 +1083,8 @@ bool Shim::service() noexcept {
     changed = true;
   }
   serve_moves();
+  serve_returning();
+  serve_lingering();
   // Connections the program closed: what still arrives is dropped, as a closed TCP
   // socket would, so that the peer never waits for credit.
   for (std::size_t i = 0; i < closing.size();) {
@@ -1157,10 +1188,18 @@ int shutdown_on(int fd, int how) noexcept {
     errno = EINVAL;
     return -1;
   }
+  // Going back to TCP with kept bytes still to write: the end goes after them.
+  if (s && s->mode == Socket::Mode::returning && !s->back.out_done && how != SHUT_RD) {
+    if (how == SHUT_RDWR && real().shutdown(fd, SHUT_RD) == 0) s->read_shut = true;
+    s->write_shut = true;
+    sh.go_on_returning(fd, *s);
+    return 0;
+  }
   if (!s || s->mode != Socket::Mode::rxio) {
     int rc = real().shutdown(fd, how);
     // A half-closed TCP connection stays where it is.
-    if (rc == 0 && s && (s->mode == Socket::Mode::tcp || s->mode == Socket::Mode::connecting)) {
+    if (rc == 0 && s &&
+        (s->mode == Socket::Mode::tcp || s->mode == Socket::Mode::connecting || s->mode == Socket::Mode::returning)) {
       s->tried = true;
       if (how != SHUT_WR) s->read_shut = true;
       if (how != SHUT_RD) s->write_shut = true;
@@ -1232,11 +1271,12 @@ int bytes_readable(int fd, int* count) noexcept {
   std::lock_guard lock(sh.mutex);
   Socket* s = sh.socket_of(fd);
   if (!s) return real().ioctl(fd, FIONREAD, count);
+  if (s->mode == Socket::Mode::rxio) sh.progress();  // (which may send it back to TCP)
   std::size_t ready = s->ahead.size() - s->ahead_read;
   if (s->mode == Socket::Mode::rxio) {
-    sh.progress();
     ready += s->connection->stream_available();
-  } else {
+  } else if (s->mode != Socket::Mode::returning || s->back.in_done) {
+    // (Before the peer's Resume is read, what the kernel holds is not the program's.)
     int in_kernel = 0;
     if (real().ioctl(fd, FIONREAD, &in_kernel) != 0) return -1;
     ready += std::size_t(in_kernel);

@@ -145,6 +145,22 @@ std::optional<Kind> decode_notice(std::span<const std::byte> in) noexcept {
   return std::nullopt;
 }
 
+std::array<std::byte, kResumeSize> encode(const Resume& r) {
+  std::array<std::byte, kResumeSize> out{};
+  put_header(out.data(), Kind::resume);
+  bytes::put64(out.data() + 8, r.from);
+  bytes::put64(out.data() + 16, r.kept);
+  return out;
+}
+
+std::optional<Resume> decode_resume(std::span<const std::byte> in) noexcept {
+  if (!header_is(in, kResumeSize, Kind::resume) || in[6] != std::byte{0} || in[7] != std::byte{0}) return std::nullopt;
+  Resume r{bytes::get64(in.data() + 8), bytes::get64(in.data() + 16)};
+  // A stream position past 2^62 bytes is no sane peer's.
+  if (r.from > (uint64_t(1) << 62) || r.kept > (uint64_t(1) << 62)) return std::nullopt;
+  return r;
+}
+
 std::string endpoint_name(uint16_t port) { return "rxio-shim." + std::to_string(port); }
 
 }  // namespace negotiation

@@ -51,7 +51,7 @@ namespace negotiation {
 inline constexpr uint32_t kMagic = 0x474e5852;  // "RXNG"
 inline constexpr uint8_t kVersion = 1;
 
-enum class Kind : uint8_t { request = 1, accept = 2, refuse = 3, confirm = 4, abort = 5, switched = 6 };
+enum class Kind : uint8_t { request = 1, accept = 2, refuse = 3, confirm = 4, abort = 5, switched = 6, resume = 7 };
 
 // Why a server refused; the client counts it as a fallback.
 enum class Refusal : uint8_t { policy = 1, not_owner = 2, closing = 3, unavailable = 4, bad_message = 5 };
@@ -71,14 +71,26 @@ inline constexpr std::size_t kRequestSize = 48;
 inline constexpr std::size_t kAnswerSize = 24;
 inline constexpr std::size_t kNoticeSize = 8;  // confirm, abort, switched
 
+// Back to TCP (docs/shim.md, "Back to TCP"): the first bytes either side writes into the
+// TCP connection after a move. The bytes that follow it are the writer's stream from
+// byte `from` of what it wrote over rxio: `kept` bytes it kept of that (some of which
+// the reader may have read already), then whatever it writes next.
+struct Resume {
+  uint64_t from = 0;
+  uint64_t kept = 0;
+};
+inline constexpr std::size_t kResumeSize = 24;
+
 std::array<std::byte, kRequestSize> encode(const Request& request);
 std::array<std::byte, kAnswerSize> encode(const Answer& answer);
 std::array<std::byte, kNoticeSize> encode_notice(Kind kind);
+std::array<std::byte, kResumeSize> encode(const Resume& resume);
 
 // nullopt for anything malformed, truncated, of another version or of the wrong kind.
 std::optional<Request> decode_request(std::span<const std::byte> bytes) noexcept;
 std::optional<Answer> decode_answer(std::span<const std::byte> bytes) noexcept;
 std::optional<Kind> decode_notice(std::span<const std::byte> bytes) noexcept;
+std::optional<Resume> decode_resume(std::span<const std::byte> bytes) noexcept;
 
 // The abstract unix name a listener on `port` answers at, per network namespace.
 std::string endpoint_name(uint16_t port);

@@ -322,7 +322,7 @@ int collect(Shim& sh, EpollSet& set, epoll_event* events, int max) noexcept {
     uint32_t ready = 0;
     if (s->mode == Socket::Mode::rxio && !interest.in_kernel) {
       ready = to_epoll(readiness(*s)) & (interest.events | EPOLLERR | EPOLLHUP);
-    } else if (s->has_ahead() && s->mode == Socket::Mode::tcp) {
+    } else if (s->has_ahead() && (s->mode == Socket::Mode::tcp || s->mode == Socket::Mode::returning)) {
       // Bytes a switch that did not happen took from the kernel, which no longer
       // reports them.
       ready = interest.events & EPOLLIN;

@@ -25,6 +25,7 @@ namespace {
 using rxio::shim::Backend;
 using rxio::shim::ConnState;
 using rxio::shim::Fallback;
+using rxio::shim::Return;
 using rxio::shim::StatBoardView;
 using rxio::shim::StatRecord;
 
@@ -46,12 +47,14 @@ void usage(FILE* out) {
                "  -a, --all        also the connections that stayed on plain TCP (by default only\n"
                "                   those the shim carries over shm or verbs, or is negotiating)\n"
                "  -f, --fallbacks  counters instead of connections, per process and in total: the\n"
-               "                   connections moved per backend (moved:shm, moved:verbs) and\n"
-               "                   those that stayed on TCP per reason (fallback:REASON, below)\n"
+               "                   connections moved per backend (moved:shm, moved:verbs), those\n"
+               "                   that stayed on TCP per reason (fallback:REASON, below) and\n"
+               "                   moved ones that went back to TCP (returned:link_failed: this\n"
+               "                   side's link failed; returned:peer: the peer went back)\n"
                "  -p, --pid PID    only process PID (an error if it has no board)\n"
                "      --json       everything as one JSON object: {\"processes\": [{\"pid\", \"command\",\n"
                "                   \"connections\": [...every one, -a or not], \"fallbacks\": {reason: n},\n"
-               "                   \"moved\": {backend: n}, \"unlisted\"}]}\n"
+               "                   \"moved\": {backend: n}, \"returned\": {reason: n}, \"unlisted\"}]}\n"
                "      --clean      remove this user's boards left by processes that died without\n"
                "                   removing them (others' stale boards are skipped)\n"
                "  -h, --help       this text\n"
@@ -201,6 +204,9 @@ uint64_t fallbacks(const StatBoardView& view, std::size_t reason) {
 uint64_t moved(const StatBoardView& view, std::size_t backend) {
   return view.header().moved[backend].load(std::memory_order_relaxed);
 }
+uint64_t returned(const StatBoardView& view, std::size_t reason) {
+  return view.header().returned[reason].load(std::memory_order_relaxed);
+}
 uint64_t unlisted(const StatBoardView& view) { return view.header().unlisted.load(std::memory_order_relaxed); }
 
 void print_connections(const std::vector<Board>& boards, const Options& options) {
@@ -221,7 +227,8 @@ void print_connections(const std::vector<Board>& boards, const Options& options)
 
 void print_counters(const std::vector<Board>& boards) {
   std::printf("%-7s %-16s %-26s %10s\n", "PID", "COMMAND", "COUNTER", "COUNT");
-  uint64_t total_moved[rxio::shim::kBackends] = {}, total_fallbacks[rxio::shim::kFallbacks] = {}, total_unlisted = 0;
+  uint64_t total_moved[rxio::shim::kBackends] = {}, total_fallbacks[rxio::shim::kFallbacks] = {},
+           total_returned[rxio::shim::kReturns] = {}, total_unlisted = 0;
   auto line = [](const std::string& pid, const std::string& command, const std::string& counter, uint64_t n) {
     if (n != 0)
       std::printf("%-7s %-16s %-26s %10llu\n", pid.c_str(), command.c_str(), counter.c_str(),
@@ -237,6 +244,10 @@ void print_counters(const std::vector<Board>& boards) {
       line(pid, command, std::string("fallback:") + to_string(Fallback(r)), fallbacks(board.view, r));
       total_fallbacks[r] += fallbacks(board.view, r);
     }
+    for (std::size_t r = 0; r < rxio::shim::kReturns; ++r) {
+      line(pid, command, std::string("returned:") + to_string(Return(r)), returned(board.view, r));
+      total_returned[r] += returned(board.view, r);
+    }
     line(pid, command, "unlisted", unlisted(board.view));
     total_unlisted += unlisted(board.view);
   }
@@ -244,6 +255,8 @@ void print_counters(const std::vector<Board>& boards) {
     line("total", "", std::string("moved:") + to_string(Backend(b)), total_moved[b]);
   for (std::size_t r = 0; r < rxio::shim::kFallbacks; ++r)
     line("total", "", std::string("fallback:") + to_string(Fallback(r)), total_fallbacks[r]);
+  for (std::size_t r = 0; r < rxio::shim::kReturns; ++r)
+    line("total", "", std::string("returned:") + to_string(Return(r)), total_returned[r]);
   line("total", "", "unlisted", total_unlisted);
 }
 
@@ -280,6 +293,9 @@ void print_json(const std::vector<Board>& boards) {
     out += "}, \"moved\": {";
     for (std::size_t b = 0; b < rxio::shim::kBackends; ++b)
       out += std::string(b ? ", " : "") + quoted(to_string(Backend(b))) + ": " + std::to_string(moved(view, b));
+    out += "}, \"returned\": {";
+    for (std::size_t r = 0; r < rxio::shim::kReturns; ++r)
+      out += std::string(r ? ", " : "") + quoted(to_string(Return(r))) + ": " + std::to_string(returned(view, r));
     out += "}, \"unlisted\": " + std::to_string(unlisted(view)) + "}";
   }
   out += boards.empty() ? "]}\n" : "\n]}\n";

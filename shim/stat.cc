@@ -35,6 +35,8 @@ constexpr const char* kFallbackNames[] = {"policy",      "no_peer_shim", "peer_r
                                           "impostor",    "timeout",      "no_backend",   "link_failed",
                                           "busy", "not_supported"};
 static_assert(std::size(kFallbackNames) == kFallbacks);
+constexpr const char* kReturnNames[] = {"link_failed", "peer"};
+static_assert(std::size(kReturnNames) == kReturns);
 constexpr const char* kBackendNames[] = {"tcp", "shm", "verbs"};
 static_assert(std::size(kBackendNames) == kBackends);
 constexpr const char* kStateNames[] = {"negotiating", "established", "closing", "closed"};
@@ -59,6 +61,9 @@ void put_address(const sockaddr* address, uint8_t (&bytes)[16], uint16_t& port) 
 
 const char* to_string(Fallback reason) noexcept {
   return std::size_t(reason) < kFallbacks ? kFallbackNames[std::size_t(reason)] : "?";
+}
+const char* to_string(Return reason) noexcept {
+  return std::size_t(reason) < kReturns ? kReturnNames[std::size_t(reason)] : "?";
 }
 const char* to_string(Backend backend) noexcept {
   return std::size_t(backend) < kBackends ? kBackendNames[std::size_t(backend)] : "?";
@@ -208,6 +213,11 @@ void StatBoard::count(Fallback reason) noexcept {
 
 void StatBoard::count_moved(Backend backend) noexcept {
   if (std::size_t(backend) < kBackends) file_->header.moved[std::size_t(backend)].fetch_add(1, std::memory_order_relaxed);
+}
+
+void StatBoard::count_returned(Return reason) noexcept {
+  if (std::size_t(reason) < kReturns)
+    file_->header.returned[std::size_t(reason)].fetch_add(1, std::memory_order_relaxed);
 }
 
 // ---- the reader's side -----------------------------------------------------------------

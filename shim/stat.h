@@ -32,6 +32,14 @@ enum class Fallback : uint8_t {
 };
 constexpr std::size_t kFallbacks = std::size_t(Fallback::count_);
 
+// Why a moved connection went back to its TCP connection (docs/shim.md, "Back to TCP").
+enum class Return : uint8_t {
+  link_failed,  // this side's link or connection failed
+  peer,         // the peer went back (its link failed, or it could not go on over rxio)
+  count_
+};
+constexpr std::size_t kReturns = std::size_t(Return::count_);
+
 // What carries a connection; tcp is plain kernel TCP.
 enum class Backend : uint8_t { tcp, shm, verbs, count_ };
 constexpr std::size_t kBackends = std::size_t(Backend::count_);
@@ -40,6 +48,7 @@ enum class ConnState : uint8_t { negotiating, established, closing, closed };
 
 // Names for printing (and rxio-stat's JSON keys); "?" for a value out of range.
 const char* to_string(Fallback reason) noexcept;
+const char* to_string(Return reason) noexcept;
 const char* to_string(Backend backend) noexcept;
 const char* to_string(ConnState state) noexcept;
 
@@ -63,7 +72,7 @@ constexpr uint32_t kRecordFree = 0, kRecordInUse = 1, kRecordFilling = 2;
 
 constexpr uint64_t kStatMagic = 0x5441'5453'4f49'5852;  // "RXIOSTAT" in a little-endian file
 // Raised whenever the layout below changes: rxio-stat refuses other versions.
-constexpr uint32_t kStatVersion = 1;
+constexpr uint32_t kStatVersion = 2;
 // 64 bytes each: 256 KiB of address space, of which a tmpfs file uses only the pages
 // that records have touched.
 constexpr uint32_t kStatRecords = 4096;
@@ -78,6 +87,7 @@ struct alignas(64) StatHeader {
   char command[64];     // NUL-terminated
   std::atomic<uint64_t> fallbacks[kFallbacks];
   std::atomic<uint64_t> moved[kBackends];
+  std::atomic<uint64_t> returned[kReturns];  // moved connections back on TCP, by reason
   std::atomic<uint64_t> unlisted;  // connections that found every record in use
 };
 
@@ -117,6 +127,8 @@ class StatBoard {
   void count(Fallback reason) noexcept;
   // One more connection moved onto `backend`.
   void count_moved(Backend backend) noexcept;
+  // One more moved connection back on TCP for `reason`.
+  void count_returned(Return reason) noexcept;
 
   const std::string& path() const noexcept { return path_; }
 

@@ -12,12 +12,14 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <unordered_map>
 #include <vector>
 
@@ -59,6 +61,48 @@ class ShimMutex {
   std::mutex mutex_;
 };
 
+// The last bytes written on a moved connection, in a ring as large as the peer's
+// receive window: whatever the peer had not read when the connection went back to TCP
+// is among them (docs/shim.md, "Back to TCP"). Mapped when the connection moves; its
+// pages cost memory once written.
+class KeptBytes {
+ public:
+  KeptBytes() = default;
+  ~KeptBytes() { clear(); }
+  KeptBytes(const KeptBytes&) = delete;
+  KeptBytes& operator=(const KeptBytes&) = delete;
+
+  // False without memory.
+  bool reserve(std::size_t size) noexcept;
+  void clear() noexcept;
+  std::size_t size() const noexcept { return size_; }
+  // Keeps `data`, the stream's bytes from position `at` on.
+  void keep(const std::byte* data, std::size_t length, uint64_t at) noexcept;
+  // The kept bytes from position `at` on, up to the ring's end (a second call gets the
+  // rest). `at` must lie within the last size() bytes kept, before `end`.
+  std::span<const std::byte> from(uint64_t at, uint64_t end) const noexcept;
+
+ private:
+  std::byte* bytes_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// Going back to TCP, both ways (docs/shim.md, "Back to TCP").
+struct Returning {
+  // Out: this side's Resume, then its kept bytes from `next` to `end`.
+  std::array<std::byte, negotiation::kResumeSize> resume{};
+  std::size_t resume_sent = 0;
+  uint64_t next = 0, end = 0;
+  bool out_done = false;
+  uint32_t watched = 0;  // events the wait set watches meanwhile (Shim::returning)
+  // In: the peer's Resume, then its kept bytes that the program read already.
+  std::array<std::byte, negotiation::kResumeSize> peer{};
+  std::size_t peer_have = 0;
+  uint64_t skip = 0;
+  bool in_done = false;
+  bool peer_closed = false;  // its stream had ended over rxio: an end on TCP loses nothing
+};
+
 // What the shim knows about one TCP socket of the program. Shared by dup()s of it.
 struct Socket {
   enum class Mode : uint8_t {
@@ -68,6 +112,7 @@ struct Socket {
     tcp,         // connected over TCP; calls go to the kernel; it may move later
     moving,      // switching to rxio: the program's calls on it wait (docs/shim.md)
     rxio,        // carried by a transport connection
+    returning,   // back on TCP after a move: Resumes and kept bytes still on the way
   };
   // Read without the mutex by the TCP fast path; changed only with it.
   std::atomic<Mode> mode{Mode::fresh};
@@ -95,6 +140,17 @@ struct Socket {
   bool gone = false;         // forgotten while held: the last holder frees it
   bool closed = false;       // ... because the program closed it (not a fall-back)
   uint16_t port = 0;  // listening: the port it answers negotiations for
+  // Moved: the stream's bytes over rxio, so that it can go back to TCP from an exact
+  // byte both sides agree on.
+  uint64_t rxio_read = 0;     // what the program read (or the read-ahead took)
+  uint64_t rxio_written = 0;
+  KeptBytes kept;
+  Returning back;       // mode returning
+  bool broken = false;  // the peer's Resume made no sense: calls fail with ECONNRESET
+  // Closed by the program while moved, and kept (Shim::lingering) until its connection
+  // ends: not recycled meanwhile.
+  bool lingering = false;
+  std::chrono::steady_clock::time_point linger_until{};
 
   bool has_ahead() const noexcept { return ahead_left.load(std::memory_order_relaxed) > 0; }
   // Back to a fresh socket, for the next fd: Socket objects are reused, never freed,
@@ -195,6 +251,12 @@ class Shim {
   std::unordered_map<Tuple, int, TupleHash> accepted;  // accepted sockets still on TCP
   std::vector<Unmatched> unmatched;
   std::vector<Socket*> spare_sockets;
+  // Sockets going back to TCP whose kept bytes wait for room in the kernel: the wait
+  // set wakes a sleeper to write them even when the program does not call.
+  std::vector<std::pair<int, Socket*>> returning;
+  // Moved sockets the program closed, with a private descriptor of each one's TCP
+  // socket: kept until their connection ends (back.cc).
+  std::vector<std::pair<int, Socket*>> lingering;
   // Connections whose socket was closed: drained until the peer closes too.
   std::vector<transport::Connection*> closing;
   // Servers that have no shim: (address, port) -> until when to believe it.
@@ -215,6 +277,18 @@ class Shim {
   void recycle(Socket* s) noexcept;
   void fall_back(int fd, Fallback reason) noexcept;
   void become_rxio(int fd, Socket& s, transport::Connection& c) noexcept;
+  // Back to TCP (back.cc): starts on a socket whose connection failed, and goes on
+  // (writes this side's Resume and kept bytes, reads the peer's) as far as the TCP
+  // socket lets it without waiting.
+  void start_return(int fd, Socket& s, Return reason) noexcept;
+  void go_on_returning(int fd, Socket& s) noexcept;
+  // Has the wait set watch a return for `events` (none: not at all).
+  void watch_return(int fd, Socket& s, uint32_t events) noexcept;
+  // Carries on every return whose kept bytes wait for room (from service()).
+  void serve_returning() noexcept;
+  void unwatch_return(int fd) noexcept;
+  // Moved sockets the program closed, until their connection ends (back.cc).
+  void serve_lingering() noexcept;
   // A client's connection that is due to move: negotiates and switches, or leaves it
   // on TCP with the reason counted.
   void move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
@@ -241,7 +315,8 @@ class Shim {
   // the kernel restarts it for a handler with SA_RESTART. Which signal came is not
   // known, so only when no handler of the process goes without SA_RESTART.
   static bool signals_restart() noexcept;
-  // Progresses the engine, waking other sleeping threads when something came in.
+  // Progresses the engine, waking other sleeping threads when something came in; the
+  // moved sockets of a link that failed start back to TCP.
   int progress() noexcept;
   // With the mutex held, before letting go: see ShimMutex.
   void hand_over() noexcept;
@@ -254,6 +329,9 @@ class Shim {
   transport::Engine* engine_ = nullptr;
   uint64_t handed_over_at_ = 0;  // Engine::handled() when sleepers were last woken
   bool engine_failed = false;
+  uint64_t link_failures_seen_ = 0;  // Engine::link_failures() when last looked at
+  // Moved sockets whose connection failed start back to TCP.
+  void notice_failures() noexcept;
   std::chrono::steady_clock::time_point engine_retry_at{};
   void serve_endpoint(int fd) noexcept;
   void serve_cm_events() noexcept;

@@ -256,6 +256,18 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
         if (!wait_holding(sh, s, [&] { pollfd p[2]; sh.sleep(lock, p, 0, 10, nullptr); })) return -1;
         continue;
       }
+      case Socket::Mode::returning:
+        sh.go_on_returning(fd, *s);
+        if (s->broken) return done_or(got, ECONNRESET);
+        if (s->mode == Socket::Mode::returning && !s->back.in_done) {
+          // The peer's Resume, or the bytes it sends again that the program has, are
+          // still on their way; this side's kept bytes may wait for room meanwhile.
+          int stop = wait_on_kernel(sh, lock, s, fd, short(POLLIN | (s->back.out_done ? 0 : POLLOUT)), how);
+          if (stop < 0) return -1;
+          if (stop) return done_or(got, stop);
+          continue;
+        }
+        [[fallthrough]];  // what follows in the kernel is the program's
       case Socket::Mode::tcp: {
         if (!s->server && !s->tried && s->calls >= sh.move_after) {
           sh.move_as_client(fd, *s, lock);
@@ -297,14 +309,20 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       }
       std::size_t n = c.stream_read(part);
       got += n;
+      s->rxio_read += n;
       if (n < part.size()) break;
     }
     if (s->record && got > before) s->record->bytes_received.fetch_add(got - before, std::memory_order_relaxed);
     bool all = got == wanted || !(flags & MSG_WAITALL) || how.dontwait();
     if (got > 0 && (all || (flags & MSG_PEEK))) return static_cast<ssize_t>(got);
     if (c.stream_closed()) return static_cast<ssize_t>(got);
-    if (c.failed()) return done_or(got, ECONNRESET);
-    if (sh.progress() > 0) {
+    if (c.failed()) {
+      // The rest comes over TCP (back.cc).
+      sh.start_return(fd, *s, Return::link_failed);
+      continue;
+    }
+    // Progress may also have sent the socket back to TCP (a failed link).
+    if (sh.progress() > 0 || s->mode != Socket::Mode::rxio) {
       spin_until = Clock::now() + sh.poll_time;
       continue;
     }
@@ -355,7 +373,18 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
       if (!wait_holding(sh, s, [&] { pollfd p[2]; sh.sleep(lock, p, 0, 10, nullptr); })) return -1;
       continue;
     }
-    if (mode == Socket::Mode::tcp) {
+    if (mode == Socket::Mode::returning) {
+      sh.go_on_returning(fd, *s);
+      if (s->broken) return done_or(sent, ECONNRESET);
+      if (s->mode == Socket::Mode::returning && !s->back.out_done) {
+        // The kept bytes go first.
+        int stop = wait_on_kernel(sh, lock, s, fd, POLLOUT, how);
+        if (stop < 0) return -1;
+        if (stop) return done_or(sent, stop);
+        continue;
+      }
+    }
+    if (mode == Socket::Mode::tcp || mode == Socket::Mode::returning) {
       if (!s->server && !s->tried && s->calls >= sh.move_after) {
         sh.move_as_client(fd, *s, lock);
         continue;
@@ -374,11 +403,15 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
       continue;
     }
     transport::Connection& c = *s->connection;
-    if (s->write_shut || c.failed()) {
+    if (c.failed()) {
+      // What the peer did not read goes again over TCP (back.cc), then the rest.
+      sh.start_return(fd, *s, Return::link_failed);
+      continue;
+    }
+    if (s->write_shut) {
       if (sent) return static_cast<ssize_t>(sent);
-      int err = s->write_shut ? EPIPE : ECONNRESET;
-      if (err == EPIPE && !(flags & MSG_NOSIGNAL)) raise(SIGPIPE);
-      errno = err;
+      if (!(flags & MSG_NOSIGNAL)) raise(SIGPIPE);
+      errno = EPIPE;
       return -1;
     }
     std::size_t before = sent;
@@ -391,6 +424,8 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
       std::span<const std::byte> part(static_cast<const std::byte*>(iov[i].iov_base) + skip, iov[i].iov_len - skip);
       skip = 0;
       std::size_t n = c.stream_write(part);
+      s->kept.keep(part.data(), n, s->rxio_written);
+      s->rxio_written += n;
       sent += n;
       if (n < part.size()) break;
     }
@@ -398,7 +433,7 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
     if (sent == wanted) return static_cast<ssize_t>(sent);
     sh.out_of_credit(fd, *s);
     if (sent > before) spin_until = Clock::now() + sh.poll_time;
-    if (sh.progress() > 0) continue;
+    if (sh.progress() > 0 || s->mode != Socket::Mode::rxio) continue;
     if (how.dontwait()) return done_or(sent, EAGAIN);
     int stop = 0;
     if (!wait_holding(sh, s, [&] { stop = wait_for_change(sh, lock, how.deadline(), how.forever(), spin_until); }))

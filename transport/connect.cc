@@ -50,6 +50,7 @@ Options resolve(Options o) {
   o.qp_retry_count = pick<uint8_t>(o.qp_retry_count, 0xff, "RXIO_QP_RETRY_COUNT", config::get_count, 0, 7);
   o.shm_arena = pick<uint64_t>(o.shm_arena, 0, "RXIO_SHM_ARENA", config::get_bytes, 1u << 20, uint64_t(1) << 40);
   config::get_choice("RXIO_LOG", {"warn", "info"});  // a typo is an error here, not a silent default
+  if (o.fault_link_after == ~0ull) o.fault_link_after = config::get_count("RXIO_FAULT_LINK_AFTER");
   if (o.tcp_io.empty()) o.tcp_io = config::get_choice("RXIO_TCP_IO", {"uring", "plain"});
   if (o.tcp_io != "uring" && o.tcp_io != "plain")
     throw Error(EINVAL, "using tcp_io '" + o.tcp_io + "'", {}, "it must be uring or plain");
@@ -170,6 +171,7 @@ void Link::fail(int err, const std::string& why) noexcept {
   if (error) return;
   error = err;
   error_text = "link to " + peer + " failed: " + why;
+  ++engine.link_failures;
   for (Connection* c : connections) {
     if (!c) continue;  // freed
     c->error_ = err;

@@ -71,6 +71,8 @@ void Link::post_slot(Connection& c, wire::SlotKind kind, uint64_t tag,
                       wire::Imm{wire::ImmType::slot, c.peer_id_, 0}, "a slot"))
     return;
   ++staging_next;
+  if (++slots_written == engine.options.fault_link_after)
+    fail(EIO, "fault injected (RXIO_FAULT_LINK_AFTER=" + std::to_string(slots_written) + ")");
 }
 
 bool Link::post_write_imm(uint64_t kind, ibv_sge* sge, uint64_t remote, uint32_t rkey, const wire::Imm& imm,
@@ -586,6 +588,8 @@ int Engine::progress() noexcept { return impl_->progress(); }
 
 uint64_t Engine::handled() const noexcept { return impl_->handled_count; }
 
+uint64_t Engine::link_failures() const noexcept { return impl_->link_failures; }
+
 bool Engine::arm() noexcept {
   Impl& e = *impl_;
   if (e.cq && e.cq->arm() != 0) return false;
@@ -705,6 +709,10 @@ std::size_t Connection::stream_read(std::span<std::byte> buffer) noexcept {
   }
   if (copied) link_->return_credits(*this, false);
   return copied;
+}
+
+std::size_t Connection::stream_window() const noexcept {
+  return std::size_t(ring_->send.slots()) * Link::eager_limit(*ring_, link_->engine.options.eager_limit);
 }
 
 bool Connection::stream_closed() const noexcept { return peer_closed_ && ring_->stream.empty(); }

@@ -109,6 +109,7 @@ struct Options {
   uint8_t qp_retry_count = 0xff;
   uint64_t shm_arena = 0;  // RXIO_SHM_ARENA
   std::string tcp_io;      // RXIO_TCP_IO: "uring" or "plain"
+  uint64_t fault_link_after = ~0ull;  // RXIO_FAULT_LINK_AFTER (0: never)
 };
 
 struct EngineStats {
@@ -156,6 +157,9 @@ class Engine {
   Connection* try_accept() noexcept;
   // Completions and arrivals handled so far: a change means some connection moved.
   uint64_t handled() const noexcept;
+  // Links that failed so far (never goes down, unlike EngineStats::failed_links, which
+  // counts those not yet let go of): a change means some connection failed.
+  uint64_t link_failures() const noexcept;
 
   // Registers memory for one-sided access by peers.
   RemoteRegion expose(void* address, std::size_t length);
@@ -193,6 +197,11 @@ class Connection {
   // Copies without consuming (MSG_PEEK); bytes ready to read (FIONREAD).
   std::size_t stream_peek(std::span<std::byte> buffer) const noexcept;
   std::size_t stream_available() const noexcept;
+  // The most stream bytes written that the peer may not have read yet: its ring's
+  // slots times the bytes one slot carries (credits come back only for slots it read).
+  // A writer that keeps its last stream_window() bytes can give the peer whatever it
+  // did not read, whatever becomes of the link.
+  std::size_t stream_window() const noexcept;
   // Counts stream arrivals and the peer's close: a change is an edge for epoll.
   uint64_t stream_events() const noexcept { return stream_events_; }
   // What carries the connection.

@@ -125,6 +125,7 @@ class Link {
   uint32_t staging_slots = 0;
   uint64_t staging_next = 0;
   uint64_t staging_done = 0;
+  uint64_t slots_written = 0;  // for RXIO_FAULT_LINK_AFTER
   uint32_t sq_depth = 0;
   uint32_t sq_used = 0;
 
@@ -246,6 +247,7 @@ struct Engine::Impl {
   void sync_wait_epoll() noexcept;
   uint64_t faults[static_cast<int>(wire::Fault::count_)] = {};
   uint64_t handled_count = 0;  // Engine::handled()
+  uint64_t link_failures = 0;  // Engine::link_failures()
 
   bool allows(Backend b) const noexcept { return backends & (1u << static_cast<int>(b)); }
   Link& link_to(const std::string& host, uint16_t peer_port);

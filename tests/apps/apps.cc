@@ -292,6 +292,7 @@ testing::AssertionResult AppTest::wait_listening(Process& server, int port) {
 namespace {
 
 // rxio-stat's JSON for one process, flattened: "moved.shm", "fallbacks.timeout",
+// "returned.link_failed",
 // "connections.verbs" (the number open), "connections.verbs.bytes_sent", ... Parsed here
 // rather than by a python run, which under TCG takes longer than some clients live.
 std::optional<Board> flatten(const std::string& output) {
@@ -303,7 +304,7 @@ std::optional<Board> flatten(const std::string& output) {
     Board board;
     board.json = process.dump();
     board.values["pid"] = process.at("pid").get<uint64_t>();
-    for (const char* group : {"moved", "fallbacks"})
+    for (const char* group : {"moved", "fallbacks", "returned"})
       for (const auto& [key, value] : process.at(group).items())
         board.values[std::string(group) + "." + key] = value.get<uint64_t>();
     for (const nlohmann::json& connection : process.at("connections")) {

@@ -60,12 +60,15 @@ enum Scenario : char {
   kCloseAtOnce = 'c',  // writes 8 MiB and closes at once
   kSum = 'u',          // reads to EOF, answers with a checksum of everything
   kDuplex = 'd',       // sends a seeded stream while it checks the client's, then a verdict
+  kDuplexSmall = 'D',  // the same with kParallelBytes, once the client says go (one byte)
 };
 
 // Each way of a duplex connection: enough for the switch to land mid-stream, in
 // both directions at once.
 constexpr std::size_t kDuplexBytes = 8u << 20;
 constexpr uint64_t kClientSeed = 11, kServerSeed = 12;
+// Each way of each connection of the parallel scenario.
+constexpr std::size_t kParallelBytes = 1u << 20;
 
 // Where the server listens and the client dials.
 in_addr check_address() {
@@ -201,10 +204,14 @@ void serve_connection(int fd) {
       write_all(fd, answer, sizeof answer);
       break;
     }
-    case kDuplex: {
+    case kDuplex:
+    case kDuplexSmall: {
+      const std::size_t bytes = scenario == kDuplex ? kDuplexBytes : kParallelBytes;
+      char go = 0;
+      if (scenario == kDuplexSmall && !read_all(fd, &go, 1)) break;
       bool right = false;
-      std::thread reader([&] { right = read_stream(fd, kClientSeed, kDuplexBytes); });
-      write_stream(fd, kServerSeed, kDuplexBytes);
+      std::thread reader([&] { right = read_stream(fd, kClientSeed, bytes); });
+      write_stream(fd, kServerSeed, bytes);
       reader.join();
       char verdict = right ? 'y' : 'n';
       write_all(fd, &verdict, 1);
@@ -619,6 +626,39 @@ void duplex_across_the_move() {
   ::close(fd);
 }
 
+// Thirty-two connections from four threads, all moved before any carries data, then
+// 1 MiB each way on every one at once, every byte checked: a link that fails under
+// them fails them all mid-stream.
+void parallel_streams() {
+  constexpr int kThreads = 4, kPerThread = 8;
+  std::atomic<int> dialed{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&dialed] {
+      std::vector<int> fds;
+      for (int i = 0; i < kPerThread; ++i) fds.push_back(dial(kDuplexSmall));
+      ++dialed;
+      while (dialed < kThreads) std::this_thread::sleep_for(milliseconds(1));
+      std::vector<std::thread> streams;
+      for (int fd : fds) {
+        streams.emplace_back([fd] {
+          CHECK(write_all(fd, "g", 1));
+          bool right = false;
+          std::thread reader([&] { right = read_stream(fd, kServerSeed, kParallelBytes); });
+          CHECK(write_stream(fd, kClientSeed, kParallelBytes));
+          reader.join();
+          CHECK(right);
+          char verdict = 0;
+          CHECK(read_all(fd, &verdict, 1) && verdict == 'y');
+          ::close(fd);
+        });
+      }
+      for (auto& s : streams) s.join();
+    });
+  }
+  for (auto& t : threads) t.join();
+}
+
 const std::map<std::string, std::function<void()>> kScenarios = {
     {"echo", echo_with_poll},
     {"epoll", epoll_modes},
@@ -634,6 +674,7 @@ const std::map<std::string, std::function<void()>> kScenarios = {
     {"dup-move", dup_then_move},
     {"signal", signal_ends_a_blocked_read},
     {"signal-restart", signal_restarts_a_blocked_read},
+    {"parallel", parallel_streams},
 };
 
 }  // namespace

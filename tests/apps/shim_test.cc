@@ -56,8 +56,44 @@ TEST_P(ShimDefaults, MovesOnlyConnectionsThatLast) {
   EXPECT_TRUE(server.stop()) << server.output();
 }
 
+// A link that fails under running transfers (RXIO_FAULT_LINK_AFTER in one side's
+// engine: its QP to the error state, its shm link shut) sends its connections back to
+// TCP, and the programs finish with every byte right: 8 MiB each way on one
+// connection, then 1 MiB each way on each of 32 connections of one link at once. The
+// fault comes at the 300th slot a link writes: with the data, after the moves (a link
+// that fails between a client's Confirm and the server's Switched resets the
+// connection instead: docs/shim.md).
+class ShimReturns : public ShimCheck {
+ protected:
+  void run_with_fault(const std::string& server_env, const std::string& client_env) {
+    const std::string check = quote(env("RXIO_SHIM_CHECK"));
+    const std::string port = std::to_string(free_port());
+    Process server = start("env " + server_env + " " + server_prefix() + check + " serve " + port);
+    ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+    Result result = run("env " + client_env + " " + client_prefix() + check + " client " + port + " duplex parallel", 120s);
+    EXPECT_TRUE(result.exited_0) << result.output;
+    EXPECT_NE(result.output.find("duplex: ok"), std::string::npos) << result.output;
+    EXPECT_NE(result.output.find("parallel: ok"), std::string::npos) << result.output;
+    // The server's board (the client's went with it): all 33 moved, then back on TCP
+    // with the two links.
+    const std::string moved = "moved." + expected_backend();
+    auto board = board_when(server.pid(), [&](const Board& b) {
+      return b["returned.link_failed"] + b["returned.peer"] >= 33 && b[moved] >= 33;
+    });
+    ASSERT_TRUE(board) << "the server (pid " << server.pid() << ") has no statistics board";
+    EXPECT_EQ((*board)[moved], 33u) << board->json;
+    EXPECT_EQ((*board)["returned.link_failed"] + (*board)["returned.peer"], 33u) << board->json;
+    EXPECT_TRUE(server.stop()) << server.output();
+  }
+};
+
+TEST_P(ShimReturns, ServerLinkFailsMidStream) { run_with_fault("RXIO_FAULT_LINK_AFTER=300", "RXIO_FAULT_LINK_AFTER=0"); }
+
+TEST_P(ShimReturns, ClientLinkFailsMidStream) { run_with_fault("RXIO_FAULT_LINK_AFTER=0", "RXIO_FAULT_LINK_AFTER=300"); }
+
 INSTANTIATE_TEST_SUITE_P(Apps, ShimCheck, testing::Values(Shimmed::both, Shimmed::server, Shimmed::client),
                          test_name);
+INSTANTIATE_TEST_SUITE_P(Apps, ShimReturns, testing::Values(Shimmed::both), test_name);
 // A move needs both sides shimmed.
 INSTANTIATE_TEST_SUITE_P(Apps, ShimDefaults, testing::Values(Shimmed::both), test_name);
 

@@ -1,5 +1,6 @@
 // libFuzzer target for the shim's negotiation decoders: bytes any local process can
-// send to a listener's negotiation endpoint. They must refuse or accept without
+// send to a listener's negotiation endpoint, and the Resume a peer writes into the TCP
+// connection when a moved connection goes back to it. They must refuse or accept without
 // crashing or reading out of bounds, and what they accept must survive a round trip.
 #include <cstddef>
 #include <cstdint>
@@ -20,6 +21,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!again || again->accepted != answer->accepted || again->cookie != answer->cookie ||
         again->engine_port != answer->engine_port)
       __builtin_trap();
+  }
+  if (auto resume = negotiation::decode_resume(in)) {
+    auto again = negotiation::decode_resume(negotiation::encode(*resume));
+    if (!again || again->from != resume->from || again->kept != resume->kept) __builtin_trap();
   }
   if (auto notice = negotiation::decode_notice(in)) {
     if (negotiation::decode_notice(negotiation::encode_notice(*notice)) != notice) __builtin_trap();

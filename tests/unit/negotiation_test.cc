@@ -56,6 +56,24 @@ TEST(Negotiation, AnswersRoundTrip) {
   EXPECT_EQ(decode_notice(encode_notice(Kind::switched)), Kind::switched);
 }
 
+TEST(Negotiation, ResumeRoundTripsAndRefusesWhatNoPeerSends) {
+  auto resume = encode(Resume{1u << 20, 130816});
+  auto back = decode_resume(resume);
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->from, 1u << 20);
+  EXPECT_EQ(back->kept, 130816u);
+  for (std::size_t n = 0; n < resume.size(); ++n) EXPECT_FALSE(decode_resume(std::span(resume.data(), n))) << n;
+  auto with = [&](std::size_t at, std::byte value) {
+    auto copy = resume;
+    copy[at] = value;
+    return decode_resume(copy).has_value();
+  };
+  EXPECT_FALSE(with(5, std::byte{6}));     // kind: a switched notice is not a resume
+  EXPECT_FALSE(with(6, std::byte{1}));     // reserved bytes
+  EXPECT_FALSE(with(15, std::byte{0x80}));  // a position past 2^62
+  EXPECT_FALSE(decode_notice(std::span(resume.data(), kNoticeSize)));
+}
+
 TEST(Negotiation, TruncatedOrPaddedMessagesAreRefused) {
   auto request = encode(Request{{v4("127.0.0.1", 1000), v4("127.0.0.1", 2000)}, 7});
   for (std::size_t n = 0; n < request.size(); ++n) EXPECT_FALSE(decode_request(std::span(request.data(), n))) << n;

@@ -193,6 +193,7 @@ TEST_F(StatBoardTest, RxioStatListsRecordsAndCounters) {
   board.count(Fallback::no_peer_shim);
   board.count(Fallback::policy);
   board.count_moved(Backend::verbs);
+  board.count_returned(Return::peer);
 
   int status = 0;
   const std::string pid = std::to_string(getpid());
@@ -205,6 +206,7 @@ TEST_F(StatBoardTest, RxioStatListsRecordsAndCounters) {
   EXPECT_THAT(json, HasSubstr("\"peer\": \"[fd00::1]:22\", \"backend\": \"tcp\""));
   EXPECT_THAT(json, HasSubstr("\"policy\": 1, \"no_peer_shim\": 2,"));
   EXPECT_THAT(json, HasSubstr("\"moved\": {\"tcp\": 0, \"shm\": 0, \"verbs\": 1}"));
+  EXPECT_THAT(json, HasSubstr("\"returned\": {\"link_failed\": 0, \"peer\": 1}"));
   if (system("command -v python3 >/dev/null") == 0) {
     std::string checked = stat_tool(
         "--json | python3 -c 'import json, sys; p = json.load(sys.stdin)[\"processes\"]; "
@@ -228,6 +230,7 @@ TEST_F(StatBoardTest, RxioStatListsRecordsAndCounters) {
   ASSERT_EQ(status, 0) << counters;
   EXPECT_THAT(counters, HasSubstr("fallback:no_peer_shim"));
   EXPECT_THAT(counters, HasSubstr("moved:verbs"));
+  EXPECT_THAT(counters, HasSubstr("returned:peer"));
   EXPECT_THAT(counters, HasSubstr("total"));
 }
 

@@ -1,0 +1,314 @@
+// Back to TCP: a moved connection whose link failed goes on over the TCP connection the
+// shim kept open underneath, from a byte both sides agree on (docs/shim.md, "Back to
+// TCP"). Each side writes a Resume and then the bytes it kept of what it wrote over
+// rxio; each reader skips what its program read already. Neither waits for the other
+// before writing, so nothing here blocks: the program's calls (and the shim's service)
+// carry it on as far as the TCP socket lets them.
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include "base/log.h"
+#include "shim/real.h"
+#include "shim/state.h"
+
+namespace rxio::shim {
+
+bool KeptBytes::reserve(std::size_t size) noexcept {
+  clear();
+  if (size == 0) return true;
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return false;
+  bytes_ = static_cast<std::byte*>(p);
+  size_ = size;
+  return true;
+}
+
+void KeptBytes::clear() noexcept {
+  if (bytes_) ::munmap(bytes_, size_);
+  bytes_ = nullptr;
+  size_ = 0;
+}
+
+void KeptBytes::keep(const std::byte* data, std::size_t length, uint64_t at) noexcept {
+  if (size_ == 0) return;
+  if (length > size_) {  // only the last size_ bytes can be asked for
+    data += length - size_;
+    at += length - size_;
+    length = size_;
+  }
+  const std::size_t start = static_cast<std::size_t>(at % size_);
+  const std::size_t first = std::min(length, size_ - start);
+  std::memcpy(bytes_ + start, data, first);
+  std::memcpy(bytes_, data + first, length - first);
+}
+
+std::span<const std::byte> KeptBytes::from(uint64_t at, uint64_t end) const noexcept {
+  if (size_ == 0 || at >= end) return {};
+  const std::size_t start = static_cast<std::size_t>(at % size_);
+  return {bytes_ + start, static_cast<std::size_t>(std::min<uint64_t>(end - at, size_ - start))};
+}
+
+namespace {
+
+// The oldest stream position `s` still keeps.
+uint64_t kept_from(const Socket& s) noexcept {
+  return s.rxio_written - std::min<uint64_t>(s.rxio_written, s.kept.size());
+}
+
+// Sends what is left of this side's Resume and kept bytes, without waiting. False when
+// the TCP connection refused them (the peer's side is gone): there is nothing to resume.
+bool write_out(int fd, Socket& s) noexcept {
+  Returning& r = s.back;
+  while (!r.out_done) {
+    std::span<const std::byte> part = r.resume_sent < r.resume.size()
+                                          ? std::span<const std::byte>(r.resume).subspan(r.resume_sent)
+                                          : s.kept.from(r.next, r.end);
+    if (part.empty()) {
+      r.out_done = true;
+      break;
+    }
+    ssize_t n = real().send(fd, part.data(), part.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK;
+    if (r.resume_sent < r.resume.size()) r.resume_sent += std::size_t(n);
+    else r.next += uint64_t(n);
+  }
+  return true;
+}
+
+// Reads the peer's Resume and skips its kept bytes the program has read, without
+// waiting; what follows is the program's to read from the kernel. Says why when the
+// connection cannot go on (nullptr while it can).
+const char* read_in(int fd, Socket& s) noexcept {
+  Returning& r = s.back;
+  while (!r.in_done) {
+    if (r.peer_have < r.peer.size()) {
+      ssize_t n = real().recv(fd, r.peer.data() + r.peer_have, r.peer.size() - r.peer_have, MSG_DONTWAIT);
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return nullptr;
+      if (n < 0) {
+        r.in_done = true;  // the kernel reports the error to the program
+        return nullptr;
+      }
+      if (n == 0) {
+        // The peer's socket ended without going back (its process died): only a
+        // stream that had ended over rxio is complete.
+        if (!r.peer_closed) return "the peer's socket ended without resuming; what it wrote last is lost";
+        r.in_done = true;
+        return nullptr;
+      }
+      r.peer_have += std::size_t(n);
+      if (r.peer_have < r.peer.size()) continue;
+      auto resume = negotiation::decode_resume(r.peer);
+      // The peer keeps at least what this side has not read: it may send more, never
+      // less (its credits bound what it wrote past this side's reads).
+      if (!resume || resume->from > s.rxio_read || s.rxio_read - resume->from > resume->kept)
+        return "the peer's shim resumed at a byte it cannot have";
+      r.skip = s.rxio_read - resume->from;
+      log::info("shim: fd " + std::to_string(fd) + ": the peer resumes at byte " + std::to_string(resume->from) +
+                " with " + std::to_string(resume->kept) + " kept; read here " + std::to_string(s.rxio_read) +
+                ", written " + std::to_string(s.rxio_written));
+      continue;
+    }
+    if (r.skip == 0) {
+      r.in_done = true;
+      break;
+    }
+    std::array<std::byte, 16 * 1024> sink;
+    ssize_t n = real().recv(fd, sink.data(), static_cast<std::size_t>(std::min<uint64_t>(sink.size(), r.skip)),
+                            MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return nullptr;
+    if (n <= 0) return "the peer's socket ended within the bytes it kept";
+    r.skip -= uint64_t(n);
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+void Shim::start_return(int fd, Socket& s, Return reason) noexcept {
+  transport::Connection& c = *s.connection;
+  // What arrived before the failure is the program's, in order, before the rest: the
+  // peer resumes after it.
+  std::array<std::byte, 16 * 1024> chunk;
+  try {
+    while (std::size_t n = c.stream_read(chunk)) {
+      s.ahead.insert(s.ahead.end(), chunk.data(), chunk.data() + n);
+      s.rxio_read += n;
+    }
+  } catch (const std::bad_alloc&) {
+    // Dropped from the read-ahead, so not counted as read: the peer sends it again.
+  }
+  s.ahead_left = s.ahead.size() - s.ahead_read;
+  const bool peer_closed = c.stream_closed();
+  log::info("shim: fd " + std::to_string(fd) + " (" + s.tuple.client.to_string() + " -> " +
+            s.tuple.server.to_string() + ") goes back to TCP: " + to_string(reason) + " (" + c.error_text() + ")");
+  c.close();
+  closing.push_back(&c);
+  s.connection = nullptr;
+  s.mode = Socket::Mode::returning;
+  if (board) board->count_returned(reason);
+  if (s.record) s.record->backend = static_cast<uint8_t>(Backend::tcp);
+
+  Returning& r = s.back;
+  r = Returning{};
+  r.peer_closed = peer_closed;
+  r.next = kept_from(s);
+  r.end = s.rxio_written;
+  r.resume = negotiation::encode(negotiation::Resume{r.next, r.end - r.next});
+
+  // The kernel tells readiness again, for every fd (dup) that names the socket.
+  for (int ep : s.epolls) {
+    EpollSet* set = epoll_of(ep);
+    if (!set) continue;
+    for (auto& [watched, interest] : set->interests) {
+      if (interest.in_kernel || socket_of(watched) != &s) continue;
+      epoll_event ev{};
+      ev.events = interest.events;
+      ev.data = interest.data;
+      if (real().epoll_ctl(ep, EPOLL_CTL_ADD, watched, &ev) == 0 || errno == EEXIST) interest.in_kernel = true;
+    }
+  }
+  go_on_returning(fd, s);
+  wake_sleepers();
+}
+
+void Shim::watch_return(int fd, Socket& s, uint32_t events) noexcept {
+  Returning& r = s.back;
+  if (events == r.watched) return;
+  if (events == 0) return unwatch_return(fd);
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = fd;
+  if (r.watched) {
+    if (::epoll_ctl(wait_set.get(), EPOLL_CTL_MOD, fd, &ev) == 0) r.watched = events;
+    return;
+  }
+  if (::epoll_ctl(wait_set.get(), EPOLL_CTL_ADD, fd, &ev) != 0) return;
+  try {
+    returning.emplace_back(fd, &s);
+    r.watched = events;
+  } catch (const std::bad_alloc&) {
+    remove_from_wait_set(fd);  // the program's calls carry it on alone
+  }
+}
+
+void Shim::serve_returning() noexcept {
+  if (returning.empty()) return;
+  // A copy: going on changes the list.
+  std::vector<std::pair<int, Socket*>> now;
+  try {
+    now = returning;
+  } catch (const std::bad_alloc&) {
+    return;
+  }
+  for (auto [fd, s] : now)
+    if (s->back.watched) go_on_returning(fd, *s);
+}
+
+void Shim::unwatch_return(int fd) noexcept {
+  auto it = std::find_if(returning.begin(), returning.end(), [fd](const auto& entry) { return entry.first == fd; });
+  if (it == returning.end()) return;
+  it->second->back.watched = 0;
+  returning.erase(it);
+  remove_from_wait_set(fd);
+}
+
+void Shim::serve_lingering() noexcept {
+  for (std::size_t i = 0; i < lingering.size();) {
+    auto [fd, s] = lingering[i];
+    bool done = false;
+    if (s->mode == Socket::Mode::rxio) {
+      transport::Connection& c = *s->connection;
+      // The program is gone: what arrives is dropped, but counted as read, so that the
+      // peer does not send it again if the link fails.
+      std::array<std::byte, 16 * 1024> sink;
+      while (std::size_t n = c.stream_read(sink)) s->rxio_read += n;
+      if (c.failed()) {
+        start_return(fd, *s, Return::link_failed);
+      } else if (c.stream_closed()) {
+        closing.push_back(&c);  // released from there
+        s->connection = nullptr;
+        done = true;
+      }
+    } else if (s->mode == Socket::Mode::returning) {
+      go_on_returning(fd, *s);
+    }
+    if (s->mode == Socket::Mode::tcp) {
+      // Back on TCP: what the peer still sends (its kept bytes) is taken until its end,
+      // so that the close sends no reset that could take our kept bytes from it.
+      if (s->linger_until == std::chrono::steady_clock::time_point{}) {
+        s->linger_until = std::chrono::steady_clock::now() + 2 * negotiate_timeout;
+        add_to_wait_set(fd);
+      }
+      std::array<std::byte, 16 * 1024> sink;
+      ssize_t n;
+      while ((n = real().recv(fd, sink.data(), sink.size(), MSG_DONTWAIT)) > 0) {
+      }
+      done = n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK) ||
+             std::chrono::steady_clock::now() > s->linger_until;
+      if (done) remove_from_wait_set(fd);
+    }
+    if (!done) {
+      ++i;
+      continue;
+    }
+    unwatch_return(fd);
+    real().close(fd);
+    lingering.erase(lingering.begin() + static_cast<long>(i));
+    s->lingering = false;
+    if (s->holds > 0) s->gone = true;  // the last holder recycles it
+    else recycle(s);
+  }
+}
+
+void Shim::go_on_returning(int fd, Socket& s) noexcept {
+  if (s.mode != Socket::Mode::returning) return;
+  Returning& r = s.back;
+  if (const char* why = read_in(fd, s)) {
+    log::warn("shim: fd " + std::to_string(fd) + " (" + s.tuple.client.to_string() + " -> " +
+              s.tuple.server.to_string() + "): " + why +
+              "; the connection is reset rather than go on with bytes missing or twice");
+    s.broken = true;
+    sockaddr unspecified{};
+    unspecified.sa_family = AF_UNSPEC;
+    real().connect(fd, &unspecified, sizeof unspecified);
+    r.in_done = r.out_done = true;
+  }
+  // The server writes once the client's Resume is in: until the client has written
+  // it, the client may still be taking in the server's last TCP bytes from before the
+  // switch, and would take a Resume for more of them.
+  const bool may_write = !s.server || r.peer_have == r.peer.size() || r.in_done;
+  if (may_write && !r.out_done) {
+    if (!write_out(fd, s)) r.out_done = true;  // the peer is gone: its reads end with the kernel's error
+    // A shutdown(SHUT_WR) made over rxio ends the TCP stream after the kept bytes.
+    if (r.out_done && s.write_shut) real().shutdown(fd, SHUT_WR);
+  }
+  if (r.in_done && r.out_done) {
+    unwatch_return(fd);
+    s.mode = Socket::Mode::tcp;
+    s.tried = true;
+    s.kept.clear();
+    wake_sleepers();
+    return;
+  }
+  // Woken without the program: by the client's Resume while the server waits for it,
+  // and by room for kept bytes that wait.
+  watch_return(fd, s, (may_write ? 0u : uint32_t{EPOLLIN}) | (may_write && !r.out_done ? uint32_t{EPOLLOUT} : 0u));
+}
+
+void Shim::notice_failures() noexcept {
+  if (!engine_ || engine_->link_failures() == link_failures_seen_) return;
+  link_failures_seen_ = engine_->link_failures();
+  // Rare enough to look at every entry of the table.
+  for (int fd = 0; fd < kMaxFds; ++fd) {
+    Socket* s = socket_of(fd);
+    if (s && s->mode == Socket::Mode::rxio && s->connection->failed()) start_return(fd, *s, Return::link_failed);
+  }
+}
+
+}  // namespace rxio::shim
