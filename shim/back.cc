@@ -228,12 +228,13 @@ void Shim::serve_lingering() noexcept {
       // peer does not send it again if the link fails.
       std::array<std::byte, 16 * 1024> sink;
       while (std::size_t n = c.stream_read(sink)) s->rxio_read += n;
-      if (c.failed()) {
-        start_return(fd, *s, Return::link_failed);
-      } else if (c.stream_closed()) {
+      if (c.stream_closed()) {
+        // Both sides closed: the conversation is over, whatever becomes of the link.
         closing.push_back(&c);  // released from there
         s->connection = nullptr;
         done = true;
+      } else if (c.failed()) {
+        start_return(fd, *s, Return::link_failed);
       }
     } else if (s->mode == Socket::Mode::returning) {
       go_on_returning(fd, *s);
@@ -304,10 +305,13 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
 void Shim::notice_failures() noexcept {
   if (!engine_ || engine_->link_failures() == link_failures_seen_) return;
   link_failures_seen_ = engine_->link_failures();
-  // Rare enough to look at every entry of the table.
+  // Rare enough to look at every entry of the table. A connection whose peer had
+  // closed its side has all its bytes here: it goes back only if the program writes
+  // again (a peer process that exits closes its connections, then its links fail).
   for (int fd = 0; fd < kMaxFds; ++fd) {
     Socket* s = socket_of(fd);
-    if (s && s->mode == Socket::Mode::rxio && s->connection->failed()) start_return(fd, *s, Return::link_failed);
+    if (s && s->mode == Socket::Mode::rxio && s->connection->failed() && !s->connection->stream_closed())
+      start_return(fd, *s, Return::link_failed);
   }
 }
 

@@ -1255,8 +1255,8 @@ int socket_error(int fd, void* value, socklen_t* length) noexcept {
   Socket* s = sh.socket_of(fd);
   if (s && s->mode == Socket::Mode::connecting) sh.finish_connect(fd, *s);
   s = sh.socket_of(fd);
-  if (s && s->mode == Socket::Mode::rxio && s->connection->failed() && value && length &&
-      *length >= sizeof(int)) {
+  // The kernel's socket knows nothing of a connection that could not go back to TCP.
+  if (s && s->broken && value && length && *length >= sizeof(int)) {
     int error = ECONNRESET;
     std::memcpy(value, &error, sizeof error);
     *length = sizeof error;

@@ -26,7 +26,9 @@ using Clock = std::chrono::steady_clock;
 short readiness(const Socket& s) noexcept {
   const transport::Connection& c = *s.connection;
   short events = 0;
-  if (c.failed()) return POLLIN | POLLRDNORM | POLLOUT | POLLERR | POLLHUP;
+  // A failed link whose peer had closed its side: the end to read, and a write goes
+  // back to TCP. (Any other failed connection is going back already.)
+  if (c.failed()) return POLLIN | POLLRDNORM | POLLRDHUP | POLLOUT | POLLWRNORM;
   if (c.stream_readable() || s.read_shut || s.has_ahead()) events |= POLLIN | POLLRDNORM;
   if (c.stream_closed()) events |= POLLRDHUP | (s.write_shut ? POLLHUP : 0);
   // After shutdown(SHUT_WR) TCP still says writable: the write then fails at once.
