@@ -303,7 +303,7 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
 }
 
 void Shim::notice_failures() noexcept {
-  if (!engine_ || engine_->link_failures() == link_failures_seen_) return;
+  if (!engine_ || forked_child || engine_->link_failures() == link_failures_seen_) return;
   link_failures_seen_ = engine_->link_failures();
   // Rare enough to look at every entry of the table. A connection whose peer had
   // closed its side has all its bytes here: it goes back only if the program writes

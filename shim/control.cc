@@ -2,6 +2,7 @@
 // and the moves to rxio or back to plain TCP. Runs with Shim::mutex held.
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <linux/sockios.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -30,6 +31,11 @@
 namespace rxio::shim {
 
 thread_local bool t_inside = false;
+
+namespace {
+// Each thread's eventfd for Shim::my_waker(), made on first use.
+thread_local UniqueFd t_waker;
+}  // namespace
 
 namespace {
 
@@ -207,9 +213,26 @@ Shim::Shim() {
     log::warn(std::string("shim: ") + e.what());
   }
   wait_set.reset(::epoll_create1(EPOLL_CLOEXEC));
+  pthread_atfork([] { current()->mutex.lock_for_fork(); }, [] { current()->mutex.unlock_after_fork(); },
+                 [] {
+                   Inside inside;  // the closes below are the shim's own
+                   Shim* sh = current();
+                   sh->forked_child = true;
+                   // The board is the parent's too: the child publishes nothing.
+                   for (auto& entry : sh->sockets)
+                     if (Socket* s = entry.load(std::memory_order_relaxed)) s->record = nullptr;
+                   sh->board.reset();
+                   // The wait set and this thread's waker are shared with the parent:
+                   // the child gets its own, so that neither disturbs the other.
+                   sh->wait_set.reset(::epoll_create1(EPOLL_CLOEXEC));
+                   t_waker.reset();
+                   sh->sleeping.clear();
+                   sh->mutex.unlock_after_fork();
+                 });
 }
 
 transport::Engine* Shim::engine() noexcept {
+  if (forked_child) return nullptr;
   if (engine_) return engine_;
   if (engine_failed && Clock::now() < engine_retry_at) return nullptr;
   try {
@@ -243,7 +266,7 @@ void Shim::add_to_wait_set(int fd) noexcept {
 void Shim::remove_from_wait_set(int fd) noexcept { ::epoll_ctl(wait_set.get(), EPOLL_CTL_DEL, fd, nullptr); }
 
 int Shim::progress() noexcept {
-  if (!engine_) return 0;
+  if (!engine_ || forked_child) return 0;
   int handled = engine_->progress();
   notice_failures();
   // What came in may be a cookie or a client's word for a move. Any progress call
@@ -281,8 +304,8 @@ void Shim::wake_sleepers() noexcept {
 }
 
 int Shim::my_waker() noexcept {
-  static thread_local UniqueFd waker(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
-  return waker.get();
+  if (!t_waker) t_waker.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  return t_waker.get();
 }
 
 void Socket::reset() noexcept {
@@ -343,8 +366,9 @@ void Shim::forget(int fd) noexcept {
   s->record = nullptr;
   // A moved socket the program closes lingers, with a private descriptor of its TCP
   // socket, until its connection ends: a link that fails meanwhile still goes back to
-  // TCP, so that the peer gets every byte (back.cc).
-  if (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning) {
+  // TCP, so that the peer gets every byte (back.cc). In a forked child, the connection
+  // is the parent's: closing the child's fd leaves it alone.
+  if (!forked_child && (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning)) {
     int kept_fd = real().fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (s->connection) s->connection->close();
     if (kept_fd >= 0) {
@@ -1067,6 +1091,7 @@ void Shim::match_cookies() noexcept {
 }
 
 bool Shim::service() noexcept {
+  if (forked_child) return false;  // the endpoints, peers and moves are the parent's
   bool changed = false;
   transport::Engine* e = engine();
   if (e) changed = e->on_wake() > 0;
@@ -1186,6 +1211,11 @@ int shutdown_on(int fd, int how) noexcept {
   }
   if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) {
     errno = EINVAL;
+    return -1;
+  }
+  // A forked child's copy of a socket its parent moved: the connection is the parent's.
+  if (sh.forked_child && s && (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning)) {
+    errno = ENOTCONN;
     return -1;
   }
   // Going back to TCP with kept bytes still to write: the end goes after them.

@@ -55,6 +55,10 @@ class ShimMutex {
   explicit ShimMutex(Shim& shim) noexcept : shim_(shim) {}
   void lock() noexcept { mutex_.lock(); }
   void unlock() noexcept;
+  // Around fork(): held by the forking thread, so that the child's copy is consistent,
+  // then let go in both processes without the hand-over.
+  void lock_for_fork() noexcept { mutex_.lock(); }
+  void unlock_after_fork() noexcept { mutex_.unlock(); }
 
  private:
   Shim& shim_;
@@ -223,6 +227,10 @@ class Shim {
   std::chrono::milliseconds negotiate_timeout{1000};
   uint32_t move_after = 8;  // RXIO_SHIM_MOVE_AFTER
   bool verbs_forced = false;  // RXIO_BACKEND=verbs: moves as across hosts (rdma_cm)
+  // In a child of fork(): the engine, its links and the moved connections are the
+  // parent's (their memory is shared with it), so the child never touches them; its
+  // own connections stay on TCP.
+  bool forked_child = false;
   std::chrono::microseconds poll_time{0};
 
   // Everything a shim wait sleeps on besides the program's own fds: the engine, the

@@ -9,12 +9,14 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <optional>
 #include <vector>
 
+#include "base/log.h"
 #include "shim/calls.h"
 #include "shim/real.h"
 
@@ -92,6 +94,20 @@ int wait_for_change(Shim& sh, std::unique_lock<ShimMutex>& lock, Clock::time_poi
   return sh.sleep(lock, spare, 0, left, nullptr) < 0 && errno == EINTR && !(forever && Shim::signals_restart())
              ? EINTR
              : 0;
+}
+
+// A forked child's call on a socket its parent moved: the connection is the parent's
+// (its rings are shared memory), so the child cannot read or write it.
+bool parents_connection(const Shim& sh, const Socket& s) noexcept {
+  const Socket::Mode mode = s.mode.load();
+  if (!sh.forked_child ||
+      (mode != Socket::Mode::rxio && mode != Socket::Mode::returning && mode != Socket::Mode::moving))
+    return false;
+  static std::atomic<bool> said{false};
+  if (!said.exchange(true))
+    log::warn("shim: a forked child cannot use a socket its parent moved to rxio; its calls on it fail with "
+              "ECONNRESET (the parent's connection goes on)");
+  return true;
 }
 
 // What a call returns once it stops early: the bytes it moved, or -1 with `error`.
@@ -234,6 +250,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       ssize_t n = kernel_receive(flags);
       return n < 0 ? done_or(got, errno) : static_cast<ssize_t>(got + std::size_t(n));
     }
+    if (parents_connection(sh, *s)) return done_or(got, ECONNRESET);
     if (s->has_ahead()) {
       got += from_ahead(*s, iov, count, got, flags & MSG_PEEK);
       if (got == wanted || !(flags & MSG_WAITALL) || (flags & MSG_PEEK)) return static_cast<ssize_t>(got);
@@ -354,6 +371,7 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
   std::vector<iovec> storage;
   for (;;) {
     Socket* s = sh.socket_of(fd);
+    if (s && parents_connection(sh, *s)) return done_or(sent, ECONNRESET);
     const Socket::Mode mode = s ? s->mode.load() : Socket::Mode::fresh;
     if (!s || mode == Socket::Mode::fresh || mode == Socket::Mode::listening) {
       lock.unlock();

@@ -19,6 +19,7 @@
 #include <sys/time.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -61,6 +62,8 @@ enum Scenario : char {
   kSum = 'u',          // reads to EOF, answers with a checksum of everything
   kDuplex = 'd',       // sends a seeded stream while it checks the client's, then a verdict
   kDuplexSmall = 'D',  // the same with kParallelBytes, once the client says go (one byte)
+  kForkClose = 'f',    // forks a child that closes every fd (the listener, this connection) and
+                       // exits, then echoes until EOF
 };
 
 // Each way of a duplex connection: enough for the switch to land mid-stream, in
@@ -163,6 +166,16 @@ void serve_connection(int fd) {
   }
   std::vector<unsigned char> buffer(256 * 1024);
   switch (scenario) {
+    case kForkClose: {
+      pid_t child = ::fork();
+      if (child == 0) {
+        for (int other = 3; other < 1024; ++other) ::close(other);
+        ::_exit(0);
+      }
+      int status = 0;
+      if (child > 0) ::waitpid(child, &status, 0);
+    }
+      [[fallthrough]];
     case kEcho:
       for (ssize_t n; (n = ::read(fd, buffer.data(), buffer.size())) > 0;)
         if (!write_all(fd, buffer.data(), static_cast<std::size_t>(n))) break;
@@ -577,6 +590,30 @@ void signal_restarts_a_blocked_read() {
   ::close(fd);
 }
 
+// fork on both sides, with the connection moved: a child that closes the fds it
+// inherited (the server's closes its listener too, as redis's BGSAVE child does) and
+// exits leaves the parents' connection, and the server's later moves, as they were.
+void forked_children_close_their_copies() {
+  int fd = dial(kForkClose);
+  auto round_trip = [fd](uint64_t seed) {
+    auto out = random_bytes(1000, seed);
+    CHECK(write_all(fd, out.data(), out.size()));
+    std::vector<unsigned char> in(out.size());
+    CHECK(read_all(fd, in.data(), in.size()));
+    CHECK(in == out);
+  };
+  round_trip(70);
+  pid_t child = ::fork();
+  if (child == 0) {
+    ::close(fd);
+    ::_exit(0);
+  }
+  int status = -1;
+  CHECK(child > 0 && ::waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  round_trip(71);
+  ::close(fd);
+}
+
 // A socket that two fds name when it moves, watched by epoll through the second: both
 // keep working, and epoll reports the moved socket's bytes.
 void dup_then_move() {
@@ -661,6 +698,7 @@ void parallel_streams() {
 
 const std::map<std::string, std::function<void()>> kScenarios = {
     {"echo", echo_with_poll},
+    {"fork", forked_children_close_their_copies},
     {"epoll", epoll_modes},
     {"select", select_and_pselect},
     {"flags", receive_flags},
