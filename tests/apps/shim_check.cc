@@ -649,19 +649,22 @@ void dup_then_move() {
   ::close(fd);
 }
 
-// Both ways at once, each from its own thread, while the connection moves: every byte
-// arrives once, in order, on whichever path it took.
-void duplex_across_the_move() {
-  int fd = dial(kDuplex);
+// `bytes` each way at once on `fd`, each way from its own thread, every byte checked
+// here and by the server (its verdict); then closes it.
+void duplex_on(int fd, std::size_t bytes) {
   bool right = false;
-  std::thread reader([&] { right = read_stream(fd, kServerSeed, kDuplexBytes); });
-  CHECK(write_stream(fd, kClientSeed, kDuplexBytes));
+  std::thread reader([&] { right = read_stream(fd, kServerSeed, bytes); });
+  CHECK(write_stream(fd, kClientSeed, bytes));
   reader.join();
   CHECK(right);
   char verdict = 0;
   CHECK(read_all(fd, &verdict, 1) && verdict == 'y');
   ::close(fd);
 }
+
+// Both ways at once while the connection moves: every byte arrives once, in order, on
+// whichever path it took.
+void duplex_across_the_move() { duplex_on(dial(kDuplex), kDuplexBytes); }
 
 // Thirty-two connections from four threads, all moved before any carries data, then
 // 1 MiB each way on every one at once, every byte checked: a link that fails under
@@ -680,14 +683,7 @@ void parallel_streams() {
       for (int fd : fds) {
         streams.emplace_back([fd] {
           CHECK(write_all(fd, "g", 1));
-          bool right = false;
-          std::thread reader([&] { right = read_stream(fd, kServerSeed, kParallelBytes); });
-          CHECK(write_stream(fd, kClientSeed, kParallelBytes));
-          reader.join();
-          CHECK(right);
-          char verdict = 0;
-          CHECK(read_all(fd, &verdict, 1) && verdict == 'y');
-          ::close(fd);
+          duplex_on(fd, kParallelBytes);
         });
       }
       for (auto& s : streams) s.join();
