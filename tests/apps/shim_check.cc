@@ -527,18 +527,25 @@ void many_connections() {
   for (auto& t : threads) t.join();
 }
 
-// A silent peer: the reader blocks in read() until another thread closes its side.
-void blocked_reader_sees_the_end() {
-  int fd = dial(kSilent);
-  std::thread closer([fd] {
-    std::this_thread::sleep_for(milliseconds(100));
+// A read on `fd` (a silent peer's) that blocks until another thread shuts its reading
+// side `after` from now; how long it took.
+Clock::duration read_until_shut(int fd, milliseconds after) {
+  std::thread closer([fd, after] {
+    std::this_thread::sleep_for(after);
     ::shutdown(fd, SHUT_RD);
   });
   char byte;
   auto start = Clock::now();
   CHECK(::read(fd, &byte, 1) == 0);
-  CHECK(Clock::now() - start < milliseconds(3000));
+  auto took = Clock::now() - start;
   closer.join();
+  return took;
+}
+
+// A silent peer: the reader blocks in read() until another thread closes its side.
+void blocked_reader_sees_the_end() {
+  int fd = dial(kSilent);
+  CHECK(read_until_shut(fd, milliseconds(100)) < milliseconds(3000));
   ::close(fd);
 }
 
@@ -576,16 +583,8 @@ void signal_restarts_a_blocked_read() {
   CHECK(::sigaction(SIGALRM, &action, &before) == 0);
   itimerval in_100ms{{0, 0}, {0, 100 * 1000}};
   CHECK(::setitimer(ITIMER_REAL, &in_100ms, nullptr) == 0);
-  std::thread closer([fd] {
-    std::this_thread::sleep_for(milliseconds(400));
-    ::shutdown(fd, SHUT_RD);
-  });
-  char byte;
-  auto start = Clock::now();
-  CHECK(::read(fd, &byte, 1) == 0);
+  CHECK(read_until_shut(fd, milliseconds(400)) >= milliseconds(300));
   CHECK(handled == 1);
-  CHECK(Clock::now() - start >= milliseconds(300));
-  closer.join();
   ::sigaction(SIGALRM, &before, nullptr);
   ::close(fd);
 }
