@@ -79,7 +79,7 @@ TEST(Preload, SockperfPingPongBothSidesPreloaded) {
   std::string out =
       run(rxio_run + " sockperf server --tcp -i 127.0.0.1 -p " + std::to_string(port) + " >/dev/null 2>&1 & pid=$!; " +
               "sleep 1; " + rxio_run + " sockperf ping-pong --tcp -i 127.0.0.1 -p " + std::to_string(port) +
-              " -m 64 -t 1 2>&1; rc=$?; kill $pid; wait; exit $rc",
+              " -m 64 -t 1 --mps 2000000 2>&1; rc=$?; kill $pid; wait; exit $rc",
           &status);
   EXPECT_EQ(status, 0) << out;
   EXPECT_NE(out.find("# dropped messages = 0; # duplicated messages = 0; # out-of-order messages = 0"),
