@@ -4,7 +4,11 @@
 // rxio; each reader skips what its program read already. Neither waits for the other
 // before writing, so nothing here blocks: the program's calls (and the shim's service)
 // carry it on as far as the TCP socket lets them.
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/epoll.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 
@@ -12,6 +16,7 @@
 #include <cerrno>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "base/log.h"
 #include "shim/real.h"
@@ -81,6 +86,31 @@ bool write_out(int fd, Socket& s) noexcept {
   return true;
 }
 
+// Takes the peer's Resume, whole in `back.peer`: how many of the bytes that follow it
+// the program has already. Says why when they cannot fit (nullptr when they do).
+const char* take_resume(int fd, Socket& s) noexcept {
+  Returning& r = s.back;
+  auto resume = negotiation::decode_resume(r.peer);
+  if (!resume) return "the peer's shim wrote something other than a Resume";
+  if (resume->from > s.rxio_read) {
+    // Only a forked child's socket: its parent read on after the fork, up to `from`,
+    // and took the read-ahead before that.
+    if (!r.adopted) return "the peer's shim resumed at a byte it cannot have";
+    s.ahead.clear();
+    s.ahead_read = 0;
+    s.ahead_left = 0;
+    s.rxio_read = resume->from;
+  }
+  // The peer keeps at least what this side has not read: it may send more, never
+  // less (its credits bound what it wrote past this side's reads).
+  if (s.rxio_read - resume->from > resume->kept) return "the peer's shim resumed at a byte it cannot have";
+  r.skip = s.rxio_read - resume->from;
+  log::info("shim: fd " + std::to_string(fd) + ": the peer " + (resume->hand_over ? "hands over" : "resumes") +
+            " at byte " + std::to_string(resume->from) + " with " + std::to_string(resume->kept) + " kept; read here " +
+            std::to_string(s.rxio_read) + ", written " + std::to_string(s.rxio_written));
+  return nullptr;
+}
+
 // Reads the peer's Resume and skips its kept bytes the program has read, without
 // waiting; what follows is the program's to read from the kernel. Says why when the
 // connection cannot go on (nullptr while it can).
@@ -103,15 +133,7 @@ const char* read_in(int fd, Socket& s) noexcept {
       }
       r.peer_have += std::size_t(n);
       if (r.peer_have < r.peer.size()) continue;
-      auto resume = negotiation::decode_resume(r.peer);
-      // The peer keeps at least what this side has not read: it may send more, never
-      // less (its credits bound what it wrote past this side's reads).
-      if (!resume || resume->from > s.rxio_read || s.rxio_read - resume->from > resume->kept)
-        return "the peer's shim resumed at a byte it cannot have";
-      r.skip = s.rxio_read - resume->from;
-      log::info("shim: fd " + std::to_string(fd) + ": the peer resumes at byte " + std::to_string(resume->from) +
-                " with " + std::to_string(resume->kept) + " kept; read here " + std::to_string(s.rxio_read) +
-                ", written " + std::to_string(s.rxio_written));
+      if (const char* why = take_resume(fd, s)) return why;
       continue;
     }
     if (r.skip == 0) {
@@ -126,6 +148,25 @@ const char* read_in(int fd, Socket& s) noexcept {
     r.skip -= uint64_t(n);
   }
   return nullptr;
+}
+
+// Ends a connection that cannot go on without bytes missing or twice: the kernel's
+// disconnect resets it, and the program's calls fail with ECONNRESET.
+void reset_connection(int fd, Socket& s, const char* why) noexcept {
+  log::warn("shim: fd " + std::to_string(fd) + " (" + s.tuple.client.to_string() + " -> " +
+            s.tuple.server.to_string() + "): " + why +
+            "; the connection is reset rather than go on with bytes missing or twice");
+  s.broken = true;
+  sockaddr unspecified{};
+  unspecified.sa_family = AF_UNSPEC;
+  real().connect(fd, &unspecified, sizeof unspecified);
+  s.back.in_done = s.back.out_done = true;
+}
+
+// Bytes the kernel has not had acknowledged yet on a TCP socket.
+int unacknowledged(int fd) noexcept {
+  int queued = 0;
+  return real().ioctl(fd, SIOCOUTQ, &queued) == 0 ? queued : 1;
 }
 
 }  // namespace
@@ -150,16 +191,36 @@ void Shim::start_return(int fd, Socket& s, Return reason) noexcept {
   c.close();
   closing.push_back(&c);
   s.connection = nullptr;
+  unwatch_resume(s);
   s.mode = Socket::Mode::returning;
   if (board) board->count_returned(reason);
   if (s.record) s.record->backend = static_cast<uint8_t>(Backend::tcp);
 
   Returning& r = s.back;
+  // A Resume the peer wrote before this side noticed anything stays.
+  const auto peer = r.peer;
+  const std::size_t peer_have = r.peer_have;
   r = Returning{};
+  r.peer = peer;
+  r.peer_have = peer_have;
   r.peer_closed = peer_closed;
   r.next = kept_from(s);
   r.end = s.rxio_written;
+  const char* why = nullptr;
+  if (peer_have == r.peer.size()) {
+    why = take_resume(fd, s);
+    // A hand-over says where the other process goes on reading: this side's bytes
+    // from there.
+    auto resume = negotiation::decode_resume(r.peer);
+    if (!why && resume->hand_over) {
+      if (resume->read < r.next || resume->read > r.end)
+        why = "the peer's shim handed over at a byte this side no longer has";
+      else
+        r.next = resume->read;
+    }
+  }
   r.resume = negotiation::encode(negotiation::Resume{r.next, r.end - r.next});
+  if (why) reset_connection(fd, s, why);
 
   // The kernel tells readiness again, for every fd (dup) that names the socket.
   for (int ep : s.epolls) {
@@ -175,6 +236,149 @@ void Shim::start_return(int fd, Socket& s, Return reason) noexcept {
   }
   go_on_returning(fd, s);
   wake_sleepers();
+}
+
+void Shim::start_hand_over(int fd, Socket& s, Return reason) noexcept {
+  log::info("shim: fd " + std::to_string(fd) + " (" + s.tuple.client.to_string() + " -> " +
+            s.tuple.server.to_string() + ") hands its connection over to TCP: " + to_string(reason));
+  unwatch_resume(s);
+  s.mode = Socket::Mode::returning;
+  if (board) board->count_returned(reason);
+  if (s.record) s.record->backend = static_cast<uint8_t>(Backend::tcp);
+  Returning& r = s.back;
+  r = Returning{};
+  r.hands_over = true;
+  r.handing = reason == Return::fork;
+  r.in_done = r.handing;  // the child reads the peer's answer
+  r.next = kept_from(s);
+  r.end = s.rxio_written;
+  r.resume = negotiation::encode(negotiation::Resume{r.next, r.end - r.next, true, s.rxio_read});
+}
+
+bool Shim::notice_resume(int fd, Socket& s) noexcept {
+  if (s.mode != Socket::Mode::rxio || forked_child) return false;
+  Returning& r = s.back;
+  while (r.peer_have < r.peer.size()) {
+    ssize_t n = real().recv(fd, r.peer.data() + r.peer_have, r.peer.size() - r.peer_have, MSG_DONTWAIT);
+    if (n > 0) {
+      r.peer_have += std::size_t(n);
+      continue;
+    }
+    // Ended or failed: every process of the peer let go of its socket, and nothing
+    // more comes this way; the connection ends as its link says.
+    if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) unwatch_resume(s);
+    return false;
+  }
+  start_return(fd, s, Return::peer);
+  return true;
+}
+
+void Shim::watch_resume(Socket& s, int fd) noexcept {
+  unwatch_resume(s);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = fd;
+  if (::epoll_ctl(wait_set.get(), EPOLL_CTL_ADD, fd, &ev) == 0) s.resume_fd = fd;
+}
+
+void Shim::unwatch_resume(Socket& s) noexcept {
+  if (s.resume_fd < 0) return;
+  remove_from_wait_set(s.resume_fd);
+  s.resume_fd = -1;
+}
+
+void Shim::serve_resumes() noexcept {
+  std::array<epoll_event, 64> ready;
+  const int n = ::epoll_wait(wait_set.get(), ready.data(), int(ready.size()), 0);
+  for (int i = 0; i < n; ++i) {
+    const int fd = ready[std::size_t(i)].data.fd;
+    if (Socket* s = socket_of(fd); s && s->resume_fd == fd) {
+      notice_resume(fd, *s);
+      continue;
+    }
+    for (auto [kept_fd, s] : lingering)
+      if (kept_fd == fd && s->resume_fd == fd) {
+        notice_resume(fd, *s);
+        break;
+      }
+  }
+}
+
+void Shim::after_fork_in_parent() noexcept {
+  for (auto& entry : sockets)
+    if (Socket* s = entry.load(std::memory_order_relaxed); s && s->mode == Socket::Mode::rxio) s->shared = true;
+}
+
+void Shim::after_fork_in_child() noexcept {
+  for (auto& entry : sockets) {
+    Socket* s = entry.load(std::memory_order_relaxed);
+    if (!s) continue;
+    s->record = nullptr;
+    s->resume_fd = -1;  // the wait set is the parent's
+    if (s->mode != Socket::Mode::rxio) continue;
+    // The connection is the parent's. When the parent closes its copy, its hand-over
+    // sends the peer back to TCP from the byte the parent read, and this copy reads
+    // on from there (docs/shim.md, "fork and exec").
+    s->connection = nullptr;
+    s->kept.clear();
+    s->back = Returning{};
+    s->back.adopted = true;
+    s->back.out_done = true;
+    s->mode = Socket::Mode::returning;
+  }
+}
+
+void Shim::before_exec() noexcept {
+  // Each socket once, whichever fds name it; only those the new image inherits.
+  std::vector<std::pair<int, Socket*>> handed;
+  for (int fd = 0; fd < kMaxFds; ++fd) {
+    Socket* s = socket_of(fd);
+    if (!s || (s->mode != Socket::Mode::rxio && !(s->mode == Socket::Mode::returning && s->back.adopted))) continue;
+    const int flags = real().fcntl(fd, F_GETFD);
+    if (flags < 0 || (flags & FD_CLOEXEC)) continue;
+    if (std::any_of(handed.begin(), handed.end(), [s](const auto& entry) { return entry.second == s; })) continue;
+    try {
+      handed.emplace_back(fd, s);
+    } catch (const std::bad_alloc&) {
+      break;
+    }
+    if (s->mode != Socket::Mode::rxio) continue;
+    if (forked_child) continue;
+    if (s->has_ahead()) {
+      // Bytes taken from the kernel before the move that the program has not read:
+      // the new image could not be given them.
+      reset_connection(fd, *s, "the program executed another with bytes read ahead of it");
+      continue;
+    }
+    start_hand_over(fd, *s, Return::exec);
+  }
+  // Until each peer answered: the new image then reads a plain TCP stream.
+  const auto until = std::chrono::steady_clock::now() + negotiate_timeout;
+  for (;;) {
+    std::vector<pollfd> waits;
+    for (auto [fd, s] : handed) {
+      if (s->mode != Socket::Mode::returning) continue;
+      go_on_returning(fd, *s);
+      if (s->mode != Socket::Mode::returning) continue;
+      const Returning& r = s->back;
+      try {
+        waits.push_back(pollfd{fd, short((r.in_done ? 0 : POLLIN) | (r.out_done ? 0 : POLLOUT)), 0});
+      } catch (const std::bad_alloc&) {
+      }
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+    if (waits.empty() || left.count() <= 0) break;
+    real().poll(waits.data(), waits.size(), int(left.count()) + 1);
+  }
+  for (auto [fd, s] : handed) {
+    if (s->mode != Socket::Mode::returning) continue;
+    // A child's copy stays as it is: its parent may go on with the connection.
+    if (s->back.adopted)
+      log::warn("shim: fd " + std::to_string(fd) + ": executing a program before this socket's parent handed it " +
+                "over; the new program gets it as it is");
+    else
+      reset_connection(fd, *s, "the peer's shim did not answer the hand-over in time");
+  }
 }
 
 void Shim::watch_return(int fd, Socket& s, uint32_t events) noexcept {
@@ -222,13 +426,33 @@ void Shim::serve_lingering() noexcept {
   for (std::size_t i = 0; i < lingering.size();) {
     auto [fd, s] = lingering[i];
     bool done = false;
-    if (s->mode == Socket::Mode::rxio) {
+    if (s->back.handing) {
+      // Closed here while a forked child holds it: the hand-over goes out, and nothing
+      // is read here, of TCP (the child's) or of the connection (its credit would let
+      // the peer forget bytes the child needs).
+      Returning& r = s->back;
+      if (!r.out_done && !write_out(fd, *s)) r.out_done = true;  // the TCP connection is gone
+      if (r.out_done && s->write_shut) real().shutdown(fd, SHUT_WR);
+      transport::Connection* c = s->connection;
+      // The peer lets go of the connection once it has the hand-over. One that closed
+      // its side before looks for a hand-over when this side closes, so the close
+      // waits until the hand-over is in the peer's kernel.
+      if (c && r.out_done && (c->failed() || (c->stream_closed() && unacknowledged(fd) == 0))) {
+        c->close();
+        closing.push_back(c);
+        s->connection = nullptr;
+      }
+      watch_return(fd, *s, r.out_done ? 0u : uint32_t{EPOLLOUT});
+      done = r.out_done && !s->connection;
+    } else if (s->mode == Socket::Mode::rxio) {
       transport::Connection& c = *s->connection;
       // The program is gone: what arrives is dropped, but counted as read, so that the
       // peer does not send it again if the link fails.
       std::array<std::byte, 16 * 1024> sink;
       while (std::size_t n = c.stream_read(sink)) s->rxio_read += n;
-      if (c.stream_closed()) {
+      if (c.stream_closed() && notice_resume(fd, *s)) {
+        // The peer handed its socket over before it closed: its answer goes out.
+      } else if (c.stream_closed()) {
         // Both sides closed: the conversation is over, whatever becomes of the link.
         closing.push_back(&c);  // released from there
         s->connection = nullptr;
@@ -259,6 +483,8 @@ void Shim::serve_lingering() noexcept {
       continue;
     }
     unwatch_return(fd);
+    unwatch_resume(*s);
+    remove_from_wait_set(fd);  // a forked child may hold the socket on
     real().close(fd);
     lingering.erase(lingering.begin() + static_cast<long>(i));
     s->lingering = false;
@@ -270,20 +496,12 @@ void Shim::serve_lingering() noexcept {
 void Shim::go_on_returning(int fd, Socket& s) noexcept {
   if (s.mode != Socket::Mode::returning) return;
   Returning& r = s.back;
-  if (const char* why = read_in(fd, s)) {
-    log::warn("shim: fd " + std::to_string(fd) + " (" + s.tuple.client.to_string() + " -> " +
-              s.tuple.server.to_string() + "): " + why +
-              "; the connection is reset rather than go on with bytes missing or twice");
-    s.broken = true;
-    sockaddr unspecified{};
-    unspecified.sa_family = AF_UNSPEC;
-    real().connect(fd, &unspecified, sizeof unspecified);
-    r.in_done = r.out_done = true;
-  }
+  if (const char* why = read_in(fd, s)) reset_connection(fd, s, why);
   // The server writes once the client's Resume is in: until the client has written
   // it, the client may still be taking in the server's last TCP bytes from before the
-  // switch, and would take a Resume for more of them.
-  const bool may_write = !s.server || r.peer_have == r.peer.size() || r.in_done;
+  // switch, and would take a Resume for more of them. A hand-over is written at once:
+  // the peer answers it.
+  const bool may_write = r.hands_over || !s.server || r.peer_have == r.peer.size() || r.in_done;
   if (may_write && !r.out_done) {
     if (!write_out(fd, s)) r.out_done = true;  // the peer is gone: its reads end with the kernel's error
     // A shutdown(SHUT_WR) made over rxio ends the TCP stream after the kept bytes.
@@ -291,6 +509,12 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
   }
   if (r.in_done && r.out_done) {
     unwatch_return(fd);
+    if (s.connection) {
+      // Handed over, and answered: the peer let go of the connection already.
+      s.connection->close();
+      closing.push_back(s.connection);
+      s.connection = nullptr;
+    }
     s.mode = Socket::Mode::tcp;
     s.tried = true;
     s.kept.clear();

@@ -213,14 +213,18 @@ Shim::Shim() {
     log::warn(std::string("shim: ") + e.what());
   }
   wait_set.reset(::epoll_create1(EPOLL_CLOEXEC));
-  pthread_atfork([] { current()->mutex.lock_for_fork(); }, [] { current()->mutex.unlock_after_fork(); },
+  pthread_atfork([] { current()->mutex.lock_for_fork(); },
+                 [] {
+                   Shim* sh = current();
+                   sh->after_fork_in_parent();
+                   sh->mutex.unlock_after_fork();
+                 },
                  [] {
                    Inside inside;  // the closes below are the shim's own
                    Shim* sh = current();
                    sh->forked_child = true;
+                   sh->after_fork_in_child();
                    // The board is the parent's too: the child publishes nothing.
-                   for (auto& entry : sh->sockets)
-                     if (Socket* s = entry.load(std::memory_order_relaxed)) s->record = nullptr;
                    sh->board.reset();
                    // The wait set and this thread's waker are shared with the parent:
                    // the child gets its own, so that neither disturbs the other.
@@ -328,7 +332,8 @@ void Socket::reset() noexcept {
   rxio_read = rxio_written = 0;
   kept.clear();
   back = Returning{};
-  broken = lingering = false;
+  broken = lingering = shared = false;
+  resume_fd = -1;
 }
 
 Socket* Shim::new_socket() noexcept {
@@ -361,26 +366,47 @@ void Shim::forget(int fd) noexcept {
   sockets[fd].store(nullptr, std::memory_order_release);
   for (int ep : s->epolls)
     if (EpollSet* set = epoll_of(ep)) set->interests.erase(fd);
-  if (--s->refs > 0) return;
+  // The wait set must let go of the fd before it closes: a forked child or another fd
+  // may keep the socket open, and the kernel would keep reporting the stale number.
+  const bool watched_for_resume = s->resume_fd == fd;
+  if (watched_for_resume) unwatch_resume(*s);
+  if (--s->refs > 0) {
+    if (watched_for_resume)
+      for (int other = 0; other < kMaxFds; ++other)
+        if (socket_of(other) == s) {
+          watch_resume(*s, other);
+          break;
+        }
+    return;
+  }
   if (s->record && board) board->close(s->record);
   s->record = nullptr;
   // A moved socket the program closes lingers, with a private descriptor of its TCP
   // socket, until its connection ends: a link that fails meanwhile still goes back to
-  // TCP, so that the peer gets every byte (back.cc). In a forked child, the connection
-  // is the parent's: closing the child's fd leaves it alone.
+  // TCP, so that the peer gets every byte (back.cc). One that a forked child holds too
+  // is handed over to the child. In a forked child, the connection is the parent's:
+  // closing the child's fd leaves it alone.
   if (!forked_child && (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning)) {
     int kept_fd = real().fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (s->connection) s->connection->close();
+    const bool hand_over = s->shared && s->mode == Socket::Mode::rxio && kept_fd >= 0;
+    if (s->connection && !hand_over) s->connection->close();
     if (kept_fd >= 0) {
       try {
         lingering.emplace_back(kept_fd, s);
         s->lingering = true;
-        s->write_shut = true;
         s->epolls.clear();
         if (s->holds > 0) s->gone = true;
+        if (hand_over) {
+          start_hand_over(kept_fd, *s, Return::fork);
+          serve_lingering();
+        } else {
+          s->write_shut = true;
+          if (s->mode == Socket::Mode::rxio) watch_resume(*s, kept_fd);  // the peer may hand over yet
+        }
         return;
       } catch (const std::bad_alloc&) {
         real().close(kept_fd);
+        if (hand_over) s->connection->close();
       }
     }
     if (s->connection) closing.push_back(s->connection);
@@ -450,6 +476,8 @@ void Shim::become_rxio(int fd, Socket& s, transport::Connection& c) noexcept {
     }
     watch_wait_set(ep, *set);
   }
+  // The peer writes into the TCP connection only to go back to it (back.cc).
+  watch_resume(s, fd);
   log::info(std::string("shim: fd ") + std::to_string(fd) + " (" + s.tuple.client.to_string() + " -> " +
             s.tuple.server.to_string() + ") moved to " + c.backend_name());
   wake_sleepers();
@@ -1108,6 +1136,7 @@ bool Shim::service() noexcept {
     changed = true;
   }
   serve_moves();
+  serve_resumes();
   serve_returning();
   serve_lingering();
   // Connections the program closed: what still arrives is dropped, as a closed TCP
@@ -1128,6 +1157,13 @@ bool Shim::service() noexcept {
 }
 
 // ---- the calls interpose.cc hands over ---------------------------------------------
+
+void exec_prepare() noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::lock_guard lock(sh.mutex);
+  sh.before_exec();
+}
 
 void created(int fd) noexcept {
   Shim& sh = Shim::get();

@@ -1,5 +1,5 @@
 // The calls librxio-preload.so interposes: the socket calls, the calls that act on any
-// fd (read, write, close, dup, fcntl, ioctl), readiness (poll, select, epoll), and the
+// fd (read, write, close, dup, fcntl, ioctl), readiness (poll, select, epoll), exec, and the
 // fortified (_chk) and 64-bit-offset variants glibc routes programs to. Exported by
 // the version script (preload.map) and nothing else.
 //
@@ -17,6 +17,8 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
+
+#include <vector>
 
 #include "shim/calls.h"
 #include "shim/real.h"
@@ -295,4 +297,64 @@ RXIO_EXPORT int epoll_wait(int epfd, epoll_event* events, int count, int timeout
 RXIO_EXPORT int epoll_pwait(int epfd, epoll_event* events, int count, int timeout, const sigset_t* mask) {
   return any_owned() ? epoll_wait_any(epfd, events, count, timeout, mask)
                      : real().epoll_pwait(epfd, events, count, timeout, mask);
+}
+
+// exec: the moved sockets the new image inherits go back to TCP first. glibc's exec
+// functions call execve inside the library, past any interposer, so each is caught.
+RXIO_EXPORT int execve(const char* path, char* const argv[], char* const envp[]) noexcept {
+  if (any_owned()) exec_prepare();
+  return real().execve(path, argv, envp);
+}
+RXIO_EXPORT int execv(const char* path, char* const argv[]) noexcept {
+  if (any_owned()) exec_prepare();
+  return real().execv(path, argv);
+}
+RXIO_EXPORT int execvp(const char* file, char* const argv[]) noexcept {
+  if (any_owned()) exec_prepare();
+  return real().execvp(file, argv);
+}
+RXIO_EXPORT int execvpe(const char* file, char* const argv[], char* const envp[]) noexcept {
+  if (any_owned()) exec_prepare();
+  return real().execvpe(file, argv, envp);
+}
+RXIO_EXPORT int fexecve(int fd, char* const argv[], char* const envp[]) noexcept {
+  if (any_owned()) exec_prepare();
+  return real().fexecve(fd, argv, envp);
+}
+
+namespace {
+
+// The list form's arguments (after `first`, up to the null), as an argument vector;
+// `envp` gets what follows the null when asked for (execle).
+std::vector<char*> arguments(const char* first, va_list list, char* const** envp) {
+  std::vector<char*> argv{const_cast<char*>(first)};
+  while (char* arg = va_arg(list, char*)) argv.push_back(arg);
+  argv.push_back(nullptr);
+  if (envp) *envp = va_arg(list, char* const*);
+  return argv;
+}
+
+}  // namespace
+
+RXIO_EXPORT int execl(const char* path, const char* arg, ...) noexcept {
+  va_list list;
+  va_start(list, arg);
+  std::vector<char*> argv = arguments(arg, list, nullptr);
+  va_end(list);
+  return execv(path, argv.data());
+}
+RXIO_EXPORT int execlp(const char* file, const char* arg, ...) noexcept {
+  va_list list;
+  va_start(list, arg);
+  std::vector<char*> argv = arguments(arg, list, nullptr);
+  va_end(list);
+  return execvp(file, argv.data());
+}
+RXIO_EXPORT int execle(const char* path, const char* arg, ...) noexcept {
+  va_list list;
+  va_start(list, arg);
+  char* const* envp = nullptr;
+  std::vector<char*> argv = arguments(arg, list, &envp);
+  va_end(list);
+  return execve(path, argv.data(), envp);
 }

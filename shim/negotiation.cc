@@ -147,17 +147,21 @@ std::optional<Kind> decode_notice(std::span<const std::byte> in) noexcept {
 
 std::array<std::byte, kResumeSize> encode(const Resume& r) {
   std::array<std::byte, kResumeSize> out{};
-  put_header(out.data(), Kind::resume);
+  put_header(out.data(), r.hand_over ? Kind::hand_over : Kind::resume);
   bytes::put64(out.data() + 8, r.from);
   bytes::put64(out.data() + 16, r.kept);
+  bytes::put64(out.data() + 24, r.hand_over ? r.read : 0);
   return out;
 }
 
 std::optional<Resume> decode_resume(std::span<const std::byte> in) noexcept {
-  if (!header_is(in, kResumeSize, Kind::resume) || in[6] != std::byte{0} || in[7] != std::byte{0}) return std::nullopt;
-  Resume r{bytes::get64(in.data() + 8), bytes::get64(in.data() + 16)};
+  const bool hand_over = header_is(in, kResumeSize, Kind::hand_over);
+  if ((!hand_over && !header_is(in, kResumeSize, Kind::resume)) || in[6] != std::byte{0} || in[7] != std::byte{0})
+    return std::nullopt;
+  Resume r{bytes::get64(in.data() + 8), bytes::get64(in.data() + 16), hand_over, bytes::get64(in.data() + 24)};
   // A stream position past 2^62 bytes is no sane peer's.
-  if (r.from > (uint64_t(1) << 62) || r.kept > (uint64_t(1) << 62)) return std::nullopt;
+  constexpr uint64_t kLimit = uint64_t(1) << 62;
+  if (r.from > kLimit || r.kept > kLimit || r.read > kLimit || (!hand_over && r.read != 0)) return std::nullopt;
   return r;
 }
 

@@ -51,7 +51,16 @@ namespace negotiation {
 inline constexpr uint32_t kMagic = 0x474e5852;  // "RXNG"
 inline constexpr uint8_t kVersion = 1;
 
-enum class Kind : uint8_t { request = 1, accept = 2, refuse = 3, confirm = 4, abort = 5, switched = 6, resume = 7 };
+enum class Kind : uint8_t {
+  request = 1,
+  accept = 2,
+  refuse = 3,
+  confirm = 4,
+  abort = 5,
+  switched = 6,
+  resume = 7,
+  hand_over = 8,
+};
 
 // Why a server refused; the client counts it as a fallback.
 enum class Refusal : uint8_t { policy = 1, not_owner = 2, closing = 3, unavailable = 4, bad_message = 5 };
@@ -75,11 +84,18 @@ inline constexpr std::size_t kNoticeSize = 8;  // confirm, abort, switched
 // TCP connection after a move. The bytes that follow it are the writer's stream from
 // byte `from` of what it wrote over rxio: `kept` bytes it kept of that (some of which
 // the reader may have read already), then whatever it writes next.
+//
+// A hand-over (docs/shim.md, "fork and exec") is a Resume its writer sends while its
+// link works, because another process (a forked child, a new program image) goes on
+// with the socket: `read` says how much of the reader's stream the writer's program
+// read, and the reader answers with its bytes from there.
 struct Resume {
   uint64_t from = 0;
   uint64_t kept = 0;
+  bool hand_over = false;
+  uint64_t read = 0;  // hand-overs only
 };
-inline constexpr std::size_t kResumeSize = 24;
+inline constexpr std::size_t kResumeSize = 32;
 
 std::array<std::byte, kRequestSize> encode(const Request& request);
 std::array<std::byte, kAnswerSize> encode(const Answer& answer);

@@ -35,7 +35,7 @@ constexpr const char* kFallbackNames[] = {"policy",      "no_peer_shim", "peer_r
                                           "impostor",    "timeout",      "no_backend",   "link_failed",
                                           "busy", "not_supported"};
 static_assert(std::size(kFallbackNames) == kFallbacks);
-constexpr const char* kReturnNames[] = {"link_failed", "peer"};
+constexpr const char* kReturnNames[] = {"link_failed", "peer", "fork", "exec"};
 static_assert(std::size(kReturnNames) == kReturns);
 constexpr const char* kBackendNames[] = {"tcp", "shm", "verbs"};
 static_assert(std::size(kBackendNames) == kBackends);

@@ -35,7 +35,9 @@ constexpr std::size_t kFallbacks = std::size_t(Fallback::count_);
 // Why a moved connection went back to its TCP connection (docs/shim.md, "Back to TCP").
 enum class Return : uint8_t {
   link_failed,  // this side's link or connection failed
-  peer,         // the peer went back (its link failed, or it could not go on over rxio)
+  peer,         // the peer went back (its link failed, or it handed its socket over)
+  fork,         // closed here while a forked child still holds it: the child goes on
+  exec,         // handed to the program this process executes
   count_
 };
 constexpr std::size_t kReturns = std::size_t(Return::count_);
@@ -72,7 +74,7 @@ constexpr uint32_t kRecordFree = 0, kRecordInUse = 1, kRecordFilling = 2;
 
 constexpr uint64_t kStatMagic = 0x5441'5453'4f49'5852;  // "RXIOSTAT" in a little-endian file
 // Raised whenever the layout below changes: rxio-stat refuses other versions.
-constexpr uint32_t kStatVersion = 2;
+constexpr uint32_t kStatVersion = 3;
 // 64 bytes each: 256 KiB of address space, of which a tmpfs file uses only the pages
 // that records have touched.
 constexpr uint32_t kStatRecords = 4096;

@@ -105,6 +105,15 @@ struct Returning {
   uint64_t skip = 0;
   bool in_done = false;
   bool peer_closed = false;  // its stream had ended over rxio: an end on TCP loses nothing
+  // A forked child's socket that its parent moved (docs/shim.md, "fork and exec"): the
+  // parent writes this side's hand-over when it closes its copy, so the child only
+  // reads the peer's answer, and writes once it is in.
+  bool adopted = false;
+  // This side's Resume is a hand-over: written at once, for the peer to answer.
+  bool hands_over = false;
+  // Closed here while a forked child still holds it: this side writes its hand-over,
+  // never reads (the child does), and keeps the connection until the peer lets go of it.
+  bool handing = false;
 };
 
 // What the shim knows about one TCP socket of the program. Shared by dup()s of it.
@@ -151,6 +160,11 @@ struct Socket {
   KeptBytes kept;
   Returning back;       // mode returning
   bool broken = false;  // the peer's Resume made no sense: calls fail with ECONNRESET
+  // Moved, and a forked child holds it too (marked in the parent at fork): closing it
+  // hands it over to TCP rather than ending the stream.
+  bool shared = false;
+  // The fd the wait set watches for a Resume from the peer while moved (-1: none).
+  int resume_fd = -1;
   // Closed by the program while moved, and kept (Shim::lingering) until its connection
   // ends: not recycled meanwhile.
   bool lingering = false;
@@ -289,6 +303,21 @@ class Shim {
   // (writes this side's Resume and kept bytes, reads the peer's) as far as the TCP
   // socket lets it without waiting.
   void start_return(int fd, Socket& s, Return reason) noexcept;
+  // A moved socket that another process goes on with (a forked child, the program this
+  // one executes): writes its hand-over, with the connection left to the peer to end.
+  void start_hand_over(int fd, Socket& s, Return reason) noexcept;
+  // Reads a Resume the peer wrote into a moved socket's TCP connection (it went back,
+  // or handed its socket over) and goes back too. True once it has.
+  bool notice_resume(int fd, Socket& s) noexcept;
+  void watch_resume(Socket& s, int fd) noexcept;
+  void unwatch_resume(Socket& s) noexcept;
+  // Before exec: every moved socket the new image inherits goes back to TCP, with the
+  // peer's answer read, so that the new image finds a plain TCP stream.
+  void before_exec() noexcept;
+  // fork(): in the parent, marks the moved sockets the child holds too; in the child,
+  // makes them wait for the peer's answer to the parent's hand-over.
+  void after_fork_in_parent() noexcept;
+  void after_fork_in_child() noexcept;
   void go_on_returning(int fd, Socket& s) noexcept;
   // Has the wait set watch a return for `events` (none: not at all).
   void watch_return(int fd, Socket& s, uint32_t events) noexcept;
@@ -297,6 +326,8 @@ class Shim {
   void unwatch_return(int fd) noexcept;
   // Moved sockets the program closed, until their connection ends (back.cc).
   void serve_lingering() noexcept;
+  // The moved sockets whose TCP connection the wait set reports readable: a Resume.
+  void serve_resumes() noexcept;
   // A client's connection that is due to move: negotiates and switches, or leaves it
   // on TCP with the reason counted.
   void move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;

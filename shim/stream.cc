@@ -96,17 +96,17 @@ int wait_for_change(Shim& sh, std::unique_lock<ShimMutex>& lock, Clock::time_poi
              : 0;
 }
 
-// A forked child's call on a socket its parent moved: the connection is the parent's
-// (its rings are shared memory), so the child cannot read or write it.
+// A forked child's call on a socket its parent was moving, or sending back to TCP, at
+// the fork: neither side can tell where the other's bytes stand, so the child cannot
+// read or write it. (One its parent had moved waits for the parent's hand-over.)
 bool parents_connection(const Shim& sh, const Socket& s) noexcept {
   const Socket::Mode mode = s.mode.load();
-  if (!sh.forked_child ||
-      (mode != Socket::Mode::rxio && mode != Socket::Mode::returning && mode != Socket::Mode::moving))
+  if (!sh.forked_child || !(mode == Socket::Mode::moving || (mode == Socket::Mode::returning && !s.back.adopted)))
     return false;
   static std::atomic<bool> said{false};
   if (!said.exchange(true))
-    log::warn("shim: a forked child cannot use a socket its parent moved to rxio; its calls on it fail with "
-              "ECONNRESET (the parent's connection goes on)");
+    log::warn("shim: a forked child cannot use a socket its parent was switching at the fork; its calls on it "
+              "fail with ECONNRESET (the parent's connection goes on)");
   return true;
 }
 
@@ -332,7 +332,12 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
     if (s->record && got > before) s->record->bytes_received.fetch_add(got - before, std::memory_order_relaxed);
     bool all = got == wanted || !(flags & MSG_WAITALL) || how.dontwait();
     if (got > 0 && (all || (flags & MSG_PEEK))) return static_cast<ssize_t>(got);
-    if (c.stream_closed()) return static_cast<ssize_t>(got);
+    if (c.stream_closed()) {
+      // A peer that handed its socket over to another process ends its connection
+      // only once its hand-over is here: the stream goes on over TCP.
+      if (sh.notice_resume(fd, *s)) continue;
+      return static_cast<ssize_t>(got);
+    }
     if (c.failed()) {
       // The rest comes over TCP (back.cc).
       sh.start_return(fd, *s, Return::link_failed);
@@ -394,9 +399,10 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
     if (mode == Socket::Mode::returning) {
       sh.go_on_returning(fd, *s);
       if (s->broken) return done_or(sent, ECONNRESET);
-      if (s->mode == Socket::Mode::returning && !s->back.out_done) {
-        // The kept bytes go first.
-        int stop = wait_on_kernel(sh, lock, s, fd, POLLOUT, how);
+      if (s->mode == Socket::Mode::returning && (!s->back.out_done || (s->back.adopted && !s->back.in_done))) {
+        // The kept bytes go first; a forked child's bytes, after its parent's
+        // hand-over, which the peer's answer shows is out.
+        int stop = wait_on_kernel(sh, lock, s, fd, s->back.out_done ? POLLIN : POLLOUT, how);
         if (stop < 0) return -1;
         if (stop) return done_or(sent, stop);
         continue;

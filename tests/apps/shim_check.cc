@@ -1,8 +1,12 @@
 // rxio-shim-check: a small program that holds the socket calls to what TCP does, run
 // as two processes (each under rxio-run or not) by shim_test.cc.
 //
-//   rxio-shim-check serve PORT            serves connections, a thread each, until killed
-//   rxio-shim-check client PORT SCENARIO  runs one scenario against it; exit 0 when right
+//   rxio-shim-check serve PORT              serves connections, a thread each, until killed
+//   rxio-shim-check client PORT SCENARIO... runs scenarios against it; exit 0 when right
+//                                           ("exec" ends the list: the program it executes
+//                                           finishes the scenario and says how all went)
+//   rxio-shim-check serve-fd FD             (run by the server's exec-child scenario)
+//   rxio-shim-check client-after-exec FD FAILURES   (run by the client's exec scenario)
 // Both use 127.0.0.1, or the IPv4 address in RXIO_SHIM_CHECK_ADDRESS (an RDMA interface's,
 // for the rdma_cm path in the Soft-RoCE guest).
 //
@@ -64,7 +68,14 @@ enum Scenario : char {
   kDuplexSmall = 'D',  // the same with kParallelBytes, once the client says go (one byte)
   kForkClose = 'f',    // forks a child that closes every fd (the listener, this connection) and
                        // exits, then echoes until EOF
+  kInetd = 'i',        // echoes kHandOverRounds messages, then forks: the child plays kDuplex,
+                       // the parent closes the connection at once (the inetd pattern)
+  kExecChild = 'x',    // the same, with a child that executes `serve-fd` on the connection
 };
+
+// Round trips before a hand-over: enough calls for the client to move the connection.
+constexpr int kHandOverRounds = 16;
+constexpr std::size_t kRoundBytes = 100;
 
 // Each way of a duplex connection: enough for the switch to land mid-stream, in
 // both directions at once.
@@ -120,10 +131,11 @@ bool read_all(int fd, void* data, std::size_t n) {
   return true;
 }
 
-// `total` bytes of the stream `seed`, in writes of changing size: small ones first,
-// so that many calls cross the socket before the shim moves it.
-bool write_stream(int fd, uint64_t seed, std::size_t total) {
+// `total` bytes of the stream `seed` from byte `from` on, in writes of changing size:
+// small ones first, so that many calls cross the socket before the shim moves it.
+bool write_stream(int fd, uint64_t seed, std::size_t total, std::size_t from = 0) {
   std::mt19937_64 bytes(seed);
+  bytes.discard(from);
   std::mt19937 sizes(static_cast<uint32_t>(seed));
   std::vector<unsigned char> chunk;
   for (std::size_t sent = 0; sent < total;) {
@@ -137,9 +149,10 @@ bool write_stream(int fd, uint64_t seed, std::size_t total) {
 }
 
 // Reads `total` bytes, in reads of changing size, each checked against the stream
-// `seed`: false at the first wrong byte or an early end.
-bool read_stream(int fd, uint64_t seed, std::size_t total) {
+// `seed` from byte `from` on: false at the first wrong byte or an early end.
+bool read_stream(int fd, uint64_t seed, std::size_t total, std::size_t from = 0) {
   std::mt19937_64 bytes(seed);
+  bytes.discard(from);
   std::mt19937 sizes(static_cast<uint32_t>(seed) + 1);
   std::vector<unsigned char> buffer(65536);
   for (std::size_t got = 0; got < total;) {
@@ -150,12 +163,44 @@ bool read_stream(int fd, uint64_t seed, std::size_t total) {
     for (ssize_t i = 0; i < r; ++i)
       if (buffer[static_cast<std::size_t>(i)] != static_cast<unsigned char>(bytes())) {
         std::fprintf(stderr, "stream %llu: byte %zu differs\n", static_cast<unsigned long long>(seed),
-                     got + static_cast<std::size_t>(i));
+                     from + got + static_cast<std::size_t>(i));
         return false;
       }
     got += static_cast<std::size_t>(r);
   }
   return true;
+}
+
+// The server's side of kDuplex: `bytes` each way at once, then its verdict on the
+// client's.
+void serve_duplex(int fd, std::size_t bytes) {
+  bool right = false;
+  std::thread reader([&] { right = read_stream(fd, kClientSeed, bytes); });
+  write_stream(fd, kServerSeed, bytes);
+  reader.join();
+  char verdict = right ? 'y' : 'n';
+  write_all(fd, &verdict, 1);
+}
+
+// kInetd and kExecChild: a child goes on with the connection, the parent lets go of it.
+void hand_to_child(int fd, char scenario) {
+  std::vector<unsigned char> message(kRoundBytes);
+  for (int i = 0; i < kHandOverRounds; ++i)
+    if (!read_all(fd, message.data(), message.size()) || !write_all(fd, message.data(), message.size())) break;
+  pid_t child = ::fork();
+  if (child == 0) {
+    if (scenario == kExecChild) {
+      const std::string number = std::to_string(fd);
+      ::execl("/proc/self/exe", "rxio-shim-check", "serve-fd", number.c_str(), static_cast<char*>(nullptr));
+      std::perror("rxio-shim-check: exec");
+      ::_exit(127);
+    }
+    serve_duplex(fd, kDuplexBytes);
+    ::_exit(0);
+  }
+  ::close(fd);  // at once, as inetd does
+  int status = 0;
+  if (child > 0) ::waitpid(child, &status, 0);
 }
 
 void serve_connection(int fd) {
@@ -219,17 +264,15 @@ void serve_connection(int fd) {
     }
     case kDuplex:
     case kDuplexSmall: {
-      const std::size_t bytes = scenario == kDuplex ? kDuplexBytes : kParallelBytes;
       char go = 0;
       if (scenario == kDuplexSmall && !read_all(fd, &go, 1)) break;
-      bool right = false;
-      std::thread reader([&] { right = read_stream(fd, kClientSeed, bytes); });
-      write_stream(fd, kServerSeed, bytes);
-      reader.join();
-      char verdict = right ? 'y' : 'n';
-      write_all(fd, &verdict, 1);
+      serve_duplex(fd, scenario == kDuplex ? kDuplexBytes : kParallelBytes);
       break;
     }
+    case kInetd:
+    case kExecChild:
+      hand_to_child(fd, scenario);
+      return;
     default:
       break;
   }
@@ -691,6 +734,48 @@ void parallel_streams() {
   for (auto& t : threads) t.join();
 }
 
+// A moved connection whose server forks: the child serves it on while the parent
+// closes its copy at once (inetd), or the child executes a program that does. Both ways
+// at once, every byte checked, with bytes in flight across the fork.
+void served_by_a_child(char scenario) {
+  int fd = dial(scenario);
+  for (int i = 0; i < kHandOverRounds; ++i) {
+    auto out = random_bytes(kRoundBytes, 90 + static_cast<uint64_t>(i));
+    CHECK(write_all(fd, out.data(), out.size()));
+    std::vector<unsigned char> in(out.size());
+    CHECK(read_all(fd, in.data(), in.size()));
+    CHECK(in == out);
+  }
+  duplex_on(fd, kDuplexBytes);
+}
+void inetd_child() { served_by_a_child(kInetd); }
+void exec_child() { served_by_a_child(kExecChild); }
+
+// Half of a duplex connection each way here, the move among it, then the program
+// executes itself, and the new image does the rest (client-after-exec).
+void exec_mid_stream() {
+  int fd = dial(kDuplex);
+  CHECK(write_stream(fd, kClientSeed, kDuplexBytes / 2));
+  CHECK(read_stream(fd, kServerSeed, kDuplexBytes / 2));
+  std::fflush(stdout);
+  const std::string number = std::to_string(fd), so_far = std::to_string(failures);
+  ::execl("/proc/self/exe", "rxio-shim-check", "client-after-exec", number.c_str(), so_far.c_str(),
+          static_cast<char*>(nullptr));
+  CHECK(!"exec");
+}
+
+int after_exec(int fd) {
+  bool right = false;
+  std::thread reader([&] { right = read_stream(fd, kServerSeed, kDuplexBytes / 2, kDuplexBytes / 2); });
+  CHECK(write_stream(fd, kClientSeed, kDuplexBytes / 2, kDuplexBytes / 2));
+  reader.join();
+  CHECK(right);
+  char verdict = 0;
+  CHECK(read_all(fd, &verdict, 1) && verdict == 'y');
+  ::close(fd);
+  return failures;
+}
+
 const std::map<std::string, std::function<void()>> kScenarios = {
     {"echo", echo_with_poll},
     {"fork", forked_children_close_their_copies},
@@ -708,12 +793,26 @@ const std::map<std::string, std::function<void()>> kScenarios = {
     {"signal", signal_ends_a_blocked_read},
     {"signal-restart", signal_restarts_a_blocked_read},
     {"parallel", parallel_streams},
+    {"inetd", inetd_child},
+    {"exec-child", exec_child},
+    {"exec", exec_mid_stream},
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc >= 3 && std::string(argv[1]) == "serve") return serve(static_cast<uint16_t>(std::atoi(argv[2])));
+  if (argc >= 3 && std::string(argv[1]) == "serve-fd") {
+    serve_duplex(std::atoi(argv[2]), kDuplexBytes);
+    return 0;
+  }
+  if (argc >= 4 && std::string(argv[1]) == "client-after-exec") {
+    const int before = std::atoi(argv[3]);
+    failures = before;
+    after_exec(std::atoi(argv[2]));
+    std::printf("exec: %s\n", failures == before ? "ok" : "FAILED");
+    return failures == 0 ? 0 : 1;
+  }
   if (argc >= 4 && std::string(argv[1]) == "client") {
     g_port = static_cast<uint16_t>(std::atoi(argv[2]));
     for (int i = 3; i < argc; ++i) {

@@ -17,10 +17,12 @@ TEST_P(ShimCheck, BehavesAsTcp) {
   const std::string port = std::to_string(free_port());
   Process server = start(server_prefix() + check + " serve " + port);
   ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+  // "exec" ends the list: the program it executes finishes it.
   const std::vector<std::string> scenarios = {"echo",         "fork",    "epoll",   "select", "flags",
                                               "half-close",   "close-in-flight",  "refused",
                                               "dup-sendfile", "many",    "blocked-reader", "duplex",
-                                              "dup-move",     "signal",  "signal-restart"};
+                                              "dup-move",     "signal",  "signal-restart", "inetd",
+                                              "exec-child",   "exec"};
   std::string names;
   for (const auto& s : scenarios) names += " " + s;
   Result result = run(client_prefix() + check + " client " + port + names, 120s);
@@ -29,7 +31,16 @@ TEST_P(ShimCheck, BehavesAsTcp) {
   // One connection per scenario, three for epoll, two hundred for "many", none for
   // "refused" (it dials a closed port); those after "fork" move as well, though its
   // child closed the server's listener.
-  expect_server_totals(server, 215);
+  expect_server_totals(server, 218);
+  if (GetParam() == Shimmed::both) {
+    // Handed over to TCP: by the server's parents for inetd and exec-child; by the
+    // client for exec, and for fork's connection, which its child held when it closed.
+    auto board = board_when(server.pid(), [](const Board& b) { return b["returned.peer"] >= 2; });
+    ASSERT_TRUE(board);
+    EXPECT_EQ((*board)["returned.fork"], 2u) << board->json;
+    EXPECT_EQ((*board)["returned.peer"], 2u) << board->json;
+    EXPECT_EQ((*board)["returned.link_failed"], 0u) << board->json;
+  }
   EXPECT_TRUE(server.stop()) << server.output();
 }
 

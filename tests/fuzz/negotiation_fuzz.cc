@@ -24,7 +24,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   if (auto resume = negotiation::decode_resume(in)) {
     auto again = negotiation::decode_resume(negotiation::encode(*resume));
-    if (!again || again->from != resume->from || again->kept != resume->kept) __builtin_trap();
+    if (!again || again->from != resume->from || again->kept != resume->kept ||
+        again->hand_over != resume->hand_over || again->read != resume->read) __builtin_trap();
   }
   if (auto notice = negotiation::decode_notice(in)) {
     if (negotiation::decode_notice(negotiation::encode_notice(*notice)) != notice) __builtin_trap();

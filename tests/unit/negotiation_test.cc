@@ -71,7 +71,24 @@ TEST(Negotiation, ResumeRoundTripsAndRefusesWhatNoPeerSends) {
   EXPECT_FALSE(with(5, std::byte{6}));     // kind: a switched notice is not a resume
   EXPECT_FALSE(with(6, std::byte{1}));     // reserved bytes
   EXPECT_FALSE(with(15, std::byte{0x80}));  // a position past 2^62
+  EXPECT_FALSE(with(24, std::byte{1}));     // a read position belongs to hand-overs only
   EXPECT_FALSE(decode_notice(std::span(resume.data(), kNoticeSize)));
+}
+
+TEST(Negotiation, HandOverCarriesWhatItsWriterRead) {
+  auto hand_over = encode(Resume{4096, 8192, true, 77777});
+  auto back = decode_resume(hand_over);
+  ASSERT_TRUE(back);
+  EXPECT_TRUE(back->hand_over);
+  EXPECT_EQ(back->from, 4096u);
+  EXPECT_EQ(back->kept, 8192u);
+  EXPECT_EQ(back->read, 77777u);
+  auto plain = decode_resume(encode(Resume{4096, 8192}));
+  ASSERT_TRUE(plain);
+  EXPECT_FALSE(plain->hand_over);
+  auto far = hand_over;
+  far[31] = std::byte{0x80};  // a read position past 2^62
+  EXPECT_FALSE(decode_resume(far));
 }
 
 TEST(Negotiation, TruncatedOrPaddedMessagesAreRefused) {

@@ -206,7 +206,7 @@ TEST_F(StatBoardTest, RxioStatListsRecordsAndCounters) {
   EXPECT_THAT(json, HasSubstr("\"peer\": \"[fd00::1]:22\", \"backend\": \"tcp\""));
   EXPECT_THAT(json, HasSubstr("\"policy\": 1, \"no_peer_shim\": 2,"));
   EXPECT_THAT(json, HasSubstr("\"moved\": {\"tcp\": 0, \"shm\": 0, \"verbs\": 1}"));
-  EXPECT_THAT(json, HasSubstr("\"returned\": {\"link_failed\": 0, \"peer\": 1}"));
+  EXPECT_THAT(json, HasSubstr("\"returned\": {\"link_failed\": 0, \"peer\": 1, \"fork\": 0, \"exec\": 0}"));
   if (system("command -v python3 >/dev/null") == 0) {
     std::string checked = stat_tool(
         "--json | python3 -c 'import json, sys; p = json.load(sys.stdin)[\"processes\"]; "
