@@ -11,6 +11,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -304,6 +305,11 @@ void Shim::serve_resumes() noexcept {
   }
 }
 
+bool Shim::has_children() noexcept {
+  siginfo_t info{};
+  return ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) == 0 || errno != ECHILD;
+}
+
 void Shim::after_fork_in_parent() noexcept {
   for (auto& entry : sockets)
     if (Socket* s = entry.load(std::memory_order_relaxed); s && s->mode == Socket::Mode::rxio) s->shared = true;
@@ -381,6 +387,46 @@ void Shim::before_exec() noexcept {
   }
 }
 
+void Shim::at_exit() noexcept {
+  if (forked_child || !engine_) return;
+  // Another thread may be inside the shim: it gets a moment to leave, not a deadlock.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(50);
+  while (!mutex.try_lock())
+    if (std::chrono::steady_clock::now() > give_up) return;
+  std::unique_lock lock(mutex, std::adopt_lock);
+  Inside inside;
+  std::vector<std::pair<int, Socket*>> handing;
+  try {
+    handing.reserve(lingering.size() + 16);
+    for (auto [fd, s] : lingering)
+      if (s->back.handing) handing.emplace_back(fd, s);
+    for (int fd = 0; fd < kMaxFds; ++fd) {
+      Socket* s = socket_of(fd);
+      if (!s || s->mode != Socket::Mode::rxio) continue;  // a dup of one handed over is not
+      if (s->shared && has_children()) {
+        start_hand_over(fd, *s, Return::fork);
+        handing.emplace_back(fd, s);
+      } else {
+        s->connection->close();  // once, whichever fds name it
+      }
+    }
+  } catch (const std::bad_alloc&) {
+  }
+  // The hand-overs out, as far as a short wait lets them: the process ends after.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+  for (auto [fd, s] : handing) {
+    Returning& r = s->back;
+    while (!r.out_done && write_out(fd, *s) && !r.out_done && std::chrono::steady_clock::now() < until) {
+      pollfd room{fd, POLLOUT, 0};
+      real().poll(&room, 1, 10);
+    }
+  }
+  // The closes on their way (a verbs link posts them).
+  const auto flushed = std::chrono::steady_clock::now() + std::chrono::milliseconds(10);
+  while (std::chrono::steady_clock::now() < flushed && engine_->progress() > 0) {
+  }
+}
+
 void Shim::watch_return(int fd, Socket& s, uint32_t events) noexcept {
   Returning& r = s.back;
   if (events == r.watched) return;
@@ -444,6 +490,13 @@ void Shim::serve_lingering() noexcept {
       }
       watch_return(fd, *s, r.out_done ? 0u : uint32_t{EPOLLOUT});
       done = r.out_done && !s->connection;
+      if (done && !has_children()) {
+        // No child holds it any more: the peer's answer is read out here, so that the
+        // close sends no reset.
+        r.handing = false;
+        s->mode = Socket::Mode::tcp;
+        done = false;
+      }
     } else if (s->mode == Socket::Mode::rxio) {
       transport::Connection& c = *s->connection;
       // The program is gone: what arrives is dropped, but counted as read, so that the

@@ -213,6 +213,9 @@ Shim::Shim() {
     log::warn(std::string("shim: ") + e.what());
   }
   wait_set.reset(::epoll_create1(EPOLL_CLOEXEC));
+  std::atexit([] {
+    if (Shim* sh = current()) sh->at_exit();
+  });
   pthread_atfork([] { current()->mutex.lock_for_fork(); },
                  [] {
                    Shim* sh = current();
@@ -388,7 +391,8 @@ void Shim::forget(int fd) noexcept {
   // closing the child's fd leaves it alone.
   if (!forked_child && (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning)) {
     int kept_fd = real().fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    const bool hand_over = s->shared && s->mode == Socket::Mode::rxio && kept_fd >= 0;
+    // Shared at a fork: handed over while a child may hold it still.
+    const bool hand_over = s->shared && s->mode == Socket::Mode::rxio && kept_fd >= 0 && has_children();
     if (s->connection && !hand_over) s->connection->close();
     if (kept_fd >= 0) {
       try {

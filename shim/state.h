@@ -54,6 +54,7 @@ class ShimMutex {
  public:
   explicit ShimMutex(Shim& shim) noexcept : shim_(shim) {}
   void lock() noexcept { mutex_.lock(); }
+  bool try_lock() noexcept { return mutex_.try_lock(); }
   void unlock() noexcept;
   // Around fork(): held by the forking thread, so that the child's copy is consistent,
   // then let go in both processes without the hand-over.
@@ -318,6 +319,13 @@ class Shim {
   // makes them wait for the peer's answer to the parent's hand-over.
   void after_fork_in_parent() noexcept;
   void after_fork_in_child() noexcept;
+  // Whether this process has children (running, or exited and not waited for): any of
+  // them may hold a socket it shared at fork.
+  static bool has_children() noexcept;
+  // At exit: each moved connection ends as the kernel ends the TCP socket, with a
+  // close the peer reads after every byte (or a hand-over, where a child holds it on),
+  // rather than as a link that failed.
+  void at_exit() noexcept;
   void go_on_returning(int fd, Socket& s) noexcept;
   // Has the wait set watch a return for `events` (none: not at all).
   void watch_return(int fd, Socket& s, uint32_t events) noexcept;
