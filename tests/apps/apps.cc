@@ -179,6 +179,12 @@ void Process::resume() {
   if (pid_ > 0 && !status_) ::kill(-pid_, SIGCONT);
 }
 
+void Process::kill() {
+  if (pid_ <= 0 || status_) return;
+  ::kill(-pid_, SIGKILL);
+  wait(10s);
+}
+
 void Process::close_stdin() {
   if (stdin_ >= 0) ::close(stdin_);
   stdin_ = -1;

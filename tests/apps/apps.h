@@ -62,6 +62,8 @@ class Process {
   // SIGSTOP and SIGCONT to the group: holds a program where it is, its connections open.
   void pause();
   void resume();
+  // SIGKILL to the group, as a crash would end it; reaps it.
+  void kill();
   // EOF on stdin: how a test lets a client that holds its connections open go on.
   void close_stdin();
   std::string output() const;

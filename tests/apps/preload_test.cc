@@ -44,7 +44,8 @@ TEST(Preload, ExportsExactlyTheInterposedCalls) {
   const std::set<std::string> expected = {
       "__poll_chk", "__ppoll_chk", "__read_chk", "__recv_chk", "__recvfrom_chk", "accept", "accept4", "bind",
       "close", "connect", "dup", "dup2", "dup3", "epoll_create", "epoll_create1", "epoll_ctl", "epoll_pwait",
-      "epoll_wait", "fcntl", "fcntl64", "getsockopt", "ioctl", "listen", "poll", "ppoll", "pselect", "read",
+      "epoll_wait", "execl", "execle", "execlp", "execv", "execve", "execvp", "execvpe", "fexecve", "fcntl",
+      "fcntl64", "getsockopt", "ioctl", "listen", "poll", "ppoll", "pselect", "read",
       "readv", "recv", "recvfrom", "recvmsg", "select", "send", "sendfile", "sendfile64", "sendmsg", "sendto",
       "setsockopt", "shutdown", "socket", "write", "writev"};
   EXPECT_EQ(exported, expected);

@@ -776,6 +776,32 @@ int after_exec(int fd) {
   return failures;
 }
 
+// Echo round trips of up to 64 KiB, every byte checked, for `seconds`; `until_gone`:
+// a peer that goes away ends it well, with an error or the end of the stream (never a
+// wrong byte, never a hang).
+void steady(int seconds, bool until_gone) {
+  int fd = dial(kEcho);
+  std::mt19937 random(5);
+  const auto until = Clock::now() + std::chrono::seconds(seconds);
+  for (uint64_t i = 0; Clock::now() < until; ++i) {
+    auto out = random_bytes(1 + random() % (64 * 1024), 200 + i);
+    std::vector<unsigned char> in(out.size());
+    const bool sent = write_all(fd, out.data(), out.size());
+    const bool got = sent && read_all(fd, in.data(), in.size());
+    if (until_gone && !got) {
+      std::printf("steady: the server went after %llu round trips (%s)\n", static_cast<unsigned long long>(i),
+                  errno ? std::strerror(errno) : "end of stream");
+      ::close(fd);
+      return;
+    }
+    CHECK(sent && got);
+    CHECK(in == out);
+    if (!got) break;
+  }
+  CHECK(!until_gone);  // the server was to go away meanwhile
+  ::close(fd);
+}
+
 const std::map<std::string, std::function<void()>> kScenarios = {
     {"echo", echo_with_poll},
     {"fork", forked_children_close_their_copies},
@@ -796,6 +822,8 @@ const std::map<std::string, std::function<void()>> kScenarios = {
     {"inetd", inetd_child},
     {"exec-child", exec_child},
     {"exec", exec_mid_stream},
+    {"steady", [] { steady(4, false); }},
+    {"steady-until-gone", [] { steady(30, true); }},
 };
 
 }  // namespace

@@ -103,6 +103,47 @@ TEST_P(ShimReturns, ServerLinkFailsMidStream) { run_with_fault("RXIO_FAULT_LINK_
 
 TEST_P(ShimReturns, ClientLinkFailsMidStream) { run_with_fault("RXIO_FAULT_LINK_AFTER=0", "RXIO_FAULT_LINK_AFTER=300"); }
 
+// A peer whose process stops (SIGSTOP) for a second, twice, under running round trips:
+// its link stays up, nothing goes back to TCP, and every byte arrives once it goes on.
+TEST_P(ShimReturns, PeerStoppedMidStream) {
+  const std::string check = quote(env("RXIO_SHIM_CHECK"));
+  const std::string port = std::to_string(free_port());
+  Process server = start(server_prefix() + check + " serve " + port);
+  ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+  Process client = start(client_prefix() + check + " client " + port + " steady");
+  for (int i = 0; i < 2; ++i) {
+    std::this_thread::sleep_for(700ms);
+    server.pause();
+    std::this_thread::sleep_for(1s);
+    server.resume();
+  }
+  Result result = finish(client, 60s);
+  EXPECT_TRUE(result.exited_0) << result.output;
+  EXPECT_NE(result.output.find("steady: ok"), std::string::npos) << result.output;
+  auto board = board_when(server.pid(), [](const Board&) { return true; });
+  ASSERT_TRUE(board);
+  EXPECT_EQ((*board)["moved." + expected_backend()], 1u) << board->json;
+  EXPECT_EQ((*board)["returned.link_failed"] + (*board)["returned.peer"], 0u) << board->json;
+  EXPECT_TRUE(server.stop()) << server.output();
+}
+
+// A peer killed under running round trips (its link fails, its TCP socket ends without
+// a Resume): the client's calls end with an error or the stream's end, every byte
+// before that right, and no call hangs.
+TEST_P(ShimReturns, PeerKilledMidStream) {
+  const std::string check = quote(env("RXIO_SHIM_CHECK"));
+  const std::string port = std::to_string(free_port());
+  Process server = start(server_prefix() + check + " serve " + port);
+  ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+  Process client = start(client_prefix() + check + " client " + port + " steady-until-gone");
+  std::this_thread::sleep_for(1s);
+  server.kill();
+  Result result = finish(client, 60s);
+  EXPECT_TRUE(result.exited_0) << result.output;
+  EXPECT_NE(result.output.find("steady: the server went after"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("steady-until-gone: ok"), std::string::npos) << result.output;
+}
+
 INSTANTIATE_TEST_SUITE_P(Apps, ShimCheck, testing::Values(Shimmed::both, Shimmed::server, Shimmed::client),
                          test_name);
 INSTANTIATE_TEST_SUITE_P(Apps, ShimReturns, testing::Values(Shimmed::both), test_name);
