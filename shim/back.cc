@@ -10,12 +10,15 @@
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <new>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -257,7 +260,7 @@ void Shim::start_hand_over(int fd, Socket& s, Return reason) noexcept {
 }
 
 bool Shim::notice_resume(int fd, Socket& s) noexcept {
-  if (s.mode != Socket::Mode::rxio || forked_child) return false;
+  if (s.mode != Socket::Mode::rxio) return false;
   Returning& r = s.back;
   while (r.peer_have < r.peer.size()) {
     ssize_t n = real().recv(fd, r.peer.data() + r.peer_have, r.peer.size() - r.peer_have, MSG_DONTWAIT);
@@ -305,6 +308,61 @@ void Shim::serve_resumes() noexcept {
   }
 }
 
+Acceptors::~Acceptors() {
+  if (slots_) ::munmap(slots_, kSlots * sizeof(Slot));
+}
+
+bool Acceptors::map() noexcept {
+  void* p = ::mmap(nullptr, kSlots * sizeof(Slot), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return false;
+  slots_ = static_cast<Slot*>(p);  // zeros: every slot free
+  return true;
+}
+
+namespace {
+
+uint64_t key_of(const Tuple& tuple) noexcept { return TupleHash{}(tuple) | 1; }
+
+}  // namespace
+
+void Acceptors::record(const Tuple& tuple, uint32_t pid) noexcept {
+  const uint64_t key = key_of(tuple);
+  for (std::size_t i = 0; i < kProbes; ++i) {
+    Slot& slot = slots_[(key + i) % kSlots];
+    uint32_t free = 0;
+    if (!slot.pid.compare_exchange_strong(free, kClaimed, std::memory_order_acquire)) continue;
+    slot.key.store(key, std::memory_order_relaxed);
+    slot.pid.store(pid, std::memory_order_release);
+    return;
+  }
+  // Full around its place: requests for it get no answer but "not yet", and the
+  // client stays on TCP at its deadline.
+}
+
+void Acceptors::erase(const Tuple& tuple, uint32_t pid) noexcept {
+  const uint64_t key = key_of(tuple);
+  for (std::size_t i = 0; i < kProbes; ++i) {
+    Slot& slot = slots_[(key + i) % kSlots];
+    uint32_t mine = pid;
+    if (slot.key.load(std::memory_order_relaxed) == key &&
+        slot.pid.compare_exchange_strong(mine, 0, std::memory_order_release))
+      return;
+  }
+}
+
+uint32_t Acceptors::owner(const Tuple& tuple) const noexcept {
+  const uint64_t key = key_of(tuple);
+  for (std::size_t i = 0; i < kProbes; ++i) {
+    const Slot& slot = slots_[(key + i) % kSlots];
+    const uint32_t pid = slot.pid.load(std::memory_order_acquire);
+    if (pid == 0 || pid == kClaimed || slot.key.load(std::memory_order_relaxed) != key) continue;
+    // A process that died without closing leaves its entries: they name no one.
+    if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) continue;
+    return pid;
+  }
+  return 0;
+}
+
 bool Shim::has_children() noexcept {
   siginfo_t info{};
   return ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) == 0 || errno != ECHILD;
@@ -313,14 +371,57 @@ bool Shim::has_children() noexcept {
 void Shim::after_fork_in_parent() noexcept {
   for (auto& entry : sockets)
     if (Socket* s = entry.load(std::memory_order_relaxed); s && s->mode == Socket::Mode::rxio) s->shared = true;
+  // The child may accept on these listeners: requests for what this process accepted
+  // are sent on to its own endpoint.
+  for (auto& [port, endpoint] : endpoints) {
+    endpoint.shared = true;
+    serve_shared(port, endpoint);
+  }
 }
 
+namespace {
+
+// Lets go of `value` in a forked child without its destructor: what it names (an
+// rdma_cm id, an event channel) is the parent's too.
+template <typename T>
+void leave_to_parent(std::optional<T>& value) noexcept {
+  if (!value) return;
+  static_cast<void>(new (std::nothrow) T(std::move(*value)));
+  value.reset();  // moved from: its destructor lets go of nothing
+}
+
+}  // namespace
+
 void Shim::after_fork_in_child() noexcept {
+  // The parent's engine, negotiations, moves and connections stay the parent's: the
+  // child forgets them without a call that could reach them, and starts its own
+  // engine when it needs one.
+  engine_ = nullptr;
+  engine_failed = false;
+  link_failures_seen_ = handed_over_at_ = 0;
+  for (Peer& peer : peers) leave_to_parent(peer.cm_id);
+  peers.clear();  // the child's copies of the clients' sockets close
+  committed.clear();
+  accepted.clear();
+  unmatched.clear();
+  closing.clear();
+  returning.clear();
+  for (auto [fd, s] : lingering) real().close(fd);  // its copies of the private descriptors
+  lingering.clear();
+  leave_to_parent(cm_events);
+  for (auto& [port, endpoint] : endpoints) {
+    leave_to_parent(endpoint.cm_listener);
+    endpoint.own.reset();  // the parent's own endpoint (its copy here closes)
+    endpoint.shared = true;
+    endpoint.serving = false;  // until this child accepts on the listener
+  }
   for (auto& entry : sockets) {
     Socket* s = entry.load(std::memory_order_relaxed);
     if (!s) continue;
     s->record = nullptr;
     s->resume_fd = -1;  // the wait set is the parent's
+    s->shared = false;
+    if (s->mode == Socket::Mode::moving || s->mode == Socket::Mode::returning) s->inherited = true;
     if (s->mode != Socket::Mode::rxio) continue;
     // The connection is the parent's. When the parent closes its copy, its hand-over
     // sends the peer back to TCP from the byte the parent read, and this copy reads
@@ -349,7 +450,6 @@ void Shim::before_exec() noexcept {
       break;
     }
     if (s->mode != Socket::Mode::rxio) continue;
-    if (forked_child) continue;
     if (s->has_ahead()) {
       // Bytes taken from the kernel before the move that the program has not read:
       // the new image could not be given them.
@@ -388,7 +488,7 @@ void Shim::before_exec() noexcept {
 }
 
 void Shim::at_exit() noexcept {
-  if (forked_child || !engine_) return;
+  if (!engine_) return;
   // Another thread may be inside the shim: it gets a moment to leave, not a deadlock.
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(50);
   while (!mutex.try_lock())
@@ -580,7 +680,7 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
 }
 
 void Shim::notice_failures() noexcept {
-  if (!engine_ || forked_child || engine_->link_failures() == link_failures_seen_) return;
+  if (!engine_ || engine_->link_failures() == link_failures_seen_) return;
   link_failures_seen_ = engine_->link_failures();
   // Rare enough to look at every entry of the table. A connection whose peer had
   // closed its side has all its bytes here: it goes back only if the program writes

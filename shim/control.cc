@@ -93,10 +93,10 @@ bool same_host(const Tuple& t) {
   return t.server.address == t.client.address;
 }
 
-sockaddr_un abstract_address(uint16_t port, socklen_t& length) {
+sockaddr_un abstract_address(uint16_t port, socklen_t& length, uint32_t pid = 0) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
-  std::string name = negotiation::endpoint_name(port);
+  std::string name = negotiation::endpoint_name(port, pid);
   std::memcpy(addr.sun_path + 1, name.data(), name.size());
   length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
   return addr;
@@ -156,6 +156,7 @@ Fallback fallback_for(negotiation::Refusal refusal) {
   switch (refusal) {
     case negotiation::Refusal::not_owner: return Fallback::impostor;
     case negotiation::Refusal::bad_message: return Fallback::bad_message;
+    case negotiation::Refusal::not_yet: return Fallback::timeout;
     case negotiation::Refusal::policy:
     case negotiation::Refusal::closing:
     case negotiation::Refusal::unavailable: break;
@@ -192,18 +193,13 @@ Shim::Shim() {
     log::warn(std::string("shim: ") + e.what() + "; every connection stays on TCP");
     policy = Policy::parse("deny *", "the shim's fallback");
   }
-  try {
-    board.emplace(command_name());
-    // The Shim outlives main (threads may still call in), so the board's file goes at
-    // exit, in this process only: a forked child leaves its parent's board alone.
-    static pid_t owner = getpid();
-    std::atexit([] {
-      Shim* sh = current();
-      if (sh && sh->board && getpid() == owner) ::unlink(sh->board->path().c_str());
-    });
-  } catch (const std::exception& e) {
-    log::info(std::string("shim: no statistics board: ") + e.what());
-  }
+  open_board();
+  // The Shim outlives main (threads may still call in), so the board's file goes at
+  // exit, by the process that made it: a forked child leaves its parent's alone.
+  std::atexit([] {
+    Shim* sh = current();
+    if (sh && sh->board && getpid() == sh->board_owner) ::unlink(sh->board->path().c_str());
+  });
   try {
     negotiate_timeout = milliseconds(config::get_count("RXIO_SHIM_TIMEOUT_MS"));
     poll_time = std::chrono::microseconds(config::get_count("RXIO_POLL_US"));
@@ -238,9 +234,18 @@ Shim::Shim() {
                  });
 }
 
+void Shim::open_board() noexcept {
+  try {
+    board.emplace(command_name());
+    board_owner = getpid();
+  } catch (const std::exception& e) {
+    log::info(std::string("shim: no statistics board: ") + e.what());
+  }
+}
+
 transport::Engine* Shim::engine() noexcept {
-  if (forked_child) return nullptr;
   if (engine_) return engine_;
+  if (forked_child && !board) open_board();  // a child's connections are its own to count
   if (engine_failed && Clock::now() < engine_retry_at) return nullptr;
   try {
     auto* e = new transport::Engine(transport::Options{});
@@ -273,7 +278,7 @@ void Shim::add_to_wait_set(int fd) noexcept {
 void Shim::remove_from_wait_set(int fd) noexcept { ::epoll_ctl(wait_set.get(), EPOLL_CTL_DEL, fd, nullptr); }
 
 int Shim::progress() noexcept {
-  if (!engine_ || forked_child) return 0;
+  if (!engine_) return 0;
   int handled = engine_->progress();
   notice_failures();
   // What came in may be a cookie or a client's word for a move. Any progress call
@@ -389,7 +394,7 @@ void Shim::forget(int fd) noexcept {
   // TCP, so that the peer gets every byte (back.cc). One that a forked child holds too
   // is handed over to the child. In a forked child, the connection is the parent's:
   // closing the child's fd leaves it alone.
-  if (!forked_child && (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning)) {
+  if (!s->back.adopted && !s->inherited && (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning)) {
     int kept_fd = real().fcntl(fd, F_DUPFD_CLOEXEC, 0);
     // Shared at a fork: handed over while a child may hold it still.
     const bool hand_over = s->shared && s->mode == Socket::Mode::rxio && kept_fd >= 0 && has_children();
@@ -422,6 +427,9 @@ void Shim::forget(int fd) noexcept {
       endpoints.erase(it);
     }
   }
+  if (s->server)
+    if (auto it = endpoints.find(s->tuple.server.port); it != endpoints.end() && it->second.acceptors)
+      it->second.acceptors->erase(s->tuple, static_cast<uint32_t>(getpid()));
   if (s->server && s->mode != Socket::Mode::rxio) {
     if (auto it = accepted.find(s->tuple); it != accepted.end() && it->second == fd) accepted.erase(it);
     // Closed before its switch: nothing may land on its fd number.
@@ -704,44 +712,80 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
       why = Fallback::no_peer_shim;
     }
   } else {
-    UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-    if (!unix_fd) return fall_back(fd, Fallback::no_backend);
-    socklen_t length = 0;
-    sockaddr_un where = abstract_address(tuple->server.port, length);
-    if (real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0) {
-      if (errno == EAGAIN) return fall_back(fd, Fallback::timeout);  // its backlog is full
-      no_shim[key] = Clock::now() + kNoShimMemory;
-      return fall_back(fd, Fallback::no_peer_shim);
-    }
-    ucred cred{};
-    socklen_t cred_length = sizeof cred;
-    if (real().getsockopt(unix_fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
-        cred.pid == getpid())
-      // Our own listener: its engine cannot answer while this thread waits in it.
-      return fall_back(fd, Fallback::not_supported);
-    if (!send_all(unix_fd.get(), negotiation::encode(request), fd)) return fall_back(fd, Fallback::peer_refused);
-    // The answer, waited for without the mutex so that this process's other threads go on.
-    std::array<std::byte, 64> buffer;
-    ssize_t n = -1;
-    auto spin_until = Clock::now() + poll_time;
-    ++s.holds;
+    // The listener's endpoint; then, for a listener processes share after fork, the
+    // endpoint of the one that accepted the connection.
+    uint32_t target = 0;
+    int asked = 0;
+    UniqueFd unix_fd;
     for (;;) {
-      n = receive_message(unix_fd.get(), buffer, nullptr);
-      if (n >= 0 || n == -2 || errno != EAGAIN) break;
-      auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
-      if (left <= 0) break;
-      pollfd p{unix_fd.get(), POLLIN, 0};
-      lock.unlock();
-      real().poll(&p, 1, Clock::now() < spin_until ? 0 : static_cast<int>(left));
-      lock.lock();
+      if (!unix_fd) {
+        unix_fd.reset(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+        if (!unix_fd) return fall_back(fd, Fallback::no_backend);
+        socklen_t length = 0;
+        sockaddr_un where = abstract_address(tuple->server.port, length, target);
+        if (real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0) {
+          if (errno == EAGAIN) return fall_back(fd, Fallback::timeout);  // its backlog is full
+          if (target) return fall_back(fd, Fallback::peer_refused);     // the process named went
+          no_shim[key] = Clock::now() + kNoShimMemory;
+          return fall_back(fd, Fallback::no_peer_shim);
+        }
+        ucred cred{};
+        socklen_t cred_length = sizeof cred;
+        if (real().getsockopt(unix_fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
+            cred.pid == getpid())
+          // Our own listener: its engine cannot answer while this thread waits in it.
+          return fall_back(fd, Fallback::not_supported);
+      }
+      if (!send_all(unix_fd.get(), negotiation::encode(request), fd)) return fall_back(fd, Fallback::peer_refused);
+      ++asked;
+      // The answer, waited for without the mutex so that this process's other threads go on.
+      std::array<std::byte, 64> buffer;
+      ssize_t n = -1;
+      auto spin_until = Clock::now() + poll_time;
+      ++s.holds;
+      for (;;) {
+        n = receive_message(unix_fd.get(), buffer, nullptr);
+        if (n >= 0 || n == -2 || errno != EAGAIN) break;
+        auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+        if (left <= 0) break;
+        pollfd p{unix_fd.get(), POLLIN, 0};
+        lock.unlock();
+        real().poll(&p, 1, Clock::now() < spin_until ? 0 : static_cast<int>(left));
+        lock.lock();
+      }
+      bool gone = s.gone;
+      release(&s);
+      if (gone) return;
+      if (n >= 0) answer = negotiation::decode_answer(std::span(buffer.data(), std::size_t(n)));
+      why = n == -2 || n >= 0 ? Fallback::bad_message : errno == EAGAIN ? Fallback::timeout : Fallback::peer_refused;
+      if (answer && answer->redirect && target == 0) {
+        target = answer->redirect;
+        answer.reset();
+        unix_fd.reset();
+        continue;
+      }
+      // The connection ended without an answer: ask again, on a new one. (After the
+      // server forked, an answer has been seen to go missing now and then.)
+      const bool unanswered = n == 0 && Clock::now() < deadline && asked < 64;
+      if (unanswered) unix_fd.reset();
+      if (unanswered ||
+          (answer && !answer->accepted && answer->refusal == negotiation::Refusal::not_yet && Clock::now() < deadline)) {
+        // No process has accepted it yet: a moment, then ask again.
+        ++s.holds;
+        lock.unlock();
+        timespec pause{0, 1'000'000};
+        nanosleep(&pause, nullptr);
+        lock.lock();
+        gone = s.gone;
+        release(&s);
+        if (gone) return;
+        answer.reset();
+        continue;
+      }
+      break;
     }
-    bool gone = s.gone;
-    release(&s);
-    if (gone) return;
-    if (n >= 0) answer = negotiation::decode_answer(std::span(buffer.data(), std::size_t(n)));
-    why = n == -2 || n >= 0 ? Fallback::bad_message : errno == EAGAIN ? Fallback::timeout : Fallback::peer_refused;
   }
-  if (!answer) return fall_back(fd, why);
+  if (!answer || answer->redirect) return fall_back(fd, answer ? Fallback::bad_message : why);
   if (!answer->accepted) return fall_back(fd, fallback_for(answer->refusal));
 
   // The engine connection; its first bytes are the cookie, then this side's Confirm
@@ -858,7 +902,9 @@ void Shim::start_listening(int fd, Socket& s) noexcept {
       return fall_back(fd, Fallback::not_supported);
     }
     add_to_wait_set(unix_fd.get());
-    it = endpoints.emplace(endpoint->port, Listening{std::move(unix_fd), std::nullopt, 0}).first;
+    auto acceptors = std::make_shared<Acceptors>();
+    if (!acceptors->map()) acceptors.reset();
+    it = endpoints.emplace(endpoint->port, Listening{std::move(unix_fd), std::nullopt, 0, std::move(acceptors)}).first;
     offer_remote_moves(it->second, *endpoint);
   }
   ++it->second.listeners;
@@ -897,6 +943,11 @@ void Shim::adopt_accepted(int fd) noexcept {
   s->mode = Socket::Mode::tcp;
   sockets[fd].store(s, std::memory_order_release);
   accepted[*tuple] = fd;
+  if (auto it = endpoints.find(tuple->server.port); it != endpoints.end() && it->second.acceptors) {
+    it->second.acceptors->record(*tuple, static_cast<uint32_t>(getpid()));
+    // A child that accepts on a listener its parent made answers for it too.
+    if (it->second.shared) serve_shared(it->first, it->second);
+  }
   // A request that came before the program accepted the connection is answered now.
   for (std::size_t i = 0; i < peers.size();) {
     if (peers[i].parked != *tuple || answer(peers[i])) {
@@ -906,6 +957,24 @@ void Shim::adopt_accepted(int fd) noexcept {
     if (peers[i].fd) remove_from_wait_set(peers[i].fd.get());
     peers.erase(peers.begin() + static_cast<long>(i));
   }
+}
+
+bool Shim::serve_shared(uint16_t port, Listening& endpoint) noexcept {
+  if (!endpoint.own) {
+    UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    socklen_t length = 0;
+    sockaddr_un where = abstract_address(port, length, static_cast<uint32_t>(getpid()));
+    if (!unix_fd || real().bind(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0 ||
+        real().listen(unix_fd.get(), 1024) != 0)
+      return false;
+    add_to_wait_set(unix_fd.get());
+    endpoint.own = std::move(unix_fd);
+  }
+  if (!endpoint.serving) {
+    add_to_wait_set(endpoint.fd.get());
+    endpoint.serving = true;
+  }
+  return true;
 }
 
 void Shim::serve_endpoint(int endpoint) noexcept {
@@ -982,6 +1051,22 @@ bool Shim::answer(Peer& peer) noexcept {
   // with other processes, the kernel may have given it to someone else.
   auto held = accepted.find(tuple);
   if (held == accepted.end()) {
+    auto endpoint = endpoints.find(tuple.server.port);
+    if (endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors && !peer.cm_id) {
+      // Processes share the listener: the one that accepted it answers; until one
+      // has, the client asks again (a process here may sleep outside the shim).
+      const uint32_t owner = endpoint->second.acceptors->owner(tuple);
+      if (owner == 0) {
+        // Not a fall-back: the client asks again on this connection.
+        if (!send_answer(peer, negotiation::Answer{false, negotiation::Refusal::not_yet, 0, 0})) return false;
+        peer.parked.reset();
+        return true;
+      }
+      if (owner != static_cast<uint32_t>(getpid())) {
+        send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner});
+        return false;
+      }
+    }
     if (Clock::now() < peer.until) return true;
     return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
   }
@@ -1094,7 +1179,7 @@ void Shim::drop_committed(const Tuple& tuple) noexcept {
 }
 
 void Shim::match_cookies() noexcept {
-  transport::Engine* e = engine();
+  transport::Engine* e = running_engine();
   if (!e) return;
   while (transport::Connection* c = e->try_accept()) unmatched.push_back(Unmatched{c, {}, 0});
   for (std::size_t i = 0; i < unmatched.size();) {
@@ -1123,12 +1208,14 @@ void Shim::match_cookies() noexcept {
 }
 
 bool Shim::service() noexcept {
-  if (forked_child) return false;  // the endpoints, peers and moves are the parent's
   bool changed = false;
-  transport::Engine* e = engine();
+  transport::Engine* e = running_engine();
   if (e) changed = e->on_wake() > 0;
   notice_failures();
-  for (auto& [port, endpoint] : endpoints) serve_endpoint(endpoint.fd.get());
+  for (auto& [port, endpoint] : endpoints) {
+    if (endpoint.serving) serve_endpoint(endpoint.fd.get());
+    if (endpoint.own) serve_endpoint(endpoint.own.get());
+  }
   serve_cm_events();
   for (std::size_t i = 0; i < peers.size();) {
     if (serve_peer(peers[i])) {
@@ -1206,7 +1293,13 @@ int accept_on(int fd, sockaddr* address, socklen_t* length, int flags) noexcept 
         continue;
       }
     }
+    // Without the lock: another process that shares the listener (pre-forked workers)
+    // may take the connection first, and then a blocking accept waits in the kernel.
+    lock.unlock();
     int accepted = real().accept4(fd, address, length, flags | (blocking ? SOCK_NONBLOCK : 0));
+    const int saved = errno;
+    lock.lock();
+    errno = saved;
     if (accepted < 0) {
       if (blocking && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;  // another thread took it
       return -1;
@@ -1253,8 +1346,8 @@ int shutdown_on(int fd, int how) noexcept {
     errno = EINVAL;
     return -1;
   }
-  // A forked child's copy of a socket its parent moved: the connection is the parent's.
-  if (sh.forked_child && s && (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning)) {
+  // A forked child's copy of a socket its parent was switching: neither knows where.
+  if (s && s->inherited) {
     errno = ENOTCONN;
     return -1;
   }

@@ -106,6 +106,11 @@ std::optional<Request> decode_request(std::span<const std::byte> in) noexcept {
 
 std::array<std::byte, kAnswerSize> encode(const Answer& a) {
   std::array<std::byte, kAnswerSize> out{};
+  if (!a.accepted && a.redirect) {
+    put_header(out.data(), Kind::redirect);
+    bytes::put32(out.data() + 8, a.redirect);
+    return out;
+  }
   put_header(out.data(), a.accepted ? Kind::accept : Kind::refuse);
   out[6] = a.accepted ? std::byte{0} : static_cast<std::byte>(a.refusal);
   bytes::put16(out.data() + 8, a.engine_port);
@@ -124,9 +129,16 @@ std::optional<Answer> decode_answer(std::span<const std::byte> in) noexcept {
   }
   if (header_is(in, kAnswerSize, Kind::refuse)) {
     auto why = static_cast<uint8_t>(in[6]);
-    if (why < static_cast<uint8_t>(Refusal::policy) || why > static_cast<uint8_t>(Refusal::bad_message))
+    if (why < static_cast<uint8_t>(Refusal::policy) || why > static_cast<uint8_t>(Refusal::not_yet))
       return std::nullopt;
     a.refusal = static_cast<Refusal>(why);
+    return a;
+  }
+  if (header_is(in, kAnswerSize, Kind::redirect)) {
+    a.redirect = bytes::get32(in.data() + 8);
+    for (std::size_t i = 12; i < kAnswerSize; ++i)
+      if (in[i] != std::byte{0}) return std::nullopt;
+    if (in[6] != std::byte{0} || a.redirect == 0) return std::nullopt;
     return a;
   }
   return std::nullopt;
@@ -165,7 +177,9 @@ std::optional<Resume> decode_resume(std::span<const std::byte> in) noexcept {
   return r;
 }
 
-std::string endpoint_name(uint16_t port) { return "rxio-shim." + std::to_string(port); }
+std::string endpoint_name(uint16_t port, uint32_t pid) {
+  return "rxio-shim." + std::to_string(port) + (pid ? "." + std::to_string(pid) : "");
+}
 
 }  // namespace negotiation
 }  // namespace rxio::shim

@@ -60,10 +60,12 @@ enum class Kind : uint8_t {
   switched = 6,
   resume = 7,
   hand_over = 8,
+  redirect = 9,
 };
 
-// Why a server refused; the client counts it as a fallback.
-enum class Refusal : uint8_t { policy = 1, not_owner = 2, closing = 3, unavailable = 4, bad_message = 5 };
+// Why a server refused; the client counts it as a fallback. not_yet: no process of a
+// listener shared after fork has accepted the connection yet; the client asks again.
+enum class Refusal : uint8_t { policy = 1, not_owner = 2, closing = 3, unavailable = 4, bad_message = 5, not_yet = 6 };
 
 struct Request {
   Tuple tuple;
@@ -74,6 +76,9 @@ struct Answer {
   Refusal refusal = Refusal::policy;
   uint16_t engine_port = 0;
   uint64_t cookie = 0;
+  // Not accepted, but another process of a listener shared after fork holds the
+  // connection: ask it, at its own endpoint.
+  uint32_t redirect = 0;
 };
 
 inline constexpr std::size_t kRequestSize = 48;
@@ -108,8 +113,9 @@ std::optional<Answer> decode_answer(std::span<const std::byte> bytes) noexcept;
 std::optional<Kind> decode_notice(std::span<const std::byte> bytes) noexcept;
 std::optional<Resume> decode_resume(std::span<const std::byte> bytes) noexcept;
 
-// The abstract unix name a listener on `port` answers at, per network namespace.
-std::string endpoint_name(uint16_t port);
+// The abstract unix name a listener on `port` answers at, per network namespace; with
+// `pid`, the name that one process of a listener shared after fork answers at.
+std::string endpoint_name(uint16_t port, uint32_t pid = 0);
 
 }  // namespace negotiation
 }  // namespace rxio::shim

@@ -38,7 +38,7 @@ short readiness(const Socket& s) noexcept {
 
 int Shim::sleep(std::unique_lock<ShimMutex>& lock, pollfd* fds, unsigned long count, int timeout_ms,
                 const sigset_t* mask) noexcept {
-  transport::Engine* e = engine();
+  transport::Engine* e = running_engine();
   if (e && !e->arm()) {
     // Work came in: the shim's own first (a cookie, a client's word), then the caller
     // looks again.
@@ -386,7 +386,7 @@ void prepare_outer_wait(Shim& sh) noexcept {
     uint64_t one = 1;
     [[maybe_unused]] ssize_t w = real().write(set->pending.get(), &one, sizeof one);
   }
-  if (transport::Engine* e = sh.engine(); e && !e->arm()) sh.service();
+  if (transport::Engine* e = sh.running_engine(); e && !e->arm()) sh.service();
 }
 
 }  // namespace
@@ -409,7 +409,7 @@ int epoll_wait_any(int epfd, epoll_event* events, int max, int timeout_ms, const
   const auto start = Clock::now();
   const auto deadline = start + std::chrono::milliseconds(timeout_ms < 0 ? 0 : timeout_ms);
   auto spin_until = start + sh.poll_time;
-  transport::Engine* engine = sh.engine();
+  transport::Engine* engine = sh.running_engine();
   for (;;) {
     sh.progress();
     bool any_rxio = false;

@@ -161,6 +161,8 @@ struct Socket {
   KeptBytes kept;
   Returning back;       // mode returning
   bool broken = false;  // the peer's Resume made no sense: calls fail with ECONNRESET
+  // Inherited by a forked child while its parent was moving it or sending it back.
+  bool inherited = false;
   // Moved, and a forked child holds it too (marked in the parent at fork): closing it
   // hands it over to TCP rather than ending the stream.
   bool shared = false;
@@ -175,6 +177,33 @@ struct Socket {
   // Back to a fresh socket, for the next fd: Socket objects are reused, never freed,
   // so that the fast path may read one it found in the table without the mutex.
   void reset() noexcept;
+};
+
+// Which process accepted which connection of a listener that processes share after
+// fork (pre-forked workers): a table in shared memory, made with the listener's
+// negotiation endpoint and inherited by every child. Whichever process a client's
+// request reaches sends it on to the one that holds the connection.
+class Acceptors {
+ public:
+  Acceptors() = default;
+  ~Acceptors();
+  Acceptors(const Acceptors&) = delete;
+  Acceptors& operator=(const Acceptors&) = delete;
+
+  bool map() noexcept;  // false without memory: the listener is served as one process's
+  void record(const Tuple& tuple, uint32_t pid) noexcept;
+  void erase(const Tuple& tuple, uint32_t pid) noexcept;
+  uint32_t owner(const Tuple& tuple) const noexcept;  // 0: none recorded
+
+ private:
+  struct Slot {
+    std::atomic<uint64_t> key;
+    std::atomic<uint32_t> pid;  // 0 free; kClaimed while written
+  };
+  static constexpr std::size_t kSlots = 8192;
+  static constexpr std::size_t kProbes = 64;
+  static constexpr uint32_t kClaimed = ~0u;
+  Slot* slots_ = nullptr;
 };
 
 // An epoll fd of the program that watches at least one socket the shim owns.
@@ -242,10 +271,11 @@ class Shim {
   std::chrono::milliseconds negotiate_timeout{1000};
   uint32_t move_after = 8;  // RXIO_SHIM_MOVE_AFTER
   bool verbs_forced = false;  // RXIO_BACKEND=verbs: moves as across hosts (rdma_cm)
-  // In a child of fork(): the engine, its links and the moved connections are the
-  // parent's (their memory is shared with it), so the child never touches them; its
-  // own connections stay on TCP.
+  // In a child of fork(): the parent's engine, links and moved connections are its own
+  // (their memory is shared), so the child never touches them; it starts an engine of
+  // its own for its own connections.
   bool forked_child = false;
+  pid_t board_owner = 0;  // the process that made the board, which removes it at exit
   std::chrono::microseconds poll_time{0};
 
   // Everything a shim wait sleeps on besides the program's own fds: the engine, the
@@ -258,6 +288,8 @@ class Shim {
 
   // The engine; made when a socket first needs it. Without one, everything is TCP.
   transport::Engine* engine() noexcept;
+  // The engine if one runs: what waits and services look at, without starting one.
+  transport::Engine* running_engine() const noexcept { return engine_; }
 
   // Negotiation endpoints by port, shared by this process's listeners on that port
   // (a dual-stack server listens on 0.0.0.0 and :: with one port).
@@ -265,6 +297,12 @@ class Shim {
     UniqueFd fd;
     std::optional<verbs::cm::Id> cm_listener;  // for remote clients, where RDMA is
     int listeners = 0;
+    // Shared with other processes by fork: the table of who accepted what, and this
+    // process's own endpoint, which requests for its connections are sent on to.
+    std::shared_ptr<Acceptors> acceptors;
+    bool shared = false;
+    bool serving = true;  // fd is in this process's wait set (a child: once it accepts)
+    UniqueFd own;
   };
   // The rdma_cm events of the listeners above; made with the first.
   std::optional<verbs::cm::EventChannel> cm_events;
@@ -373,6 +411,7 @@ class Shim {
  private:
   Shim();
   static std::atomic<Shim*> current_;
+  void open_board() noexcept;
   transport::Engine* engine_ = nullptr;
   uint64_t handed_over_at_ = 0;  // Engine::handled() when sleepers were last woken
   bool engine_failed = false;
@@ -381,6 +420,9 @@ class Shim {
   void notice_failures() noexcept;
   std::chrono::steady_clock::time_point engine_retry_at{};
   void serve_endpoint(int fd) noexcept;
+  // This process's own endpoint for a shared listener, and the shared one served here
+  // too (a child that accepts on it). False without them.
+  bool serve_shared(uint16_t port, Listening& endpoint) noexcept;
   void serve_cm_events() noexcept;
   void offer_remote_moves(Listening& endpoint, const Endpoint& address) noexcept;
   bool serve_peer(Peer& peer) noexcept;

@@ -99,10 +99,8 @@ int wait_for_change(Shim& sh, std::unique_lock<ShimMutex>& lock, Clock::time_poi
 // A forked child's call on a socket its parent was moving, or sending back to TCP, at
 // the fork: neither side can tell where the other's bytes stand, so the child cannot
 // read or write it. (One its parent had moved waits for the parent's hand-over.)
-bool parents_connection(const Shim& sh, const Socket& s) noexcept {
-  const Socket::Mode mode = s.mode.load();
-  if (!sh.forked_child || !(mode == Socket::Mode::moving || (mode == Socket::Mode::returning && !s.back.adopted)))
-    return false;
+bool parents_connection(const Socket& s) noexcept {
+  if (!s.inherited) return false;
   static std::atomic<bool> said{false};
   if (!said.exchange(true))
     log::warn("shim: a forked child cannot use a socket its parent was switching at the fork; its calls on it "
@@ -250,7 +248,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
       ssize_t n = kernel_receive(flags);
       return n < 0 ? done_or(got, errno) : static_cast<ssize_t>(got + std::size_t(n));
     }
-    if (parents_connection(sh, *s)) return done_or(got, ECONNRESET);
+    if (parents_connection(*s)) return done_or(got, ECONNRESET);
     if (s->has_ahead()) {
       got += from_ahead(*s, iov, count, got, flags & MSG_PEEK);
       if (got == wanted || !(flags & MSG_WAITALL) || (flags & MSG_PEEK)) return static_cast<ssize_t>(got);
@@ -376,7 +374,7 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
   std::vector<iovec> storage;
   for (;;) {
     Socket* s = sh.socket_of(fd);
-    if (s && parents_connection(sh, *s)) return done_or(sent, ECONNRESET);
+    if (s && parents_connection(*s)) return done_or(sent, ECONNRESET);
     const Socket::Mode mode = s ? s->mode.load() : Socket::Mode::fresh;
     if (!s || mode == Socket::Mode::fresh || mode == Socket::Mode::listening) {
       lock.unlock();

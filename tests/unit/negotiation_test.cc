@@ -75,6 +75,25 @@ TEST(Negotiation, ResumeRoundTripsAndRefusesWhatNoPeerSends) {
   EXPECT_FALSE(decode_notice(std::span(resume.data(), kNoticeSize)));
 }
 
+TEST(Negotiation, RedirectNamesTheProcessToAsk) {
+  auto back = decode_answer(encode(Answer{false, Refusal::policy, 0, 0, 4242}));
+  ASSERT_TRUE(back);
+  EXPECT_FALSE(back->accepted);
+  EXPECT_EQ(back->redirect, 4242u);
+  auto not_yet = decode_answer(encode(Answer{false, Refusal::not_yet, 0, 0}));
+  ASSERT_TRUE(not_yet);
+  EXPECT_EQ(not_yet->refusal, Refusal::not_yet);
+  EXPECT_EQ(not_yet->redirect, 0u);
+  auto zero = encode(Answer{false, Refusal::policy, 0, 0, 1});
+  zero[8] = std::byte{0};  // a redirect to no process
+  EXPECT_FALSE(decode_answer(zero));
+  auto extra = encode(Answer{false, Refusal::policy, 0, 0, 1});
+  extra[20] = std::byte{1};
+  EXPECT_FALSE(decode_answer(extra));
+  EXPECT_EQ(endpoint_name(80), "rxio-shim.80");
+  EXPECT_EQ(endpoint_name(80, 12), "rxio-shim.80.12");
+}
+
 TEST(Negotiation, HandOverCarriesWhatItsWriterRead) {
   auto hand_over = encode(Resume{4096, 8192, true, 77777});
   auto back = decode_resume(hand_over);
