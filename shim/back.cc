@@ -109,6 +109,13 @@ const char* take_resume(int fd, Socket& s) noexcept {
   // less (its credits bound what it wrote past this side's reads).
   if (s.rxio_read - resume->from > resume->kept) return "the peer's shim resumed at a byte it cannot have";
   r.skip = s.rxio_read - resume->from;
+  // A hand-over that comes after this side started back on its own (its link failed
+  // first), before any of its Resume went out: its bytes go from where the other
+  // process reads on.
+  if (resume->hand_over && r.resume_sent == 0 && !r.out_done && resume->read >= r.next && resume->read <= r.end) {
+    r.next = resume->read;
+    r.resume = negotiation::encode(negotiation::Resume{r.next, r.end - r.next});
+  }
   log::info("shim: fd " + std::to_string(fd) + ": the peer " + (resume->hand_over ? "hands over" : "resumes") +
             " at byte " + std::to_string(resume->from) + " with " + std::to_string(resume->kept) + " kept; read here " +
             std::to_string(s.rxio_read) + ", written " + std::to_string(s.rxio_written));
@@ -329,8 +336,11 @@ void Acceptors::record(const Tuple& tuple, uint32_t pid) noexcept {
   const uint64_t key = key_of(tuple);
   for (std::size_t i = 0; i < kProbes; ++i) {
     Slot& slot = slots_[(key + i) % kSlots];
-    uint32_t free = 0;
-    if (!slot.pid.compare_exchange_strong(free, kClaimed, std::memory_order_acquire)) continue;
+    uint32_t holder = slot.pid.load(std::memory_order_acquire);
+    // Free, or left by a process that died without closing its connections.
+    if (holder == kClaimed || (holder != 0 && !(::kill(static_cast<pid_t>(holder), 0) != 0 && errno == ESRCH)))
+      continue;
+    if (!slot.pid.compare_exchange_strong(holder, kClaimed, std::memory_order_acquire)) continue;
     slot.key.store(key, std::memory_order_relaxed);
     slot.pid.store(pid, std::memory_order_release);
     return;
@@ -396,6 +406,7 @@ void Shim::after_fork_in_child() noexcept {
   // The parent's engine, negotiations, moves and connections stay the parent's: the
   // child forgets them without a call that could reach them, and starts its own
   // engine when it needs one.
+  state_pid = getpid();
   engine_ = nullptr;
   engine_failed = false;
   link_failures_seen_ = handed_over_at_ = 0;
@@ -647,7 +658,8 @@ void Shim::serve_lingering() noexcept {
 }
 
 void Shim::go_on_returning(int fd, Socket& s) noexcept {
-  if (s.mode != Socket::Mode::returning) return;
+  // A hand-over to a forked child: serve_lingering writes it, and nothing is read here.
+  if (s.mode != Socket::Mode::returning || s.back.handing) return;
   Returning& r = s.back;
   if (const char* why = read_in(fd, s)) reset_connection(fd, s, why);
   // The server writes once the client's Resume is in: until the client has written

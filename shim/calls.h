@@ -25,6 +25,7 @@ int listen_on(int fd, int backlog) noexcept;
 int shutdown_on(int fd, int how) noexcept;
 int close_fd(int fd) noexcept;
 int duplicate(int fd, int result) noexcept;  // after a successful dup: `result` names it too
+void replacing(int target) noexcept;         // before dup2/dup3 onto a socket of the shim's
 int socket_error(int fd, void* value, socklen_t* length) noexcept;  // SO_ERROR
 int bytes_readable(int fd, int* count) noexcept;                     // FIONREAD
 void created(int fd) noexcept;                                       // a new TCP socket

@@ -209,11 +209,13 @@ Shim::Shim() {
     log::warn(std::string("shim: ") + e.what());
   }
   wait_set.reset(::epoll_create1(EPOLL_CLOEXEC));
+  state_pid = getpid();
   std::atexit([] {
     if (Shim* sh = current()) sh->at_exit();
   });
   pthread_atfork([] { current()->mutex.lock_for_fork(); },
                  [] {
+                   Inside inside;  // its sockets and closes are the shim's own
                    Shim* sh = current();
                    sh->after_fork_in_parent();
                    sh->mutex.unlock_after_fork();
@@ -389,6 +391,9 @@ void Shim::forget(int fd) noexcept {
   }
   if (s->record && board) board->close(s->record);
   s->record = nullptr;
+  if (s->server)
+    if (auto it = endpoints.find(s->tuple.server.port); it != endpoints.end() && it->second.acceptors)
+      it->second.acceptors->erase(s->tuple, static_cast<uint32_t>(getpid()));
   // A moved socket the program closes lingers, with a private descriptor of its TCP
   // socket, until its connection ends: a link that fails meanwhile still goes back to
   // TCP, so that the peer gets every byte (back.cc). One that a forked child holds too
@@ -424,12 +429,10 @@ void Shim::forget(int fd) noexcept {
   if (s->mode == Socket::Mode::listening) {
     if (auto it = endpoints.find(s->port); it != endpoints.end() && --it->second.listeners == 0) {
       remove_from_wait_set(it->second.fd.get());
+      if (it->second.own) remove_from_wait_set(it->second.own.get());
       endpoints.erase(it);
     }
   }
-  if (s->server)
-    if (auto it = endpoints.find(s->tuple.server.port); it != endpoints.end() && it->second.acceptors)
-      it->second.acceptors->erase(s->tuple, static_cast<uint32_t>(getpid()));
   if (s->server && s->mode != Socket::Mode::rxio) {
     if (auto it = accepted.find(s->tuple); it != accepted.end() && it->second == fd) accepted.erase(it);
     // Closed before its switch: nothing may land on its fd number.
@@ -944,9 +947,10 @@ void Shim::adopt_accepted(int fd) noexcept {
   sockets[fd].store(s, std::memory_order_release);
   accepted[*tuple] = fd;
   if (auto it = endpoints.find(tuple->server.port); it != endpoints.end() && it->second.acceptors) {
-    it->second.acceptors->record(*tuple, static_cast<uint32_t>(getpid()));
-    // A child that accepts on a listener its parent made answers for it too.
-    if (it->second.shared) serve_shared(it->first, it->second);
+    // A child that accepts on a listener its parent made answers for it too, at an
+    // endpoint that exists before any request is sent on to it.
+    if (!it->second.shared || serve_shared(it->first, it->second))
+      it->second.acceptors->record(*tuple, static_cast<uint32_t>(getpid()));
   }
   // A request that came before the program accepted the connection is answered now.
   for (std::size_t i = 0; i < peers.size();) {
@@ -1052,17 +1056,21 @@ bool Shim::answer(Peer& peer) noexcept {
   auto held = accepted.find(tuple);
   if (held == accepted.end()) {
     auto endpoint = endpoints.find(tuple.server.port);
-    if (endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors && !peer.cm_id) {
+    if (endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors) {
       // Processes share the listener: the one that accepted it answers; until one
       // has, the client asks again (a process here may sleep outside the shim).
       const uint32_t owner = endpoint->second.acceptors->owner(tuple);
-      if (owner == 0) {
+      const bool elsewhere = owner != 0 && owner != static_cast<uint32_t>(getpid());
+      if (peer.cm_id) {
+        // A remote client asks through rdma_cm, of this process only: another
+        // process's connection stays on TCP; this one's waits below for its accept.
+        if (elsewhere) return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
+      } else if (owner == 0) {
         // Not a fall-back: the client asks again on this connection.
         if (!send_answer(peer, negotiation::Answer{false, negotiation::Refusal::not_yet, 0, 0})) return false;
         peer.parked.reset();
         return true;
-      }
-      if (owner != static_cast<uint32_t>(getpid())) {
+      } else if (elsewhere) {
         send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner});
         return false;
       }
@@ -1251,6 +1259,7 @@ bool Shim::service() noexcept {
 
 void exec_prepare() noexcept {
   Shim& sh = Shim::get();
+  if (getpid() != sh.state_pid) return;  // a vfork() child: the state is its parent's
   Inside inside;
   std::lock_guard lock(sh.mutex);
   sh.before_exec();
@@ -1294,7 +1303,9 @@ int accept_on(int fd, sockaddr* address, socklen_t* length, int flags) noexcept 
       }
     }
     // Without the lock: another process that shares the listener (pre-forked workers)
-    // may take the connection first, and then a blocking accept waits in the kernel.
+    // may take the connection first, and then a blocking accept waits in the kernel,
+    // as it would without the shim. (The listener's flags are the processes' to share:
+    // no O_NONBLOCK for a moment here.)
     lock.unlock();
     int accepted = real().accept4(fd, address, length, flags | (blocking ? SOCK_NONBLOCK : 0));
     const int saved = errno;
@@ -1395,6 +1406,16 @@ int close_fd(int fd) noexcept {
   }
   epoll_closed(fd);
   return real().close(fd);
+}
+
+void replacing(int target) noexcept {
+  Shim& sh = Shim::get();
+  Inside inside;
+  std::lock_guard lock(sh.mutex);
+  if (Socket* s = sh.socket_of(target)) {
+    if (s->refs == 1) s->closed = true;
+    sh.forget(target);
+  }
 }
 
 int duplicate(int fd, int result) noexcept {

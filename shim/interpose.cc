@@ -204,11 +204,15 @@ RXIO_EXPORT int dup(int fd) noexcept {
   int result = real().dup(fd);
   return result >= 0 && any_owned() ? duplicate(fd, result) : result;
 }
+// A socket of the shim's that the target names is closed first: what it keeps (a
+// moved connection's private descriptor) must be of it, not of the fd that replaces it.
 RXIO_EXPORT int dup2(int fd, int target) noexcept {
+  if (target != fd && owned(target)) replacing(target);
   int result = real().dup2(fd, target);
   return result >= 0 && any_owned() ? duplicate(fd, result) : result;
 }
 RXIO_EXPORT int dup3(int fd, int target, int flags) noexcept {
+  if (target != fd && owned(target)) replacing(target);
   int result = real().dup3(fd, target, flags);
   return result >= 0 && any_owned() ? duplicate(fd, result) : result;
 }

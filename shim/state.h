@@ -276,6 +276,9 @@ class Shim {
   // its own for its own connections.
   bool forked_child = false;
   pid_t board_owner = 0;  // the process that made the board, which removes it at exit
+  // The process this state is for: a vfork() child runs in its parent's memory, and
+  // leaves it alone.
+  pid_t state_pid = 0;
   std::chrono::microseconds poll_time{0};
 
   // Everything a shim wait sleeps on besides the program's own fds: the engine, the

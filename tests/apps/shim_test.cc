@@ -175,7 +175,10 @@ TEST_P(ShimReturns, PeerKilledMidStream) {
   Process server = start(server_prefix() + check + " serve " + port);
   ASSERT_TRUE(wait_listening(server, std::stoi(port)));
   Process client = start(client_prefix() + check + " client " + port + " steady-until-gone");
-  std::this_thread::sleep_for(1s);
+  // Killed once the connection has moved and its round trips run.
+  const std::string moved = "moved." + expected_backend();
+  ASSERT_TRUE(board_when(server.pid(), [&](const Board& b) { return b[moved] >= 1; }, 60s));
+  std::this_thread::sleep_for(300ms);
   server.kill();
   Result result = finish(client, 60s);
   EXPECT_TRUE(result.exited_0) << result.output;

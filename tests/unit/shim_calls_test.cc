@@ -97,6 +97,10 @@ TEST(ShimTable, DupSharesOneSocketUntilTheLastCloseThenItServesTheNext) {
 TEST(ShimTable, Dup2OverAnOwnedSocketForgetsIt) {
   int a = tracked_socket(), b = tracked_socket();
   Socket* sa = sh().socket_of(a);
+  // As the interposed dup2 does it: the target is forgotten while it still names its
+  // own socket, then replaced.
+  replacing(b);
+  EXPECT_EQ(sh().socket_of(b), nullptr);
   ASSERT_EQ(::dup2(a, b), b);
   EXPECT_EQ(duplicate(a, b), b);
   EXPECT_EQ(sh().socket_of(b), sa) << "b now names a's socket";
