@@ -160,7 +160,8 @@ bool Process::stop() {
   bool ended = true;
   if (!status_) {
     ::kill(-pid_, SIGTERM);
-    if (!wait(5s)) {
+    // Under TCG the kernel's teardown of a process's queue pairs alone can take seconds.
+    if (!wait(5s * time_scale())) {
       ended = false;
       ::kill(-pid_, SIGKILL);
       wait(10s);
