@@ -289,16 +289,20 @@ void Shim::watch_resume(Socket& s, int fd) noexcept {
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.fd = fd;
-  if (::epoll_ctl(wait_set.get(), EPOLL_CTL_ADD, fd, &ev) == 0) s.resume_fd = fd;
+  if (::epoll_ctl(wait_set.get(), EPOLL_CTL_ADD, fd, &ev) != 0) return;
+  s.resume_fd = fd;
+  ++resume_watches;
 }
 
 void Shim::unwatch_resume(Socket& s) noexcept {
   if (s.resume_fd < 0) return;
   remove_from_wait_set(s.resume_fd);
   s.resume_fd = -1;
+  --resume_watches;
 }
 
 void Shim::serve_resumes() noexcept {
+  if (resume_watches == 0) return;
   std::array<epoll_event, 64> ready;
   const int n = ::epoll_wait(wait_set.get(), ready.data(), int(ready.size()), 0);
   for (int i = 0; i < n; ++i) {
@@ -379,8 +383,8 @@ bool Shim::has_children() noexcept {
 }
 
 void Shim::after_fork_in_parent() noexcept {
-  for (auto& entry : sockets)
-    if (Socket* s = entry.load(std::memory_order_relaxed); s && s->mode == Socket::Mode::rxio) s->shared = true;
+  for (Socket* s = moved_sockets; s; s = s->moved_next)
+    if (s->mode == Socket::Mode::rxio && !s->fds.empty()) s->shared = true;
   // The child may accept on these listeners: requests for what this process accepted
   // are sent on to its own endpoint.
   for (auto& [port, endpoint] : endpoints) {
@@ -410,6 +414,7 @@ void Shim::after_fork_in_child() noexcept {
   engine_ = nullptr;
   engine_failed = false;
   link_failures_seen_ = handed_over_at_ = 0;
+  resume_watches = 0;
   for (Peer& peer : peers) leave_to_parent(peer.cm_id);
   peers.clear();  // the child's copies of the clients' sockets close
   committed.clear();
@@ -417,7 +422,12 @@ void Shim::after_fork_in_child() noexcept {
   unmatched.clear();
   closing.clear();
   returning.clear();
-  for (auto [fd, s] : lingering) real().close(fd);  // its copies of the private descriptors
+  for (auto [fd, s] : lingering) {
+    real().close(fd);  // its copy of the private descriptor
+    s->resume_fd = -1;  // in the parent's wait set, which the child leaves alone
+    s->lingering = false;
+    recycle(s);
+  }
   lingering.clear();
   leave_to_parent(cm_events);
   for (auto& [port, endpoint] : endpoints) {
@@ -426,11 +436,10 @@ void Shim::after_fork_in_child() noexcept {
     endpoint.shared = true;
     endpoint.serving = false;  // until this child accepts on the listener
   }
-  for (auto& entry : sockets) {
-    Socket* s = entry.load(std::memory_order_relaxed);
-    if (!s) continue;
+  for (Socket* s = moved_sockets; s; s = s->moved_next) {
     s->record = nullptr;
     s->resume_fd = -1;  // the wait set is the parent's
+    s->back.watched = 0;
     s->shared = false;
     if (s->mode == Socket::Mode::moving || s->mode == Socket::Mode::returning) s->inherited = true;
     if (s->mode != Socket::Mode::rxio) continue;
@@ -447,14 +456,16 @@ void Shim::after_fork_in_child() noexcept {
 }
 
 void Shim::before_exec() noexcept {
-  // Each socket once, whichever fds name it; only those the new image inherits.
+  // Only the sockets the new image inherits: through an fd without close-on-exec.
   std::vector<std::pair<int, Socket*>> handed;
-  for (int fd = 0; fd < kMaxFds; ++fd) {
-    Socket* s = socket_of(fd);
-    if (!s || (s->mode != Socket::Mode::rxio && !(s->mode == Socket::Mode::returning && s->back.adopted))) continue;
-    const int flags = real().fcntl(fd, F_GETFD);
-    if (flags < 0 || (flags & FD_CLOEXEC)) continue;
-    if (std::any_of(handed.begin(), handed.end(), [s](const auto& entry) { return entry.second == s; })) continue;
+  for (Socket* s = moved_sockets; s; s = s->moved_next) {
+    if (s->mode != Socket::Mode::rxio && !(s->mode == Socket::Mode::returning && s->back.adopted)) continue;
+    auto inherited = std::find_if(s->fds.begin(), s->fds.end(), [](int fd) {
+      const int flags = real().fcntl(fd, F_GETFD);
+      return flags >= 0 && !(flags & FD_CLOEXEC);
+    });
+    if (inherited == s->fds.end()) continue;
+    const int fd = *inherited;
     try {
       handed.emplace_back(fd, s);
     } catch (const std::bad_alloc&) {
@@ -470,23 +481,7 @@ void Shim::before_exec() noexcept {
     start_hand_over(fd, *s, Return::exec);
   }
   // Until each peer answered: the new image then reads a plain TCP stream.
-  const auto until = std::chrono::steady_clock::now() + negotiate_timeout;
-  for (;;) {
-    std::vector<pollfd> waits;
-    for (auto [fd, s] : handed) {
-      if (s->mode != Socket::Mode::returning) continue;
-      go_on_returning(fd, *s);
-      if (s->mode != Socket::Mode::returning) continue;
-      const Returning& r = s->back;
-      try {
-        waits.push_back(pollfd{fd, short((r.in_done ? 0 : POLLIN) | (r.out_done ? 0 : POLLOUT)), 0});
-      } catch (const std::bad_alloc&) {
-      }
-    }
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
-    if (waits.empty() || left.count() <= 0) break;
-    real().poll(waits.data(), waits.size(), int(left.count()) + 1);
-  }
+  carry_returns(handed, std::chrono::steady_clock::now() + negotiate_timeout);
   for (auto [fd, s] : handed) {
     if (s->mode != Socket::Mode::returning) continue;
     // A child's copy stays as it is: its parent may go on with the connection.
@@ -511,30 +506,51 @@ void Shim::at_exit() noexcept {
     handing.reserve(lingering.size() + 16);
     for (auto [fd, s] : lingering)
       if (s->back.handing) handing.emplace_back(fd, s);
-    for (int fd = 0; fd < kMaxFds; ++fd) {
-      Socket* s = socket_of(fd);
-      if (!s || s->mode != Socket::Mode::rxio) continue;  // a dup of one handed over is not
+    for (Socket* s = moved_sockets; s; s = s->moved_next) {
+      if (s->mode != Socket::Mode::rxio || s->fds.empty()) continue;  // lingering ones are above
       if (s->shared && has_children()) {
-        start_hand_over(fd, *s, Return::fork);
-        handing.emplace_back(fd, s);
+        start_hand_over(s->fds.front(), *s, Return::fork);
+        handing.emplace_back(s->fds.front(), s);
       } else {
-        s->connection->close();  // once, whichever fds name it
+        s->connection->close();
       }
     }
   } catch (const std::bad_alloc&) {
   }
   // The hand-overs out, as far as a short wait lets them: the process ends after.
-  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
-  for (auto [fd, s] : handing) {
-    Returning& r = s->back;
-    while (!r.out_done && write_out(fd, *s) && !r.out_done && std::chrono::steady_clock::now() < until) {
-      pollfd room{fd, POLLOUT, 0};
-      real().poll(&room, 1, 10);
-    }
-  }
+  carry_returns(handing, std::chrono::steady_clock::now() + std::chrono::milliseconds(500));
   // The closes on their way (a verbs link posts them).
   const auto flushed = std::chrono::steady_clock::now() + std::chrono::milliseconds(10);
   while (std::chrono::steady_clock::now() < flushed && engine_->progress() > 0) {
+  }
+}
+
+void Shim::carry_returns(std::span<const std::pair<int, Socket*>> returns,
+                         std::chrono::steady_clock::time_point until) noexcept {
+  std::vector<pollfd> waits;
+  try {
+    waits.reserve(returns.size());
+  } catch (const std::bad_alloc&) {
+    return;
+  }
+  for (;;) {
+    waits.clear();
+    for (auto [fd, s] : returns) {
+      if (s->mode != Socket::Mode::returning) continue;
+      Returning& r = s->back;
+      if (r.handing) {
+        // A hand-over to a child: written out, never read (the child reads the answer).
+        if (!r.out_done && !write_out(fd, *s)) r.out_done = true;
+      } else {
+        go_on_returning(fd, *s);
+        if (s->mode != Socket::Mode::returning) continue;
+      }
+      const short events = short((r.in_done ? 0 : POLLIN) | (r.out_done ? 0 : POLLOUT));
+      if (events) waits.push_back(pollfd{fd, events, 0});
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+    if (waits.empty() || left.count() <= 0) return;
+    real().poll(waits.data(), waits.size(), int(left.count()) + 1);
   }
 }
 
@@ -694,13 +710,15 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
 void Shim::notice_failures() noexcept {
   if (!engine_ || engine_->link_failures() == link_failures_seen_) return;
   link_failures_seen_ = engine_->link_failures();
-  // Rare enough to look at every entry of the table. A connection whose peer had
-  // closed its side has all its bytes here: it goes back only if the program writes
-  // again (a peer process that exits closes its connections, then its links fail).
-  for (int fd = 0; fd < kMaxFds; ++fd) {
-    Socket* s = socket_of(fd);
-    if (s && s->mode == Socket::Mode::rxio && s->connection->failed() && !s->connection->stream_closed())
-      start_return(fd, *s, Return::link_failed);
+  // A connection whose peer had closed its side has all its bytes here: it goes back
+  // only if the program writes again (a peer process that exits closes its
+  // connections, then its links fail). Those the program closed linger: serve_lingering
+  // sends them back.
+  for (Socket *s = moved_sockets, *next; s; s = next) {
+    next = s->moved_next;
+    if (s->mode == Socket::Mode::rxio && !s->fds.empty() && s->connection->failed() &&
+        !s->connection->stream_closed())
+      start_return(s->fds.front(), *s, Return::link_failed);
   }
 }
 

@@ -326,7 +326,7 @@ void Socket::reset() noexcept {
   mode = Mode::fresh;
   calls = 0;
   tried = false;
-  refs = 1;
+  fds.clear();
   connection = nullptr;
   record = nullptr;
   tuple = Tuple{};
@@ -353,7 +353,23 @@ Socket* Shim::new_socket() noexcept {
   return s;
 }
 
+void Shim::list_moved(Socket& s) noexcept {
+  if (s.listed) return;
+  s.listed = true;
+  s.moved_prev = nullptr;
+  s.moved_next = moved_sockets;
+  if (moved_sockets) moved_sockets->moved_prev = &s;
+  moved_sockets = &s;
+}
+
 void Shim::recycle(Socket* s) noexcept {
+  unwatch_resume(*s);
+  if (s->listed) {
+    (s->moved_prev ? s->moved_prev->moved_next : moved_sockets) = s->moved_next;
+    if (s->moved_next) s->moved_next->moved_prev = s->moved_prev;
+    s->moved_prev = s->moved_next = nullptr;
+    s->listed = false;
+  }
   s->reset();
   try {
     spare_sockets.push_back(s);
@@ -366,7 +382,20 @@ void Shim::track(int fd) {
   if (fd < 0 || fd >= kMaxFds) return;
   Socket* s = new_socket();
   if (!s) throw std::bad_alloc();
-  sockets[fd].store(s, std::memory_order_release);
+  if (!name(fd, *s)) {
+    recycle(s);
+    throw std::bad_alloc();
+  }
+}
+
+bool Shim::name(int fd, Socket& s) noexcept {
+  try {
+    s.fds.push_back(fd);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  sockets[fd].store(&s, std::memory_order_release);
+  return true;
 }
 
 void Shim::forget(int fd) noexcept {
@@ -380,13 +409,9 @@ void Shim::forget(int fd) noexcept {
   // may keep the socket open, and the kernel would keep reporting the stale number.
   const bool watched_for_resume = s->resume_fd == fd;
   if (watched_for_resume) unwatch_resume(*s);
-  if (--s->refs > 0) {
-    if (watched_for_resume)
-      for (int other = 0; other < kMaxFds; ++other)
-        if (socket_of(other) == s) {
-          watch_resume(*s, other);
-          break;
-        }
+  std::erase(s->fds, fd);
+  if (!s->fds.empty()) {
+    if (watched_for_resume) watch_resume(*s, s->fds.front());
     return;
   }
   if (s->record && board) board->close(s->record);
@@ -453,7 +478,7 @@ void Shim::fall_back(int fd, Fallback reason) noexcept {
   if (board) board->count(reason);
   log::info(std::string("shim: fd ") + std::to_string(fd) + " stays on TCP: " + to_string(reason));
   Socket* s = socket_of(fd);
-  if (s && (s->has_ahead() || s->refs > 1)) {
+  if (s && (s->has_ahead() || s->fds.size() > 1)) {
     // Bytes taken from the kernel during the attempt still come first; other fds
     // (dup) name the socket too. It stays, on TCP, for good.
     s->tried = true;
@@ -674,6 +699,7 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
   // From here the program's calls on the socket wait, so that this side's TCP bytes
   // end where the switch says.
   s.mode = Socket::Mode::moving;
+  list_moved(s);
   if (!quiesce(s)) return fall_back(fd, Fallback::busy);
   const auto deadline = Clock::now() + negotiate_timeout;
   const negotiation::Request request{*tuple, static_cast<uint32_t>(getpid())};
@@ -944,7 +970,10 @@ void Shim::adopt_accepted(int fd) noexcept {
   s->server = true;
   s->tuple = *tuple;
   s->mode = Socket::Mode::tcp;
-  sockets[fd].store(s, std::memory_order_release);
+  if (!name(fd, *s)) {
+    recycle(s);
+    return;
+  }
   accepted[*tuple] = fd;
   if (auto it = endpoints.find(tuple->server.port); it != endpoints.end() && it->second.acceptors) {
     // A child that accepts on a listener its parent made answers for it too, at an
@@ -1160,6 +1189,7 @@ void Shim::switch_as_server(const Tuple& tuple, Committed& entry) noexcept {
   // The program's calls on the socket wait from here, so that our TCP bytes end now;
   // the client sent none after its confirm.
   s->mode = Socket::Mode::moving;
+  list_moved(*s);
   if (!quiesce(*s) || !wait_acknowledged(entry.fd, *s, Clock::now() + negotiate_timeout, *this))
     return abort(Fallback::busy);
   if (c.stream_write(negotiation::encode_notice(negotiation::Kind::switched)) != negotiation::kNoticeSize)
@@ -1179,7 +1209,7 @@ void Shim::drop_committed(const Tuple& tuple) noexcept {
   }
   // The client does not ask twice: its socket needs the shim no more.
   if (Socket* s = it->second.fd >= 0 ? socket_of(it->second.fd) : nullptr;
-      s && s->tuple == tuple && s->mode == Socket::Mode::tcp && !s->has_ahead() && s->refs == 1) {
+      s && s->tuple == tuple && s->mode == Socket::Mode::tcp && !s->has_ahead() && s->fds.size() == 1) {
     accepted.erase(tuple);
     forget(it->second.fd);
   }
@@ -1215,7 +1245,7 @@ void Shim::match_cookies() noexcept {
   }
 }
 
-bool Shim::service() noexcept {
+bool Shim::service(bool woken) noexcept {
   bool changed = false;
   transport::Engine* e = running_engine();
   if (e) changed = e->on_wake() > 0;
@@ -1235,7 +1265,8 @@ bool Shim::service() noexcept {
     changed = true;
   }
   serve_moves();
-  serve_resumes();
+  // A Resume keeps the wait set readable: a later wake-up of it finds it.
+  if (woken) serve_resumes();
   serve_returning();
   serve_lingering();
   // Connections the program closed: what still arrives is dropped, as a closed TCP
@@ -1398,7 +1429,7 @@ int close_fd(int fd) noexcept {
     std::lock_guard lock(sh.mutex);
     if (Socket* s = sh.socket_of(fd)) {
       bool rxio = s->mode == Socket::Mode::rxio;
-      if (s->refs == 1) s->closed = true;
+      if (s->fds.size() == 1) s->closed = true;
       sh.forget(fd);
       // What was written goes out now, as a closing TCP socket would send it.
       if (rxio) sh.progress();
@@ -1413,7 +1444,7 @@ void replacing(int target) noexcept {
   Inside inside;
   std::lock_guard lock(sh.mutex);
   if (Socket* s = sh.socket_of(target)) {
-    if (s->refs == 1) s->closed = true;
+    if (s->fds.size() == 1) s->closed = true;
     sh.forget(target);
   }
 }
@@ -1423,11 +1454,13 @@ int duplicate(int fd, int result) noexcept {
   Inside inside;
   std::lock_guard lock(sh.mutex);
   if (result == fd || result < 0 || result >= Shim::kMaxFds) return result;
-  if (Socket* target = sh.socket_of(result); target && target->refs == 1) target->closed = true;
+  if (Socket* target = sh.socket_of(result); target && target->fds.size() == 1) target->closed = true;
   sh.forget(result);  // dup2 over a socket of ours closed it
-  if (Socket* s = sh.socket_of(fd)) {
-    ++s->refs;
-    sh.sockets[result].store(s, std::memory_order_release);
+  if (Socket* s = sh.socket_of(fd); s && !sh.name(result, *s)) {
+    // Untracked, the new fd would bypass a moved socket's stream.
+    real().close(result);
+    errno = ENOMEM;
+    return -1;
   }
   return result;
 }

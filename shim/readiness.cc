@@ -42,7 +42,7 @@ int Shim::sleep(std::unique_lock<ShimMutex>& lock, pollfd* fds, unsigned long co
   if (e && !e->arm()) {
     // Work came in: the shim's own first (a cookie, a client's word), then the caller
     // looks again.
-    service();
+    service(false);
     return 0;
   }
   const int waker = my_waker();
@@ -386,7 +386,7 @@ void prepare_outer_wait(Shim& sh) noexcept {
     uint64_t one = 1;
     [[maybe_unused]] ssize_t w = real().write(set->pending.get(), &one, sizeof one);
   }
-  if (transport::Engine* e = sh.running_engine(); e && !e->arm()) sh.service();
+  if (transport::Engine* e = sh.running_engine(); e && !e->arm()) sh.service(false);
 }
 
 }  // namespace
@@ -432,7 +432,7 @@ int epoll_wait_any(int epfd, epoll_event* events, int max, int timeout_ms, const
       continue;
     }
     if (engine && !engine->arm()) {
-      sh.service();
+      sh.service(false);
       continue;
     }
     // This thread's waker joins the set while it sleeps there.

@@ -137,7 +137,7 @@ struct Socket {
   // so that short-lived connections never pay for a negotiation.
   std::atomic<uint32_t> calls{0};
   std::atomic<bool> tried{false};  // a move was attempted or ruled out: never again
-  int refs = 1;  // fds (dup) naming it
+  std::vector<int> fds;  // the fds (dup) naming it: none once the program closed it
   transport::Connection* connection = nullptr;
   StatRecord* record = nullptr;
   Tuple tuple;               // client and server ends (tcp, moving, rxio)
@@ -172,6 +172,10 @@ struct Socket {
   // ends: not recycled meanwhile.
   bool lingering = false;
   std::chrono::steady_clock::time_point linger_until{};
+  // In Shim::moved_sockets (from its switch on until it is recycled).
+  Socket* moved_prev = nullptr;
+  Socket* moved_next = nullptr;
+  bool listed = false;
 
   bool has_ahead() const noexcept { return ahead_left.load(std::memory_order_relaxed) > 0; }
   // Back to a fresh socket, for the next fd: Socket objects are reused, never freed,
@@ -315,6 +319,10 @@ class Shim {
   std::unordered_map<Tuple, int, TupleHash> accepted;  // accepted sockets still on TCP
   std::vector<Unmatched> unmatched;
   std::vector<Socket*> spare_sockets;
+  // Every socket that began a switch to rxio, until it is recycled: what fork, exec,
+  // exit and failed links look at, rather than the whole fd table.
+  Socket* moved_sockets = nullptr;
+  void list_moved(Socket& s) noexcept;
   // Sockets going back to TCP whose kept bytes wait for room in the kernel: the wait
   // set wakes a sleeper to write them even when the program does not call.
   std::vector<std::pair<int, Socket*>> returning;
@@ -335,6 +343,8 @@ class Shim {
 
   // Control path (control.cc); called with the mutex held.
   void track(int fd);
+  // Has `fd` name `s` too (accept, dup); false without memory.
+  bool name(int fd, Socket& s) noexcept;
   void forget(int fd) noexcept;       // the fd is closing, or stays plain TCP
   void release(Socket* s) noexcept;   // drops a hold
   Socket* new_socket() noexcept;      // from the spares, or made; null without memory
@@ -368,6 +378,10 @@ class Shim {
   // rather than as a link that failed.
   void at_exit() noexcept;
   void go_on_returning(int fd, Socket& s) noexcept;
+  // Carries these returns on, waiting for the TCP sockets, until each is through (its
+  // Resume and kept bytes out, the peer's answer in) or `until` passes.
+  void carry_returns(std::span<const std::pair<int, Socket*>> returns,
+                     std::chrono::steady_clock::time_point until) noexcept;
   // Has the wait set watch a return for `events` (none: not at all).
   void watch_return(int fd, Socket& s, uint32_t events) noexcept;
   // Carries on every return whose kept bytes wait for room (from service()).
@@ -377,6 +391,7 @@ class Shim {
   void serve_lingering() noexcept;
   // The moved sockets whose TCP connection the wait set reports readable: a Resume.
   void serve_resumes() noexcept;
+  int resume_watches = 0;  // sockets with a resume_fd in the wait set
   // A client's connection that is due to move: negotiates and switches, or leaves it
   // on TCP with the reason counted.
   void move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
@@ -384,8 +399,9 @@ class Shim {
   void start_listening(int fd, Socket& s) noexcept;
   void adopt_accepted(int fd) noexcept;
   // Handles what the wait set reported: engine events, negotiations. Returns whether
-  // anything changed.
-  bool service() noexcept;
+  // anything changed. `woken`: the wait set itself was reported readable (not only the
+  // engine's arm() saying work came in), so the peers' Resumes are looked for too.
+  bool service(bool woken = true) noexcept;
   // A write came up short: edge-triggered watchers must see POLLOUT come back.
   void out_of_credit(int fd, Socket& s) noexcept;
   void add_to_wait_set(int fd) noexcept;

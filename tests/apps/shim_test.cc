@@ -14,6 +14,20 @@ namespace {
 class ShimCheck : public AppTest {
  protected:
   ShimCheck() : AppTest({}) {}
+  // rxio-shim-check `mode` (then `args`) on a free port, which `port` gets, under the
+  // server's shim, with `settings` for env(1): NAME=VALUE, -u NAME.
+  Process start_server(std::string& port, const std::string& mode = "serve", const std::string& args = "",
+                       const std::string& settings = "") {
+    port = std::to_string(free_port());
+    return start("env " + settings + " " + server_prefix() + quote(env("RXIO_SHIM_CHECK")) + " " + mode + " " + port +
+                 args);
+  }
+  // rxio-shim-check's client of `port` running `scenarios`, under the client's shim.
+  std::string client_command(const std::string& port, const std::string& scenarios,
+                             const std::string& settings = "") const {
+    return "env " + settings + " " + client_prefix() + quote(env("RXIO_SHIM_CHECK")) + " client " + port + " " +
+           scenarios;
+  }
   // Every scenario against `server`, each said to be ok.
   void run_scenarios(const std::string& port) {
     // "exec" ends the list: the program it executes finishes it.
@@ -24,7 +38,7 @@ class ShimCheck : public AppTest {
                                                 "exec-child",   "exec"};
     std::string names;
     for (const auto& s : scenarios) names += " " + s;
-    Result result = run(client_prefix() + quote(env("RXIO_SHIM_CHECK")) + " client " + port + names, 120s);
+    Result result = run(client_command(port, names), 120s);
     EXPECT_TRUE(result.exited_0) << result.output;
     for (const auto& s : scenarios) EXPECT_NE(result.output.find(s + ": ok"), std::string::npos) << result.output;
   }
@@ -34,9 +48,8 @@ class ShimCheck : public AppTest {
 };
 
 TEST_P(ShimCheck, BehavesAsTcp) {
-  const std::string check = quote(env("RXIO_SHIM_CHECK"));
-  const std::string port = std::to_string(free_port());
-  Process server = start(server_prefix() + check + " serve " + port);
+  std::string port;
+  Process server = start_server(port);
   ASSERT_TRUE(wait_listening(server, std::stoi(port)));
   run_scenarios(port);
   // Those after "fork" move as well, though its child closed the server's listener.
@@ -62,9 +75,8 @@ TEST_P(ShimCheck, BehavesAsTcp) {
 class ShimPrefork : public ShimCheck {};
 
 TEST_P(ShimPrefork, WorkersMoveWhatTheyAccept) {
-  const std::string check = quote(env("RXIO_SHIM_CHECK"));
-  const std::string port = std::to_string(free_port());
-  Process server = start(server_prefix() + check + " serve-prefork " + port + " 3");
+  std::string port;
+  Process server = start_server(port, "serve-prefork", " 3");
   ASSERT_TRUE(wait_listening(server, std::stoi(port)));
   run_scenarios(port);
   if (GetParam() == Shimmed::both) {
@@ -107,12 +119,11 @@ TEST_P(ShimPrefork, WorkersMoveWhatTheyAccept) {
 class ShimDefaults : public ShimCheck {};
 
 TEST_P(ShimDefaults, MovesOnlyConnectionsThatLast) {
-  const std::string check = quote(env("RXIO_SHIM_CHECK"));
-  const std::string port = std::to_string(free_port());
-  const std::string defaults = "env -u RXIO_SHIM_MOVE_AFTER ";
-  Process server = start(defaults + server_prefix() + check + " serve " + port);
+  const std::string defaults = "-u RXIO_SHIM_MOVE_AFTER";
+  std::string port;
+  Process server = start_server(port, "serve", "", defaults);
   ASSERT_TRUE(wait_listening(server, std::stoi(port)));
-  Process client = start(defaults + client_prefix() + check + " client " + port + " many half-close duplex");
+  Process client = start(client_command(port, "many half-close duplex", defaults));
   Result result = finish(client, 120s);
   EXPECT_TRUE(result.exited_0) << result.output;
   // The server's board (the client's went with it): 250 connections, one moved.
@@ -135,11 +146,10 @@ TEST_P(ShimDefaults, MovesOnlyConnectionsThatLast) {
 class ShimReturns : public ShimCheck {
  protected:
   void run_with_fault(const std::string& server_env, const std::string& client_env) {
-    const std::string check = quote(env("RXIO_SHIM_CHECK"));
-    const std::string port = std::to_string(free_port());
-    Process server = start("env " + server_env + " " + server_prefix() + check + " serve " + port);
+    std::string port;
+    Process server = start_server(port, "serve", "", server_env);
     ASSERT_TRUE(wait_listening(server, std::stoi(port)));
-    Result result = run("env " + client_env + " " + client_prefix() + check + " client " + port + " duplex parallel", 120s);
+    Result result = run(client_command(port, "duplex parallel", client_env), 120s);
     EXPECT_TRUE(result.exited_0) << result.output;
     EXPECT_NE(result.output.find("duplex: ok"), std::string::npos) << result.output;
     EXPECT_NE(result.output.find("parallel: ok"), std::string::npos) << result.output;
@@ -163,11 +173,10 @@ TEST_P(ShimReturns, ClientLinkFailsMidStream) { run_with_fault("RXIO_FAULT_LINK_
 // A peer whose process stops (SIGSTOP) for a second, twice, under running round trips:
 // its link stays up, nothing goes back to TCP, and every byte arrives once it goes on.
 TEST_P(ShimReturns, PeerStoppedMidStream) {
-  const std::string check = quote(env("RXIO_SHIM_CHECK"));
-  const std::string port = std::to_string(free_port());
-  Process server = start(server_prefix() + check + " serve " + port);
+  std::string port;
+  Process server = start_server(port);
   ASSERT_TRUE(wait_listening(server, std::stoi(port)));
-  Process client = start(client_prefix() + check + " client " + port + " steady");
+  Process client = start(client_command(port, "steady"));
   for (int i = 0; i < 2; ++i) {
     std::this_thread::sleep_for(700ms);
     server.pause();
@@ -188,11 +197,10 @@ TEST_P(ShimReturns, PeerStoppedMidStream) {
 // a Resume): the client's calls end with an error or the stream's end, every byte
 // before that right, and no call hangs.
 TEST_P(ShimReturns, PeerKilledMidStream) {
-  const std::string check = quote(env("RXIO_SHIM_CHECK"));
-  const std::string port = std::to_string(free_port());
-  Process server = start(server_prefix() + check + " serve " + port);
+  std::string port;
+  Process server = start_server(port);
   ASSERT_TRUE(wait_listening(server, std::stoi(port)));
-  Process client = start(client_prefix() + check + " client " + port + " steady-until-gone");
+  Process client = start(client_command(port, "steady-until-gone"));
   // Killed once the connection has moved and its round trips run.
   const std::string moved = "moved." + expected_backend();
   ASSERT_TRUE(board_when(server.pid(), [&](const Board& b) { return b[moved] >= 1; }, 60s));

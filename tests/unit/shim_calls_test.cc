@@ -11,7 +11,9 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -61,7 +63,7 @@ TEST(ShimTable, TracksASocketUntilItsClose) {
   Socket* s = sh().socket_of(fd);
   ASSERT_NE(s, nullptr);
   EXPECT_EQ(s->mode.load(), Socket::Mode::fresh);
-  EXPECT_EQ(s->refs, 1);
+  EXPECT_EQ(s->fds, std::vector<int>{fd});
   EXPECT_EQ(close_fd(fd), 0);
   EXPECT_EQ(sh().socket_of(fd), nullptr);
   EXPECT_FALSE(open_fd(fd)) << "close_fd closes the kernel's fd too";
@@ -74,12 +76,12 @@ TEST(ShimTable, DupSharesOneSocketUntilTheLastCloseThenItServesTheNext) {
   ASSERT_GE(copy, 0);
   EXPECT_EQ(duplicate(fd, copy), copy);
   EXPECT_EQ(sh().socket_of(copy), s);
-  EXPECT_EQ(s->refs, 2);
+  EXPECT_EQ(s->fds, (std::vector<int>{fd, copy}));
 
   EXPECT_EQ(close_fd(fd), 0);
   EXPECT_EQ(sh().socket_of(fd), nullptr);
   EXPECT_EQ(sh().socket_of(copy), s) << "the other fd still names it";
-  EXPECT_EQ(s->refs, 1);
+  EXPECT_EQ(s->fds, std::vector<int>{copy});
   EXPECT_TRUE(open_fd(copy));
 
   EXPECT_EQ(close_fd(copy), 0);
@@ -88,7 +90,7 @@ TEST(ShimTable, DupSharesOneSocketUntilTheLastCloseThenItServesTheNext) {
   // and come back as new.
   int next = tracked_socket();
   EXPECT_EQ(sh().socket_of(next), s);
-  EXPECT_EQ(s->refs, 1);
+  EXPECT_EQ(s->fds, std::vector<int>{next});
   EXPECT_EQ(s->mode.load(), Socket::Mode::fresh);
   EXPECT_FALSE(s->tried.load());
   close_fd(next);
@@ -104,10 +106,34 @@ TEST(ShimTable, Dup2OverAnOwnedSocketForgetsIt) {
   ASSERT_EQ(::dup2(a, b), b);
   EXPECT_EQ(duplicate(a, b), b);
   EXPECT_EQ(sh().socket_of(b), sa) << "b now names a's socket";
-  EXPECT_EQ(sa->refs, 2);
+  EXPECT_EQ(sa->fds, (std::vector<int>{a, b}));
   close_fd(b);
   close_fd(a);
   EXPECT_EQ(sh().socket_of(a), nullptr);
+}
+
+// Fork, exec, exit and failed links walk the sockets that began a move: each listed
+// once, until the socket is recycled.
+TEST(ShimTable, SocketsThatBeganAMoveAreListedUntilRecycled) {
+  int a = tracked_socket(), b = tracked_socket(), c = tracked_socket();
+  Socket *sa = sh().socket_of(a), *sb = sh().socket_of(b), *sc = sh().socket_of(c);
+  auto listed = [] {
+    std::vector<Socket*> sockets;
+    for (Socket* s = sh().moved_sockets; s; s = s->moved_next) sockets.push_back(s);
+    return sockets;
+  };
+  ASSERT_TRUE(listed().empty());
+  {
+    std::lock_guard lock(sh().mutex);
+    for (Socket* s : {sa, sb, sc, sb}) sh().list_moved(*s);
+  }
+  EXPECT_EQ(listed(), (std::vector<Socket*>{sc, sb, sa}));
+  EXPECT_EQ(close_fd(b), 0);
+  EXPECT_EQ(listed(), (std::vector<Socket*>{sc, sa})) << "unlisted from the middle";
+  EXPECT_EQ(close_fd(c), 0);
+  EXPECT_EQ(listed(), (std::vector<Socket*>{sa})) << "unlisted from the head";
+  EXPECT_EQ(close_fd(a), 0);
+  EXPECT_TRUE(listed().empty());
 }
 
 TEST(ShimTable, ListenConnectAcceptAndShutdownSetTheModes) {
