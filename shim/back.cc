@@ -99,7 +99,7 @@ const char* take_resume(int fd, Socket& s) noexcept {
   if (resume->from > s.rxio_read) {
     // Only a forked child's socket: its parent read on after the fork, up to `from`,
     // and took the read-ahead before that.
-    if (!r.adopted) return "the peer's shim resumed at a byte it cannot have";
+    if (r.role != Returning::Role::adopted) return "the peer's shim resumed at a byte it cannot have";
     s.ahead.clear();
     s.ahead_read = 0;
     s.ahead_left = 0;
@@ -258,9 +258,8 @@ void Shim::start_hand_over(int fd, Socket& s, Return reason) noexcept {
   if (s.record) s.record->backend = static_cast<uint8_t>(Backend::tcp);
   Returning& r = s.back;
   r = Returning{};
-  r.hands_over = true;
-  r.handing = reason == Return::fork;
-  r.in_done = r.handing;  // the child reads the peer's answer
+  r.role = reason == Return::fork ? Returning::Role::hands_to_child : Returning::Role::hands_to_exec;
+  r.in_done = r.role == Returning::Role::hands_to_child;  // the child reads the peer's answer
   r.next = kept_from(s);
   r.end = s.rxio_written;
   r.resume = negotiation::encode(negotiation::Resume{r.next, r.end - r.next, true, s.rxio_read});
@@ -449,7 +448,7 @@ void Shim::after_fork_in_child() noexcept {
     s->connection = nullptr;
     s->kept.clear();
     s->back = Returning{};
-    s->back.adopted = true;
+    s->back.role = Returning::Role::adopted;
     s->back.out_done = true;
     s->mode = Socket::Mode::returning;
   }
@@ -459,7 +458,9 @@ void Shim::before_exec() noexcept {
   // Only the sockets the new image inherits: through an fd without close-on-exec.
   std::vector<std::pair<int, Socket*>> handed;
   for (Socket* s = moved_sockets; s; s = s->moved_next) {
-    if (s->mode != Socket::Mode::rxio && !(s->mode == Socket::Mode::returning && s->back.adopted)) continue;
+    if (s->mode != Socket::Mode::rxio &&
+        !(s->mode == Socket::Mode::returning && s->back.role == Returning::Role::adopted))
+      continue;
     auto inherited = std::find_if(s->fds.begin(), s->fds.end(), [](int fd) {
       const int flags = real().fcntl(fd, F_GETFD);
       return flags >= 0 && !(flags & FD_CLOEXEC);
@@ -485,7 +486,7 @@ void Shim::before_exec() noexcept {
   for (auto [fd, s] : handed) {
     if (s->mode != Socket::Mode::returning) continue;
     // A child's copy stays as it is: its parent may go on with the connection.
-    if (s->back.adopted)
+    if (s->back.role == Returning::Role::adopted)
       log::warn("shim: fd " + std::to_string(fd) + ": executing a program before this socket's parent handed it " +
                 "over; the new program gets it as it is");
     else
@@ -505,7 +506,7 @@ void Shim::at_exit() noexcept {
   try {
     handing.reserve(lingering.size() + 16);
     for (auto [fd, s] : lingering)
-      if (s->back.handing) handing.emplace_back(fd, s);
+      if (s->back.role == Returning::Role::hands_to_child) handing.emplace_back(fd, s);
     for (Socket* s = moved_sockets; s; s = s->moved_next) {
       if (s->mode != Socket::Mode::rxio || s->fds.empty()) continue;  // lingering ones are above
       if (s->shared && has_children()) {
@@ -538,7 +539,7 @@ void Shim::carry_returns(std::span<const std::pair<int, Socket*>> returns,
     for (auto [fd, s] : returns) {
       if (s->mode != Socket::Mode::returning) continue;
       Returning& r = s->back;
-      if (r.handing) {
+      if (r.role == Returning::Role::hands_to_child) {
         // A hand-over to a child: written out, never read (the child reads the answer).
         if (!r.out_done && !write_out(fd, *s)) r.out_done = true;
       } else {
@@ -599,7 +600,7 @@ void Shim::serve_lingering() noexcept {
   for (std::size_t i = 0; i < lingering.size();) {
     auto [fd, s] = lingering[i];
     bool done = false;
-    if (s->back.handing) {
+    if (s->back.role == Returning::Role::hands_to_child) {
       // Closed here while a forked child holds it: the hand-over goes out, and nothing
       // is read here, of TCP (the child's) or of the connection (its credit would let
       // the peer forget bytes the child needs).
@@ -620,7 +621,7 @@ void Shim::serve_lingering() noexcept {
       if (done && !has_children()) {
         // No child holds it any more: the peer's answer is read out here, so that the
         // close sends no reset.
-        r.handing = false;
+        r.role = Returning::Role::resumes;
         s->mode = Socket::Mode::tcp;
         done = false;
       }
@@ -675,14 +676,14 @@ void Shim::serve_lingering() noexcept {
 
 void Shim::go_on_returning(int fd, Socket& s) noexcept {
   // A hand-over to a forked child: serve_lingering writes it, and nothing is read here.
-  if (s.mode != Socket::Mode::returning || s.back.handing) return;
+  if (s.mode != Socket::Mode::returning || s.back.role == Returning::Role::hands_to_child) return;
   Returning& r = s.back;
   if (const char* why = read_in(fd, s)) reset_connection(fd, s, why);
   // The server writes once the client's Resume is in: until the client has written
   // it, the client may still be taking in the server's last TCP bytes from before the
   // switch, and would take a Resume for more of them. A hand-over is written at once:
   // the peer answers it.
-  const bool may_write = r.hands_over || !s.server || r.peer_have == r.peer.size() || r.in_done;
+  const bool may_write = r.hands_over() || !s.server || r.peer_have == r.peer.size() || r.in_done;
   if (may_write && !r.out_done) {
     if (!write_out(fd, s)) r.out_done = true;  // the peer is gone: its reads end with the kernel's error
     // A shutdown(SHUT_WR) made over rxio ends the TCP stream after the kept bytes.

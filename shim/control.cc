@@ -424,7 +424,7 @@ void Shim::forget(int fd) noexcept {
   // TCP, so that the peer gets every byte (back.cc). One that a forked child holds too
   // is handed over to the child. In a forked child, the connection is the parent's:
   // closing the child's fd leaves it alone.
-  if (!s->back.adopted && !s->inherited && (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning)) {
+  if (s->back.role != Returning::Role::adopted && !s->inherited && (s->mode == Socket::Mode::rxio || s->mode == Socket::Mode::returning)) {
     int kept_fd = real().fcntl(fd, F_DUPFD_CLOEXEC, 0);
     // Shared at a fork: handed over while a child may hold it still.
     const bool hand_over = s->shared && s->mode == Socket::Mode::rxio && kept_fd >= 0 && has_children();

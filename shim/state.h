@@ -106,15 +106,25 @@ struct Returning {
   uint64_t skip = 0;
   bool in_done = false;
   bool peer_closed = false;  // its stream had ended over rxio: an end on TCP loses nothing
-  // A forked child's socket that its parent moved (docs/shim.md, "fork and exec"): the
-  // parent writes this side's hand-over when it closes its copy, so the child only
-  // reads the peer's answer, and writes once it is in.
-  bool adopted = false;
-  // This side's Resume is a hand-over: written at once, for the peer to answer.
-  bool hands_over = false;
-  // Closed here while a forked child still holds it: this side writes its hand-over,
-  // never reads (the child does), and keeps the connection until the peer lets go of it.
-  bool handing = false;
+  // Which process goes on over TCP, and so which half of the exchange is this side's
+  // (docs/shim.md, "fork and exec").
+  enum class Role : uint8_t {
+    // This process: it writes its Resume (a server after the client's) and reads the
+    // peer's.
+    resumes,
+    // A forked child that holds the socket too (this process closed it): the hand-over
+    // is written at once, never read here (the child reads the answer), and the
+    // connection is kept until the peer lets go of it.
+    hands_to_child,
+    // The program this one executes: the hand-over is written at once, the peer's
+    // answer read here before the exec.
+    hands_to_exec,
+    // This is a forked child's copy of a socket its parent moved: the parent writes
+    // the hand-over, this side reads the peer's answer and writes after it.
+    adopted,
+  };
+  Role role = Role::resumes;
+  bool hands_over() const noexcept { return role == Role::hands_to_child || role == Role::hands_to_exec; }
 };
 
 // What the shim knows about one TCP socket of the program. Shared by dup()s of it.

@@ -397,7 +397,7 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
     if (mode == Socket::Mode::returning) {
       sh.go_on_returning(fd, *s);
       if (s->broken) return done_or(sent, ECONNRESET);
-      if (s->mode == Socket::Mode::returning && (!s->back.out_done || (s->back.adopted && !s->back.in_done))) {
+      if (s->mode == Socket::Mode::returning && (!s->back.out_done || (s->back.role == Returning::Role::adopted && !s->back.in_done))) {
         // The kept bytes go first; a forked child's bytes, after its parent's
         // hand-over, which the peer's answer shows is out.
         int stop = wait_on_kernel(sh, lock, s, fd, s->back.out_done ? POLLIN : POLLOUT, how);
