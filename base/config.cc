@@ -24,6 +24,9 @@ const std::vector<Knob> kKnobs = {
      "Fault injection, for tests: every link of the process fails itself, as a failed "
      "completion would (its QP to the error state, its shm or tcp connection shut), once it "
      "has written this many ring slots. 0: never."},
+    {"RXIO_FAULT_LINKS", "count", "0",
+     "Fault injection, for tests: how many links RXIO_FAULT_LINK_AFTER fails, the first "
+     "to reach it; the others hold. 0: every one."},
     {"RXIO_LOG", "choice", "warn",
      "What rxio writes on stderr: warn (problems only) or info (also each link's backend "
      "and why it was chosen)."},
@@ -43,6 +46,10 @@ const std::vector<Knob> kKnobs = {
      "Data calls (reads and writes) a client makes on a TCP connection before the preload shim "
      "moves it: short-lived connections finish on TCP without a negotiation. 0 or 1 moves it at "
      "the first call."},
+    {"RXIO_SHIM_MOVE_AGAIN", "count", "3",
+     "How many times a connection that went back to TCP because its link failed moves again, "
+     "onto a new link: after 16 times RXIO_SHIM_MOVE_AFTER more data calls, then 256 times, and "
+     "so on. 0: it stays on TCP."},
     {"RXIO_SHIM_RULES", "text", "# none",
      "Rules for the preload shim, checked before RXIO_SHIM_CONFIG's: entries 'allow|deny "
      "ADDRESS[/PREFIX][:PORT[-PORT]]' separated by newlines, ';' or ','. The first match "

@@ -109,6 +109,7 @@ const char* take_resume(int fd, Socket& s) noexcept {
   // less (its credits bound what it wrote past this side's reads).
   if (s.rxio_read - resume->from > resume->kept) return "the peer's shim resumed at a byte it cannot have";
   r.skip = s.rxio_read - resume->from;
+  r.peer_hands_over = resume->hand_over;
   // A hand-over that comes after this side started back on its own (its link failed
   // first), before any of its Resume went out: its bytes go from where the other
   // process reads on.
@@ -698,14 +699,40 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
       s.connection = nullptr;
     }
     s.mode = Socket::Mode::tcp;
-    s.tried = true;
     s.kept.clear();
+    after_return(fd, s);
     wake_sleepers();
     return;
   }
   // Woken without the program: by the client's Resume while the server waits for it,
   // and by room for kept bytes that wait.
   watch_return(fd, s, (may_write ? 0u : uint32_t{EPOLLIN}) | (may_write && !r.out_done ? uint32_t{EPOLLOUT} : 0u));
+}
+
+void Shim::after_return(int fd, Socket& s) noexcept {
+  const Returning& r = s.back;
+  // Only where the same two processes go on with it, the program still holding it, and
+  // nothing shut: a connection handed over, or adopted, stays on TCP.
+  const bool held = !s.lingering && !s.fds.empty();
+  const bool again = r.role == Returning::Role::resumes && !r.peer_hands_over && !s.broken && !s.shared && held &&
+                     !s.read_shut && !s.write_shut && s.failed_links < move_again;
+  s.tried = !again;
+  if (again) {
+    ++s.failed_links;
+    // Later each time: a link that fails again soon costs a negotiation per 16 times
+    // more calls.
+    s.move_at = static_cast<uint32_t>(
+        std::min<uint64_t>(uint64_t(std::max<uint32_t>(move_after, 1)) << (4 * s.failed_links), UINT32_MAX));
+    s.calls = 0;
+  }
+  if (!s.server || !held) return;
+  // The client's next request finds it: answered, or refused at once where it stays.
+  try {
+    accepted[s.tuple] = fd;
+  } catch (const std::bad_alloc&) {
+    return;
+  }
+  answer_parked(s.tuple);
 }
 
 void Shim::notice_failures() noexcept {

@@ -204,6 +204,7 @@ Shim::Shim() {
     negotiate_timeout = milliseconds(config::get_count("RXIO_SHIM_TIMEOUT_MS"));
     poll_time = std::chrono::microseconds(config::get_count("RXIO_POLL_US"));
     move_after = static_cast<uint32_t>(std::min<uint64_t>(config::get_count("RXIO_SHIM_MOVE_AFTER"), UINT32_MAX));
+    move_again = static_cast<uint32_t>(std::min<uint64_t>(config::get_count("RXIO_SHIM_MOVE_AGAIN"), 7));
     verbs_forced = config::get_choice("RXIO_BACKEND", {"auto", "verbs", "shm", "tcp"}) == "verbs";
   } catch (const std::exception& e) {
     log::warn(std::string("shim: ") + e.what());
@@ -325,6 +326,8 @@ int Shim::my_waker() noexcept {
 void Socket::reset() noexcept {
   mode = Mode::fresh;
   calls = 0;
+  move_at = 0;
+  failed_links = 0;
   tried = false;
   fds.clear();
   connection = nullptr;
@@ -493,12 +496,14 @@ void Shim::become_rxio(int fd, Socket& s, transport::Connection& c) noexcept {
   s.mode = Socket::Mode::rxio;
   s.connection = &c;
   s.rxio_read = s.rxio_written = 0;
+  s.back = Returning{};  // a return before this move is through
   if (!s.kept.reserve(c.stream_window()))
     log::warn("shim: fd " + std::to_string(fd) + ": no memory to keep what is written; if its link fails, the " +
               "connection is reset rather than go back to TCP");
   Backend backend = backend_of(c);
   if (board) {
     board->count_moved(backend);
+    if (s.record) board->close(s.record);  // its record from the move before
     sockaddr_storage local = to_sockaddr(s.server ? s.tuple.server : s.tuple.client);
     sockaddr_storage peer = to_sockaddr(s.server ? s.tuple.client : s.tuple.server);
     s.record = board->open(fd, reinterpret_cast<sockaddr*>(&local), reinterpret_cast<sockaddr*>(&peer), backend,
@@ -982,8 +987,12 @@ void Shim::adopt_accepted(int fd) noexcept {
       it->second.acceptors->record(*tuple, static_cast<uint32_t>(getpid()));
   }
   // A request that came before the program accepted the connection is answered now.
+  answer_parked(*tuple);
+}
+
+void Shim::answer_parked(const Tuple& tuple) noexcept {
   for (std::size_t i = 0; i < peers.size();) {
-    if (peers[i].parked != *tuple || answer(peers[i])) {
+    if (peers[i].parked != tuple || answer(peers[i])) {
       ++i;
       continue;
     }
@@ -1108,7 +1117,10 @@ bool Shim::answer(Peer& peer) noexcept {
     return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
   }
   Socket* s = socket_of(held->second);
-  if (!s || s->tuple != tuple || s->mode != Socket::Mode::tcp || s->read_shut || s->write_shut)
+  // Moving again: the client went back to TCP before this side did (after_return
+  // answers once it has).
+  if (s && s->tuple == tuple && s->mode == Socket::Mode::returning && Clock::now() < peer.until) return true;
+  if (!s || s->tuple != tuple || s->mode != Socket::Mode::tcp || s->read_shut || s->write_shut || s->tried)
     return refuse(negotiation::Refusal::closing, Fallback::not_supported);
   transport::Engine* e = engine();
   if (!e) return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);

@@ -106,6 +106,7 @@ struct Returning {
   uint64_t skip = 0;
   bool in_done = false;
   bool peer_closed = false;  // its stream had ended over rxio: an end on TCP loses nothing
+  bool peer_hands_over = false;  // another process of the peer's goes on
   // Which process goes on over TCP, and so which half of the exchange is this side's
   // (docs/shim.md, "fork and exec").
   enum class Role : uint8_t {
@@ -146,6 +147,10 @@ struct Socket {
   // Data calls so far: a client moves its connection once they reach RXIO_SHIM_MOVE_AFTER,
   // so that short-lived connections never pay for a negotiation.
   std::atomic<uint32_t> calls{0};
+  // The calls it takes (0: RXIO_SHIM_MOVE_AFTER): more after each link that failed
+  // under it (docs/shim.md, "Moving again").
+  std::atomic<uint32_t> move_at{0};
+  uint8_t failed_links = 0;
   std::atomic<bool> tried{false};  // a move was attempted or ruled out: never again
   std::vector<int> fds;  // the fds (dup) naming it: none once the program closed it
   transport::Connection* connection = nullptr;
@@ -284,6 +289,7 @@ class Shim {
   std::optional<StatBoard> board;
   std::chrono::milliseconds negotiate_timeout{1000};
   uint32_t move_after = 8;  // RXIO_SHIM_MOVE_AFTER
+  uint32_t move_again = 3;  // RXIO_SHIM_MOVE_AGAIN
   bool verbs_forced = false;  // RXIO_BACKEND=verbs: moves as across hosts (rdma_cm)
   // In a child of fork(): the parent's engine, links and moved connections are its own
   // (their memory is shared), so the child never touches them; it starts an engine of
@@ -388,6 +394,11 @@ class Shim {
   // rather than as a link that failed.
   void at_exit() noexcept;
   void go_on_returning(int fd, Socket& s) noexcept;
+  // A return is through: the socket stays on TCP, or may move again (a link failed
+  // under it, and the same two processes go on).
+  void after_return(int fd, Socket& s) noexcept;
+  // Answers the requests parked for `tuple` (false from answer(): done with them).
+  void answer_parked(const Tuple& tuple) noexcept;
   // Carries these returns on, waiting for the TCP sockets, until each is through (its
   // Resume and kept bytes out, the peer's answer in) or `until` passes.
   void carry_returns(std::span<const std::pair<int, Socket*>> returns,
@@ -473,8 +484,9 @@ class Shim {
 
 // Due to move: a client's TCP connection whose calls reached the threshold.
 inline bool due_to_move(const Shim& sh, Socket& s) noexcept {
-  return !s.server && !s.tried.load(std::memory_order_relaxed) &&
-         s.calls.fetch_add(1, std::memory_order_relaxed) + 1 >= sh.move_after;
+  if (s.server || s.tried.load(std::memory_order_relaxed)) return false;
+  const uint32_t at = s.move_at.load(std::memory_order_relaxed);
+  return s.calls.fetch_add(1, std::memory_order_relaxed) + 1 >= (at ? at : sh.move_after);
 }
 
 // Readiness of a socket in rxio mode, as poll() events (POLLIN, POLLOUT, POLLHUP,

@@ -51,6 +51,7 @@ Options resolve(Options o) {
   o.shm_arena = pick<uint64_t>(o.shm_arena, 0, "RXIO_SHM_ARENA", config::get_bytes, 1u << 20, uint64_t(1) << 40);
   config::get_choice("RXIO_LOG", {"warn", "info"});  // a typo is an error here, not a silent default
   if (o.fault_link_after == ~0ull) o.fault_link_after = config::get_count("RXIO_FAULT_LINK_AFTER");
+  if (o.fault_links == ~0ull) o.fault_links = config::get_count("RXIO_FAULT_LINKS");
   if (o.tcp_io.empty()) o.tcp_io = config::get_choice("RXIO_TCP_IO", {"uring", "plain"});
   if (o.tcp_io != "uring" && o.tcp_io != "plain")
     throw Error(EINVAL, "using tcp_io '" + o.tcp_io + "'", {}, "it must be uring or plain");

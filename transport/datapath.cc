@@ -71,7 +71,8 @@ void Link::post_slot(Connection& c, wire::SlotKind kind, uint64_t tag,
                       wire::Imm{wire::ImmType::slot, c.peer_id_, 0}, "a slot"))
     return;
   ++staging_next;
-  if (++slots_written == engine.options.fault_link_after)
+  if (++slots_written == engine.options.fault_link_after &&
+      (engine.options.fault_links == 0 || engine.faulted_links++ < engine.options.fault_links))
     fail(EIO, "fault injected (RXIO_FAULT_LINK_AFTER=" + std::to_string(slots_written) + ")");
 }
 

@@ -110,6 +110,7 @@ struct Options {
   uint64_t shm_arena = 0;  // RXIO_SHM_ARENA
   std::string tcp_io;      // RXIO_TCP_IO: "uring" or "plain"
   uint64_t fault_link_after = ~0ull;  // RXIO_FAULT_LINK_AFTER (0: never)
+  uint64_t fault_links = ~0ull;       // RXIO_FAULT_LINKS (0: every link)
 };
 
 struct EngineStats {

@@ -248,6 +248,7 @@ struct Engine::Impl {
   uint64_t faults[static_cast<int>(wire::Fault::count_)] = {};
   uint64_t handled_count = 0;  // Engine::handled()
   uint64_t link_failures = 0;  // Engine::link_failures()
+  uint64_t faulted_links = 0;  // links RXIO_FAULT_LINK_AFTER failed
 
   bool allows(Backend b) const noexcept { return backends & (1u << static_cast<int>(b)); }
   Link& link_to(const std::string& host, uint16_t peer_port);

@@ -84,12 +84,14 @@ TEST_P(Redis, StoresAndBenchmarks) { stores_and_benchmarks(""); }
 
 // Every link of the server fails itself after 200 ring slots (RXIO_FAULT_LINK_AFTER):
 // the connections on it go back to TCP mid-stream, later ones move on new links, and
-// every reply is still right.
+// every reply is still right. Those that went back stay there (the server refuses to
+// move them again): each move again onto a link this short-lived would risk the
+// window in which a failed link resets the connection (docs/shim.md).
 class RedisFaults : public Redis {};
 
 TEST_P(RedisFaults, StoresThroughFailedLinks) {
   std::optional<Board> board;
-  stores_and_benchmarks("RXIO_FAULT_LINK_AFTER=200", &board);
+  stores_and_benchmarks("RXIO_FAULT_LINK_AFTER=200 RXIO_SHIM_MOVE_AGAIN=0", &board);
   ASSERT_TRUE(board);
   EXPECT_GE((*board)["returned.link_failed"] + (*board)["returned.peer"], 1u) << board->json;
 }

@@ -142,14 +142,16 @@ TEST_P(ShimDefaults, MovesOnlyConnectionsThatLast) {
 // connection, then 1 MiB each way on each of 32 connections of one link at once. The
 // fault comes at the 300th slot a link writes: with the data, after the moves (a link
 // that fails between a client's Confirm and the server's Switched resets the
-// connection instead: docs/shim.md).
+// connection instead: docs/shim.md). The connections stay on TCP after (moving again
+// has a test of its own).
 class ShimReturns : public ShimCheck {
  protected:
   void run_with_fault(const std::string& server_env, const std::string& client_env) {
+    const std::string stay = " RXIO_SHIM_MOVE_AGAIN=0";
     std::string port;
-    Process server = start_server(port, "serve", "", server_env);
+    Process server = start_server(port, "serve", "", server_env + stay);
     ASSERT_TRUE(wait_listening(server, std::stoi(port)));
-    Result result = run(client_command(port, "duplex parallel", client_env), 120s);
+    Result result = run(client_command(port, "duplex parallel", client_env + stay), 120s);
     EXPECT_TRUE(result.exited_0) << result.output;
     EXPECT_NE(result.output.find("duplex: ok"), std::string::npos) << result.output;
     EXPECT_NE(result.output.find("parallel: ok"), std::string::npos) << result.output;
@@ -169,6 +171,33 @@ class ShimReturns : public ShimCheck {
 TEST_P(ShimReturns, ServerLinkFailsMidStream) { run_with_fault("RXIO_FAULT_LINK_AFTER=300", "RXIO_FAULT_LINK_AFTER=0"); }
 
 TEST_P(ShimReturns, ClientLinkFailsMidStream) { run_with_fault("RXIO_FAULT_LINK_AFTER=0", "RXIO_FAULT_LINK_AFTER=300"); }
+
+// One side's first link fails under 8 MiB each way (RXIO_FAULT_LINKS=1): the
+// connection goes back to TCP, then moves again onto a new link, which holds, and
+// every byte arrives. (When the client is through first, its request waits for the
+// server's return to be.)
+class ShimMovesAgain : public ShimCheck {
+ protected:
+  void run_with_fault(const std::string& server_env, const std::string& client_env) {
+    std::string port;
+    Process server = start_server(port, "serve", "", server_env);
+    ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+    Result result = run(client_command(port, "duplex", client_env), 120s);
+    EXPECT_TRUE(result.exited_0) << result.output;
+    EXPECT_NE(result.output.find("duplex: ok"), std::string::npos) << result.output;
+    const std::string moved = "moved." + expected_backend();
+    auto board = board_when(server.pid(), [&](const Board& b) { return b[moved] >= 2; });
+    ASSERT_TRUE(board) << "the server (pid " << server.pid() << ") has no statistics board";
+    EXPECT_EQ((*board)[moved], 2u) << "moved, then again after its link failed: " << board->json;
+    EXPECT_EQ((*board)["returned.link_failed"] + (*board)["returned.peer"], 1u) << board->json;
+    EXPECT_TRUE(server.stop()) << server.output();
+  }
+  static constexpr const char* kFirstLinkFails = "RXIO_FAULT_LINK_AFTER=300 RXIO_FAULT_LINKS=1";
+};
+
+TEST_P(ShimMovesAgain, AfterTheServersLinkFailed) { run_with_fault(kFirstLinkFails, "RXIO_FAULT_LINK_AFTER=0"); }
+
+TEST_P(ShimMovesAgain, AfterTheClientsLinkFailed) { run_with_fault("RXIO_FAULT_LINK_AFTER=0", kFirstLinkFails); }
 
 // A peer whose process stops (SIGSTOP) for a second, twice, under running round trips:
 // its link stays up, nothing goes back to TCP, and every byte arrives once it goes on.
@@ -217,6 +246,7 @@ INSTANTIATE_TEST_SUITE_P(Apps, ShimCheck, testing::Values(Shimmed::both, Shimmed
 INSTANTIATE_TEST_SUITE_P(Apps, ShimPrefork, testing::Values(Shimmed::both, Shimmed::server, Shimmed::client),
                          test_name);
 INSTANTIATE_TEST_SUITE_P(Apps, ShimReturns, testing::Values(Shimmed::both), test_name);
+INSTANTIATE_TEST_SUITE_P(Apps, ShimMovesAgain, testing::Values(Shimmed::both), test_name);
 // A move needs both sides shimmed.
 INSTANTIATE_TEST_SUITE_P(Apps, ShimDefaults, testing::Values(Shimmed::both), test_name);
 
