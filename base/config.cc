@@ -49,7 +49,7 @@ const std::vector<Knob> kKnobs = {
     {"RXIO_SHIM_MOVE_AGAIN", "count", "3",
      "How many times a connection that went back to TCP because its link failed moves again, "
      "onto a new link: after 16 times RXIO_SHIM_MOVE_AFTER more data calls, then 256 times, and "
-     "so on. 0: it stays on TCP."},
+     "so on. 0: it stays on TCP; at most 7."},
     {"RXIO_SHIM_RULES", "text", "# none",
      "Rules for the preload shim, checked before RXIO_SHIM_CONFIG's: entries 'allow|deny "
      "ADDRESS[/PREFIX][:PORT[-PORT]]' separated by newlines, ';' or ','. The first match "

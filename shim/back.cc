@@ -207,6 +207,13 @@ void Shim::start_return(int fd, Socket& s, Return reason) noexcept {
   s.mode = Socket::Mode::returning;
   if (board) board->count_returned(reason);
   if (s.record) s.record->backend = static_cast<uint8_t>(Backend::tcp);
+  if (s.server && !s.fds.empty()) {
+    // The client may ask to move it again (answer() holds the request meanwhile).
+    try {
+      accepted[s.tuple] = fd;
+    } catch (const std::bad_alloc&) {
+    }
+  }
 
   Returning& r = s.back;
   // A Resume the peer wrote before this side noticed anything stays.
@@ -383,8 +390,12 @@ bool Shim::has_children() noexcept {
 }
 
 void Shim::after_fork_in_parent() noexcept {
-  for (Socket* s = moved_sockets; s; s = s->moved_next)
-    if (s->mode == Socket::Mode::rxio && !s->fds.empty()) s->shared = true;
+  for (Socket* s = moved_sockets; s; s = s->moved_next) {
+    if (s->fds.empty()) continue;
+    if (s->mode == Socket::Mode::rxio) s->shared = true;
+    // Back on TCP (or going back), and held by the child too: it stays there.
+    if (s->mode == Socket::Mode::tcp || s->mode == Socket::Mode::returning) s->tried = true;
+  }
   // The child may accept on these listeners: requests for what this process accepted
   // are sent on to its own endpoint.
   for (auto& [port, endpoint] : endpoints) {
@@ -441,6 +452,7 @@ void Shim::after_fork_in_child() noexcept {
     s->resume_fd = -1;  // the wait set is the parent's
     s->back.watched = 0;
     s->shared = false;
+    s->tried = true;  // the parent holds it too: whatever its mode, it moves no more
     if (s->mode == Socket::Mode::moving || s->mode == Socket::Mode::returning) s->inherited = true;
     if (s->mode != Socket::Mode::rxio) continue;
     // The connection is the parent's. When the parent closes its copy, its hand-over
@@ -462,7 +474,8 @@ void Shim::before_exec() noexcept {
     if (s->mode != Socket::Mode::rxio &&
         !(s->mode == Socket::Mode::returning && s->back.role == Returning::Role::adopted))
       continue;
-    auto inherited = std::find_if(s->fds.begin(), s->fds.end(), [](int fd) {
+    auto inherited = std::find_if(s->fds.begin(), s->fds.end(), [this, s](int fd) {
+      if (socket_of(fd) != s) return false;
       const int flags = real().fcntl(fd, F_GETFD);
       return flags >= 0 && !(flags & FD_CLOEXEC);
     });
@@ -509,10 +522,11 @@ void Shim::at_exit() noexcept {
     for (auto [fd, s] : lingering)
       if (s->back.role == Returning::Role::hands_to_child) handing.emplace_back(fd, s);
     for (Socket* s = moved_sockets; s; s = s->moved_next) {
-      if (s->mode != Socket::Mode::rxio || s->fds.empty()) continue;  // lingering ones are above
+      const int fd = fd_of(*s);
+      if (s->mode != Socket::Mode::rxio || fd < 0) continue;  // lingering ones are above
       if (s->shared && has_children()) {
-        start_hand_over(s->fds.front(), *s, Return::fork);
-        handing.emplace_back(s->fds.front(), s);
+        start_hand_over(fd, *s, Return::fork);
+        handing.emplace_back(fd, s);
       } else {
         s->connection->close();
       }
@@ -587,6 +601,18 @@ void Shim::serve_returning() noexcept {
   }
   for (auto [fd, s] : now)
     if (s->back.watched) go_on_returning(fd, *s);
+}
+
+void Shim::unwatch_return(Socket& s) noexcept {
+  if (!s.back.watched) return;
+  auto it = std::find_if(returning.begin(), returning.end(), [&s](const auto& entry) { return entry.second == &s; });
+  if (it != returning.end()) unwatch_return(it->first);
+}
+
+int Shim::fd_of(const Socket& s) const noexcept {
+  for (int fd : s.fds)
+    if (socket_of(fd) == &s) return fd;
+  return -1;
 }
 
 void Shim::unwatch_return(int fd) noexcept {
@@ -700,7 +726,7 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
     }
     s.mode = Socket::Mode::tcp;
     s.kept.clear();
-    after_return(fd, s);
+    after_return(s);
     wake_sleepers();
     return;
   }
@@ -709,14 +735,18 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
   watch_return(fd, s, (may_write ? 0u : uint32_t{EPOLLIN}) | (may_write && !r.out_done ? uint32_t{EPOLLOUT} : 0u));
 }
 
-void Shim::after_return(int fd, Socket& s) noexcept {
+bool Shim::may_move_again(const Socket& s) const noexcept {
   const Returning& r = s.back;
-  // Only where the same two processes go on with it, the program still holding it, and
-  // nothing shut: a connection handed over, or adopted, stays on TCP.
-  const bool held = !s.lingering && !s.fds.empty();
-  const bool again = r.role == Returning::Role::resumes && !r.peer_hands_over && !s.broken && !s.shared && held &&
-                     !s.read_shut && !s.write_shut && s.failed_links < move_again;
-  s.tried = !again;
+  // Only where the same two processes go on with it, the program still holding it,
+  // nothing shut, and the peer's Resume read (not the end of its stream): a
+  // connection handed over, or adopted, stays on TCP.
+  return r.role == Returning::Role::resumes && r.peer_have == r.peer.size() && !r.peer_hands_over &&
+         !r.peer_closed && !s.broken && !s.shared && !s.lingering && !s.fds.empty() && !s.read_shut && !s.write_shut &&
+         s.failed_links < move_again;
+}
+
+void Shim::after_return(Socket& s) noexcept {
+  const bool again = may_move_again(s);
   if (again) {
     ++s.failed_links;
     // Later each time: a link that fails again soon costs a negotiation per 16 times
@@ -725,14 +755,9 @@ void Shim::after_return(int fd, Socket& s) noexcept {
         std::min<uint64_t>(uint64_t(std::max<uint32_t>(move_after, 1)) << (4 * s.failed_links), UINT32_MAX));
     s.calls = 0;
   }
-  if (!s.server || !held) return;
-  // The client's next request finds it: answered, or refused at once where it stays.
-  try {
-    accepted[s.tuple] = fd;
-  } catch (const std::bad_alloc&) {
-    return;
-  }
-  answer_parked(s.tuple);
+  s.tried = !again;  // last: the fast path reads it without the lock
+  // Requests held while the return went on: answered, or refused where it stays.
+  if (s.server) answer_parked(s.tuple);
 }
 
 void Shim::notice_failures() noexcept {
@@ -744,9 +769,9 @@ void Shim::notice_failures() noexcept {
   // sends them back.
   for (Socket *s = moved_sockets, *next; s; s = next) {
     next = s->moved_next;
-    if (s->mode == Socket::Mode::rxio && !s->fds.empty() && s->connection->failed() &&
-        !s->connection->stream_closed())
-      start_return(s->fds.front(), *s, Return::link_failed);
+    const int fd = fd_of(*s);
+    if (fd >= 0 && s->mode == Socket::Mode::rxio && s->connection->failed() && !s->connection->stream_closed())
+      start_return(fd, *s, Return::link_failed);
   }
 }
 

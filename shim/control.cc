@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -345,7 +346,8 @@ void Socket::reset() noexcept {
   rxio_read = rxio_written = 0;
   kept.clear();
   back = Returning{};
-  broken = lingering = shared = false;
+  broken = lingering = shared = inherited = false;
+  linger_until = {};
   resume_fd = -1;
 }
 
@@ -367,6 +369,7 @@ void Shim::list_moved(Socket& s) noexcept {
 
 void Shim::recycle(Socket* s) noexcept {
   unwatch_resume(*s);
+  unwatch_return(*s);
   if (s->listed) {
     (s->moved_prev ? s->moved_prev->moved_next : moved_sockets) = s->moved_next;
     if (s->moved_next) s->moved_next->moved_prev = s->moved_prev;
@@ -404,7 +407,11 @@ bool Shim::name(int fd, Socket& s) noexcept {
 void Shim::forget(int fd) noexcept {
   Socket* s = socket_of(fd);
   if (!s) return;
-  if (s->back.watched) unwatch_return(fd);
+  const uint32_t return_events = s->back.watched;
+  const bool watched_for_return = return_events && std::any_of(returning.begin(), returning.end(), [&](const auto& e) {
+    return e.first == fd && e.second == s;
+  });
+  if (watched_for_return) unwatch_return(fd);
   sockets[fd].store(nullptr, std::memory_order_release);
   for (int ep : s->epolls)
     if (EpollSet* set = epoll_of(ep)) set->interests.erase(fd);
@@ -414,7 +421,10 @@ void Shim::forget(int fd) noexcept {
   if (watched_for_resume) unwatch_resume(*s);
   std::erase(s->fds, fd);
   if (!s->fds.empty()) {
-    if (watched_for_resume) watch_resume(*s, s->fds.front());
+    if (const int other = fd_of(*s); other >= 0) {
+      if (watched_for_resume) watch_resume(*s, other);
+      if (watched_for_return) watch_return(other, *s, return_events);
+    }
     return;
   }
   if (s->record && board) board->close(s->record);
@@ -496,6 +506,7 @@ void Shim::become_rxio(int fd, Socket& s, transport::Connection& c) noexcept {
   s.mode = Socket::Mode::rxio;
   s.connection = &c;
   s.rxio_read = s.rxio_written = 0;
+  unwatch_return(s);
   s.back = Returning{};  // a return before this move is through
   if (!s.kept.reserve(c.stream_window()))
     log::warn("shim: fd " + std::to_string(fd) + ": no memory to keep what is written; if its link fails, the " +
@@ -970,6 +981,7 @@ void Shim::offer_remote_moves(Listening& endpoint, const Endpoint& address) noex
 void Shim::adopt_accepted(int fd) noexcept {
   auto tuple = tuple_of(fd, true);
   if (!tuple) return;
+  forget(fd);  // a stale entry, had the fd been closed behind the shim's back
   Socket* s = new_socket();
   if (!s) return;
   s->server = true;
@@ -1117,11 +1129,23 @@ bool Shim::answer(Peer& peer) noexcept {
     return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
   }
   Socket* s = socket_of(held->second);
-  // Moving again: the client went back to TCP before this side did (after_return
-  // answers once it has).
-  if (s && s->tuple == tuple && s->mode == Socket::Mode::returning && Clock::now() < peer.until) return true;
-  if (!s || s->tuple != tuple || s->mode != Socket::Mode::tcp || s->read_shut || s->write_shut || s->tried)
-    return refuse(negotiation::Refusal::closing, Fallback::not_supported);
+  if (s && s->tuple == tuple && s->mode == Socket::Mode::returning) {
+    // Moving again, asked by a client that is through with its return before this
+    // side is. Once the client's Resume is in, the move may go on: the client takes
+    // in this side's kept bytes before it confirms, and the switch waits for them to
+    // be out. Until then the request waits (after_return answers it).
+    go_on_returning(held->second, *s);
+    if (s->mode == Socket::Mode::returning) {
+      if (!may_move_again(*s)) return refuse(negotiation::Refusal::closing, Fallback::not_supported);
+      if (!s->back.in_done) {
+        if (Clock::now() < peer.until) return true;
+        return refuse(negotiation::Refusal::closing, Fallback::not_supported);
+      }
+    }
+  }
+  const bool usable = s && s->tuple == tuple && !s->read_shut && !s->write_shut &&
+                      (s->mode == Socket::Mode::tcp ? !s->tried.load() : s->mode == Socket::Mode::returning);
+  if (!usable) return refuse(negotiation::Refusal::closing, Fallback::not_supported);
   transport::Engine* e = engine();
   if (!e) return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);
   uint64_t cookie = random_cookie();
@@ -1196,8 +1220,11 @@ void Shim::switch_as_server(const Tuple& tuple, Committed& entry) noexcept {
     engine_->progress();
     if (s) fall_back(entry.fd, why);
   };
+  // Moving again: its return goes first (the client took in its kept bytes).
+  if (s && s->mode == Socket::Mode::returning) go_on_returning(entry.fd, *s);
   // Half-closed since the answer: its end went out on TCP, so it stays there.
-  if (!s || s->mode != Socket::Mode::tcp || s->read_shut || s->write_shut) return abort(Fallback::not_supported);
+  if (!s || s->mode != Socket::Mode::tcp || s->tried || s->read_shut || s->write_shut)
+    return abort(Fallback::not_supported);
   // The program's calls on the socket wait from here, so that our TCP bytes end now;
   // the client sent none after its confirm.
   s->mode = Socket::Mode::moving;
@@ -1277,8 +1304,12 @@ bool Shim::service(bool woken) noexcept {
     changed = true;
   }
   serve_moves();
-  // A Resume keeps the wait set readable: a later wake-up of it finds it.
-  if (woken) serve_resumes();
+  // A Resume keeps the wait set readable: a later wake-up of it finds it, or, for a
+  // process whose engine always has work, a look every millisecond.
+  if (woken || Clock::now() >= next_resume_look) {
+    serve_resumes();
+    next_resume_look = Clock::now() + milliseconds(1);
+  }
   serve_returning();
   serve_lingering();
   // Connections the program closed: what still arrives is dropped, as a closed TCP
@@ -1469,7 +1500,8 @@ int duplicate(int fd, int result) noexcept {
   if (Socket* target = sh.socket_of(result); target && target->fds.size() == 1) target->closed = true;
   sh.forget(result);  // dup2 over a socket of ours closed it
   if (Socket* s = sh.socket_of(fd); s && !sh.name(result, *s)) {
-    // Untracked, the new fd would bypass a moved socket's stream.
+    // Untracked, the new fd would bypass a moved socket's stream: the dup fails
+    // (dup2 and dup3 lose their target, as if it failed after closing it).
     real().close(result);
     errno = ENOMEM;
     return -1;

@@ -151,7 +151,9 @@ struct Socket {
   // under it (docs/shim.md, "Moving again").
   std::atomic<uint32_t> move_at{0};
   uint8_t failed_links = 0;
-  std::atomic<bool> tried{false};  // a move was attempted or ruled out: never again
+  // A move was attempted or ruled out: no more, unless a failed link sent it back
+  // (Shim::after_return).
+  std::atomic<bool> tried{false};
   std::vector<int> fds;  // the fds (dup) naming it: none once the program closed it
   transport::Connection* connection = nullptr;
   StatRecord* record = nullptr;
@@ -396,7 +398,7 @@ class Shim {
   void go_on_returning(int fd, Socket& s) noexcept;
   // A return is through: the socket stays on TCP, or may move again (a link failed
   // under it, and the same two processes go on).
-  void after_return(int fd, Socket& s) noexcept;
+  void after_return(Socket& s) noexcept;
   // Answers the requests parked for `tuple` (false from answer(): done with them).
   void answer_parked(const Tuple& tuple) noexcept;
   // Carries these returns on, waiting for the TCP sockets, until each is through (its
@@ -408,11 +410,18 @@ class Shim {
   // Carries on every return whose kept bytes wait for room (from service()).
   void serve_returning() noexcept;
   void unwatch_return(int fd) noexcept;
+  void unwatch_return(Socket& s) noexcept;  // on whichever fd it is watched
+  // An fd of the program's that names `s` (-1: none; a closed fd can stay in `fds`
+  // when the program closed it behind the shim's back).
+  int fd_of(const Socket& s) const noexcept;
+  // Whether a connection back on TCP for a failed link may move again (after_return).
+  bool may_move_again(const Socket& s) const noexcept;
   // Moved sockets the program closed, until their connection ends (back.cc).
   void serve_lingering() noexcept;
   // The moved sockets whose TCP connection the wait set reports readable: a Resume.
   void serve_resumes() noexcept;
   int resume_watches = 0;  // sockets with a resume_fd in the wait set
+  std::chrono::steady_clock::time_point next_resume_look{};
   // A client's connection that is due to move: negotiates and switches, or leaves it
   // on TCP with the reason counted.
   void move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
@@ -482,11 +491,17 @@ class Shim {
   void drop_committed(const Tuple& tuple) noexcept;
 };
 
+// The calls after which a client's TCP connection moves: RXIO_SHIM_MOVE_AFTER, more
+// after each link that failed under it.
+inline uint32_t move_threshold(const Shim& sh, const Socket& s) noexcept {
+  const uint32_t at = s.move_at.load(std::memory_order_relaxed);
+  return at ? at : sh.move_after;
+}
+
 // Due to move: a client's TCP connection whose calls reached the threshold.
 inline bool due_to_move(const Shim& sh, Socket& s) noexcept {
   if (s.server || s.tried.load(std::memory_order_relaxed)) return false;
-  const uint32_t at = s.move_at.load(std::memory_order_relaxed);
-  return s.calls.fetch_add(1, std::memory_order_relaxed) + 1 >= (at ? at : sh.move_after);
+  return s.calls.fetch_add(1, std::memory_order_relaxed) + 1 >= move_threshold(sh, s);
 }
 
 // Readiness of a socket in rxio mode, as poll() events (POLLIN, POLLOUT, POLLHUP,

@@ -284,7 +284,7 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
         }
         [[fallthrough]];  // what follows in the kernel is the program's
       case Socket::Mode::tcp: {
-        if (!s->server && !s->tried && s->calls >= sh.move_after) {
+        if (!s->server && !s->tried && s->calls >= move_threshold(sh, *s)) {
           sh.move_as_client(fd, *s, lock);
           continue;
         }
@@ -407,7 +407,7 @@ ssize_t transmit(int fd, const msghdr* msg, int flags) noexcept {
       }
     }
     if (mode == Socket::Mode::tcp || mode == Socket::Mode::returning) {
-      if (!s->server && !s->tried && s->calls >= sh.move_after) {
+      if (!s->server && !s->tried && s->calls >= move_threshold(sh, *s)) {
         sh.move_as_client(fd, *s, lock);
         continue;
       }

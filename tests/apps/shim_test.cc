@@ -175,10 +175,11 @@ TEST_P(ShimReturns, ClientLinkFailsMidStream) { run_with_fault("RXIO_FAULT_LINK_
 // One side's first link fails under 8 MiB each way (RXIO_FAULT_LINKS=1): the
 // connection goes back to TCP, then moves again onto a new link, which holds, and
 // every byte arrives. (When the client is through first, its request waits for the
-// server's return to be.)
+// server's return to be.) A server that is told not to (RXIO_SHIM_MOVE_AGAIN=0)
+// refuses, and the connection goes on over TCP.
 class ShimMovesAgain : public ShimCheck {
  protected:
-  void run_with_fault(const std::string& server_env, const std::string& client_env) {
+  void run_with_fault(const std::string& server_env, const std::string& client_env, uint64_t moves = 2) {
     std::string port;
     Process server = start_server(port, "serve", "", server_env);
     ASSERT_TRUE(wait_listening(server, std::stoi(port)));
@@ -186,10 +187,14 @@ class ShimMovesAgain : public ShimCheck {
     EXPECT_TRUE(result.exited_0) << result.output;
     EXPECT_NE(result.output.find("duplex: ok"), std::string::npos) << result.output;
     const std::string moved = "moved." + expected_backend();
-    auto board = board_when(server.pid(), [&](const Board& b) { return b[moved] >= 2; });
+    const uint64_t refused = moves == 2 ? 0 : 1;
+    auto board = board_when(server.pid(), [&](const Board& b) {
+      return b[moved] >= moves && b["fallbacks.not_supported"] >= refused;
+    });
     ASSERT_TRUE(board) << "the server (pid " << server.pid() << ") has no statistics board";
-    EXPECT_EQ((*board)[moved], 2u) << "moved, then again after its link failed: " << board->json;
+    EXPECT_EQ((*board)[moved], moves) << "moves, before and after its link failed: " << board->json;
     EXPECT_EQ((*board)["returned.link_failed"] + (*board)["returned.peer"], 1u) << board->json;
+    EXPECT_EQ((*board)["fallbacks.not_supported"], refused) << board->json;
     EXPECT_TRUE(server.stop()) << server.output();
   }
   static constexpr const char* kFirstLinkFails = "RXIO_FAULT_LINK_AFTER=300 RXIO_FAULT_LINKS=1";
@@ -198,6 +203,10 @@ class ShimMovesAgain : public ShimCheck {
 TEST_P(ShimMovesAgain, AfterTheServersLinkFailed) { run_with_fault(kFirstLinkFails, "RXIO_FAULT_LINK_AFTER=0"); }
 
 TEST_P(ShimMovesAgain, AfterTheClientsLinkFailed) { run_with_fault("RXIO_FAULT_LINK_AFTER=0", kFirstLinkFails); }
+
+TEST_P(ShimMovesAgain, NotWhereTheServerSaysNo) {
+  run_with_fault(std::string(kFirstLinkFails) + " RXIO_SHIM_MOVE_AGAIN=0", "RXIO_FAULT_LINK_AFTER=0", 1);
+}
 
 // A peer whose process stops (SIGSTOP) for a second, twice, under running round trips:
 // its link stays up, nothing goes back to TCP, and every byte arrives once it goes on.

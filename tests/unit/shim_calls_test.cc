@@ -136,6 +136,50 @@ TEST(ShimTable, SocketsThatBeganAMoveAreListedUntilRecycled) {
   EXPECT_TRUE(listed().empty());
 }
 
+// A client connection back on TCP for a failed link moves again after 16 times
+// RXIO_SHIM_MOVE_AFTER more calls, then 256 times, up to RXIO_SHIM_MOVE_AGAIN times;
+// one handed over by its peer stays.
+TEST(ShimTable, AConnectionBackFromAFailedLinkMovesAgainLater) {
+  int fd = tracked_socket();
+  Socket* s = sh().socket_of(fd);
+  const uint32_t after = sh().move_after, again = sh().move_again;
+  sh().move_after = 2;
+  sh().move_again = 2;
+  s->mode = Socket::Mode::tcp;
+  EXPECT_FALSE(due_to_move(sh(), *s));
+  EXPECT_TRUE(due_to_move(sh(), *s)) << "the first move, at RXIO_SHIM_MOVE_AFTER";
+  auto back_for_a_failed_link = [&] {
+    s->back = Returning{};
+    s->back.peer_have = s->back.peer.size();  // the peer's Resume read: it resumed itself
+    std::lock_guard lock(sh().mutex);
+    sh().after_return(*s);
+  };
+  for (uint32_t threshold : {32u, 512u}) {
+    back_for_a_failed_link();
+    EXPECT_FALSE(s->tried.load());
+    EXPECT_EQ(move_threshold(sh(), *s), threshold);
+    uint32_t calls = 1;
+    while (!due_to_move(sh(), *s)) ++calls;
+    EXPECT_EQ(calls, threshold);
+  }
+  back_for_a_failed_link();
+  EXPECT_TRUE(s->tried.load()) << "RXIO_SHIM_MOVE_AGAIN times, then it stays";
+  EXPECT_FALSE(due_to_move(sh(), *s));
+
+  s->failed_links = 0;
+  s->back = Returning{};
+  s->back.peer_have = s->back.peer.size();
+  s->back.peer_hands_over = true;
+  {
+    std::lock_guard lock(sh().mutex);
+    sh().after_return(*s);
+  }
+  EXPECT_TRUE(s->tried.load()) << "another process of the peer's goes on with it";
+  sh().move_after = after;
+  sh().move_again = again;
+  EXPECT_EQ(close_fd(fd), 0);
+}
+
 TEST(ShimTable, ListenConnectAcceptAndShutdownSetTheModes) {
   Pair pair;
   Socket* l = sh().socket_of(pair.listener);
