@@ -20,13 +20,13 @@ const std::vector<Knob> kKnobs = {
     {"RXIO_EAGER_LIMIT", "bytes", "0",
      "Largest message sent through the ring; larger ones go by rendezvous (written "
      "straight into the receiver's buffer). 0: the slot payload (RXIO_SLOT_SIZE - 16)."},
+    {"RXIO_FAULT_LINKS", "count", "0",
+     "Fault injection, for tests: how many links RXIO_FAULT_LINK_AFTER fails, the first "
+     "to reach it; the others hold. 0: every one."},
     {"RXIO_FAULT_LINK_AFTER", "count", "0",
      "Fault injection, for tests: every link of the process fails itself, as a failed "
      "completion would (its QP to the error state, its shm or tcp connection shut), once it "
      "has written this many ring slots. 0: never."},
-    {"RXIO_FAULT_LINKS", "count", "0",
-     "Fault injection, for tests: how many links RXIO_FAULT_LINK_AFTER fails, the first "
-     "to reach it; the others hold. 0: every one."},
     {"RXIO_LOG", "choice", "warn",
      "What rxio writes on stderr: warn (problems only) or info (also each link's backend "
      "and why it was chosen)."},
