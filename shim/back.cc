@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <sys/epoll.h>
 #include <linux/sockios.h>
+#include <linux/tcp.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <signal.h>
@@ -130,6 +131,8 @@ const char* read_in(int fd, Socket& s) noexcept {
   Returning& r = s.back;
   while (!r.in_done) {
     if (r.peer_have < r.peer.size()) {
+      // The switch's leftovers (Returning::taken) come first; they start only after a
+      // whole Resume, so none are left here.
       ssize_t n = real().recv(fd, r.peer.data() + r.peer_have, r.peer.size() - r.peer_have, MSG_DONTWAIT);
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return nullptr;
       if (n < 0) {
@@ -152,12 +155,28 @@ const char* read_in(int fd, Socket& s) noexcept {
       r.in_done = true;
       break;
     }
+    if (!r.taken.empty()) {
+      const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(r.skip, r.taken.size()));
+      r.taken.erase(r.taken.begin(), r.taken.begin() + static_cast<long>(n));
+      r.skip -= n;
+      continue;
+    }
     std::array<std::byte, 16 * 1024> sink;
     ssize_t n = real().recv(fd, sink.data(), static_cast<std::size_t>(std::min<uint64_t>(sink.size(), r.skip)),
                             MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return nullptr;
     if (n <= 0) return "the peer's socket ended within the bytes it kept";
     r.skip -= uint64_t(n);
+  }
+  if (!r.taken.empty()) {
+    // The rest is the program's, before what the kernel holds.
+    try {
+      s.ahead.insert(s.ahead.end(), r.taken.begin(), r.taken.end());
+    } catch (const std::bad_alloc&) {
+      return "no memory for the bytes a switch took after the peer's Resume";
+    }
+    r.taken.clear();
+    s.ahead_left = s.ahead.size() - s.ahead_read;
   }
   return nullptr;
 }
@@ -182,6 +201,63 @@ int unacknowledged(int fd) noexcept {
 }
 
 }  // namespace
+
+bool tcp_counts(int fd, uint64_t& acked, uint64_t& received) noexcept {
+  tcp_info info{};
+  socklen_t length = sizeof info;
+  if (real().getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &length) != 0 ||
+      length < offsetof(tcp_info, tcpi_bytes_received) + sizeof info.tcpi_bytes_received)
+    return false;  // a kernel before 4.1
+  acked = info.tcpi_bytes_acked;
+  received = info.tcpi_bytes_received;
+  return true;
+}
+
+namespace {
+
+// The TCP bytes this side's program and read-ahead have taken from the kernel. False
+// where the kernel does not say.
+bool tcp_consumed(int fd, uint64_t& consumed) noexcept {
+  for (int tries = 0; tries < 16; ++tries) {
+    uint64_t acked = 0, before = 0, after = 0;
+    int queued = 0;
+    // Received, queued, received: equal counts say nothing arrived in between.
+    if (!tcp_counts(fd, acked, before) || real().ioctl(fd, SIOCINQ, &queued) != 0 || !tcp_counts(fd, acked, after))
+      return false;
+    if (before != after || queued < 0 || uint64_t(queued) > before) continue;
+    consumed = before - uint64_t(queued);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+void Shim::after_switch(int fd, Socket& s, uint64_t server_sent) noexcept {
+  uint64_t consumed = 0;
+  if (server_sent == negotiation::kSentUnknown || !tcp_consumed(fd, consumed) || consumed <= server_sent) return;
+  // The server handed the socket over, or its link failed, as soon as it switched: its
+  // Resume came in while this side waited for the Switched, and the read-ahead took
+  // it. Those bytes are the return's, not the program's.
+  const uint64_t extra = consumed - server_sent;
+  if (extra > s.ahead.size() - s.ahead_read)
+    return reset_connection(fd, s, "the program read bytes the server wrote after it switched");
+  Returning& r = s.back;
+  const auto first = s.ahead.end() - static_cast<long>(extra);
+  const std::size_t resume = static_cast<std::size_t>(std::min<uint64_t>(extra, r.peer.size()));
+  std::copy(first, first + static_cast<long>(resume), r.peer.begin());
+  r.peer_have = resume;
+  try {
+    r.taken.assign(first + static_cast<long>(resume), s.ahead.end());
+  } catch (const std::bad_alloc&) {
+    return reset_connection(fd, s, "no memory for the bytes a switch took after the peer's Resume");
+  }
+  s.ahead.resize(s.ahead.size() - static_cast<std::size_t>(extra));
+  s.ahead_left = s.ahead.size() - s.ahead_read;
+  log::info("shim: fd " + std::to_string(fd) + ": " + std::to_string(extra) +
+            " bytes after the server's switch were its Resume; going back to TCP");
+  notice_resume(fd, s);  // a whole Resume starts the return; a part waits for the rest
+}
 
 void Shim::start_return(int fd, Socket& s, Return reason) noexcept {
   transport::Connection& c = *s.connection;
@@ -216,12 +292,15 @@ void Shim::start_return(int fd, Socket& s, Return reason) noexcept {
   }
 
   Returning& r = s.back;
-  // A Resume the peer wrote before this side noticed anything stays.
+  // A Resume the peer wrote before this side noticed anything stays, with what a
+  // switch took after it.
   const auto peer = r.peer;
   const std::size_t peer_have = r.peer_have;
+  std::vector<std::byte> taken = std::move(r.taken);
   r = Returning{};
   r.peer = peer;
   r.peer_have = peer_have;
+  r.taken = std::move(taken);
   r.peer_closed = peer_closed;
   r.next = kept_from(s);
   r.end = s.rxio_written;

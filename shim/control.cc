@@ -875,7 +875,8 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
     return;
   }
   if (!acknowledged) return give_up(Fallback::busy);
-  if (c->stream_write(negotiation::encode_notice(negotiation::Kind::confirm)) != negotiation::kNoticeSize)
+  if (c->stream_write(negotiation::encode(negotiation::Notice{negotiation::Kind::confirm})) !=
+      negotiation::kNoticeSize)
     return give_up(Fallback::link_failed);
   progress();
 
@@ -912,10 +913,13 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
   }
   auto notice = have == word.size() ? negotiation::decode_notice(word) : std::nullopt;
   // The server's kernel had every byte it sent acknowledged: they are all here now.
-  if (notice == negotiation::Kind::switched && take_ahead(fd, s)) return become_rxio(fd, s, *c);
+  if (notice && notice->kind == negotiation::Kind::switched && take_ahead(fd, s)) {
+    become_rxio(fd, s, *c);
+    return after_switch(fd, s, notice->sent);
+  }
   // Refused, or the connection closed without a word (the server's socket went): both
   // sides stay on TCP.
-  if (notice == negotiation::Kind::abort) return give_up(Fallback::busy);
+  if (notice && notice->kind == negotiation::Kind::abort) return give_up(Fallback::busy);
   if (have == 0 && c->stream_closed()) return give_up(Fallback::peer_refused);
   // Anything else leaves this side unsure of where the server writes: rather than lose
   // bytes unseen, the connection ends (the kernel's disconnect resets it).
@@ -1203,7 +1207,8 @@ void Shim::serve_committed() noexcept {
     }
     auto notice = negotiation::decode_notice(entry.word);
     // A client that gave up after its confirm (its time ran out) closed the connection.
-    if (notice == negotiation::Kind::confirm && !c->stream_closed() && !c->failed()) switch_as_server(tuple, entry);
+    if (notice && notice->kind == negotiation::Kind::confirm && !c->stream_closed() && !c->failed())
+      switch_as_server(tuple, entry);
     else if (!notice && board) board->count(Fallback::bad_message);
     done.push_back(tuple);
   }
@@ -1216,7 +1221,7 @@ void Shim::switch_as_server(const Tuple& tuple, Committed& entry) noexcept {
   // The fd may name another socket by now (closed, its number reused).
   if (s && (s->tuple != tuple || !s->server)) s = nullptr;
   auto abort = [&](Fallback why) {
-    c.stream_write(negotiation::encode_notice(negotiation::Kind::abort));
+    c.stream_write(negotiation::encode(negotiation::Notice{negotiation::Kind::abort}));
     engine_->progress();
     if (s) fall_back(entry.fd, why);
   };
@@ -1231,7 +1236,11 @@ void Shim::switch_as_server(const Tuple& tuple, Committed& entry) noexcept {
   list_moved(*s);
   if (!quiesce(*s) || !wait_acknowledged(entry.fd, *s, Clock::now() + negotiate_timeout, *this))
     return abort(Fallback::busy);
-  if (c.stream_write(negotiation::encode_notice(negotiation::Kind::switched)) != negotiation::kNoticeSize)
+  // How many bytes it sent, for the client to tell them from a Resume that follows.
+  uint64_t sent = negotiation::kSentUnknown, received = 0;
+  if (!tcp_counts(entry.fd, sent, received)) sent = negotiation::kSentUnknown;
+  if (c.stream_write(negotiation::encode(negotiation::Notice{negotiation::Kind::switched, sent})) !=
+      negotiation::kNoticeSize)
     return abort(Fallback::link_failed);
   accepted.erase(s->tuple);
   entry.connection = nullptr;

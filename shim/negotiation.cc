@@ -144,16 +144,20 @@ std::optional<Answer> decode_answer(std::span<const std::byte> in) noexcept {
   return std::nullopt;
 }
 
-std::array<std::byte, kNoticeSize> encode_notice(Kind kind) {
+std::array<std::byte, kNoticeSize> encode(const Notice& notice) {
   std::array<std::byte, kNoticeSize> out{};
-  put_header(out.data(), kind);
+  put_header(out.data(), notice.kind);
+  bytes::put64(out.data() + 8, notice.kind == Kind::switched ? notice.sent : 0);
   return out;
 }
 
-std::optional<Kind> decode_notice(std::span<const std::byte> in) noexcept {
-  if (header_is(in, kNoticeSize, Kind::confirm)) return Kind::confirm;
-  if (header_is(in, kNoticeSize, Kind::abort)) return Kind::abort;
-  if (header_is(in, kNoticeSize, Kind::switched)) return Kind::switched;
+std::optional<Notice> decode_notice(std::span<const std::byte> in) noexcept {
+  for (Kind kind : {Kind::confirm, Kind::abort, Kind::switched}) {
+    if (!header_is(in, kNoticeSize, kind) || in[6] != std::byte{0} || in[7] != std::byte{0}) continue;
+    const uint64_t sent = bytes::get64(in.data() + 8);
+    if (kind != Kind::switched ? sent != 0 : sent > (uint64_t(1) << 62) && sent != kSentUnknown) return std::nullopt;
+    return Notice{kind, sent};
+  }
   return std::nullopt;
 }
 

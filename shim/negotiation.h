@@ -49,7 +49,7 @@ struct TupleHash {
 namespace negotiation {
 
 inline constexpr uint32_t kMagic = 0x474e5852;  // "RXNG"
-inline constexpr uint8_t kVersion = 1;
+inline constexpr uint8_t kVersion = 2;
 
 enum class Kind : uint8_t {
   request = 1,
@@ -83,7 +83,17 @@ struct Answer {
 
 inline constexpr std::size_t kRequestSize = 48;
 inline constexpr std::size_t kAnswerSize = 24;
-inline constexpr std::size_t kNoticeSize = 8;  // confirm, abort, switched
+// The client's word on an accepted request (confirm, abort) and the server's on the
+// switch (switched, abort). A Switched says how many bytes the server had sent on the
+// TCP connection, every one acknowledged, when it switched (kSentUnknown where its
+// kernel does not say): the client tells them from a Resume that came right after
+// (docs/shim.md, "The switch"). The others carry 0.
+inline constexpr std::size_t kNoticeSize = 16;
+inline constexpr uint64_t kSentUnknown = ~uint64_t{0};
+struct Notice {
+  Kind kind = Kind::confirm;
+  uint64_t sent = 0;
+};
 
 // Back to TCP (docs/shim.md, "Back to TCP"): the first bytes either side writes into the
 // TCP connection after a move. The bytes that follow it are the writer's stream from
@@ -104,13 +114,13 @@ inline constexpr std::size_t kResumeSize = 32;
 
 std::array<std::byte, kRequestSize> encode(const Request& request);
 std::array<std::byte, kAnswerSize> encode(const Answer& answer);
-std::array<std::byte, kNoticeSize> encode_notice(Kind kind);
+std::array<std::byte, kNoticeSize> encode(const Notice& notice);
 std::array<std::byte, kResumeSize> encode(const Resume& resume);
 
 // nullopt for anything malformed, truncated, of another version or of the wrong kind.
 std::optional<Request> decode_request(std::span<const std::byte> bytes) noexcept;
 std::optional<Answer> decode_answer(std::span<const std::byte> bytes) noexcept;
-std::optional<Kind> decode_notice(std::span<const std::byte> bytes) noexcept;
+std::optional<Notice> decode_notice(std::span<const std::byte> bytes) noexcept;
 std::optional<Resume> decode_resume(std::span<const std::byte> bytes) noexcept;
 
 // The abstract unix name a listener on `port` answers at, per network namespace; with

@@ -107,6 +107,9 @@ struct Returning {
   bool in_done = false;
   bool peer_closed = false;  // its stream had ended over rxio: an end on TCP loses nothing
   bool peer_hands_over = false;  // another process of the peer's goes on
+  // TCP bytes past the peer's Resume that a switch took before it knew of it: they come
+  // before the kernel's (Shim::after_switch).
+  std::vector<std::byte> taken;
   // Which process goes on over TCP, and so which half of the exchange is this side's
   // (docs/shim.md, "fork and exec").
   enum class Role : uint8_t {
@@ -369,6 +372,10 @@ class Shim {
   void recycle(Socket* s) noexcept;
   void fall_back(int fd, Fallback reason) noexcept;
   void become_rxio(int fd, Socket& s, transport::Connection& c) noexcept;
+  // A client's switch is through: bytes its read-ahead took past the `server_sent` the
+  // server's Switched names are a Resume the server wrote right after it switched
+  // (back.cc), and start the return.
+  void after_switch(int fd, Socket& s, uint64_t server_sent) noexcept;
   // Back to TCP (back.cc): starts on a socket whose connection failed, and goes on
   // (writes this side's Resume and kept bytes, reads the peer's) as far as the TCP
   // socket lets it without waiting.
@@ -497,6 +504,11 @@ inline uint32_t move_threshold(const Shim& sh, const Socket& s) noexcept {
   const uint32_t at = s.move_at.load(std::memory_order_relaxed);
   return at ? at : sh.move_after;
 }
+
+// The kernel's counts for a TCP connection (tcp_info): bytes this side sent that the
+// peer acknowledged (a client's count has its SYN too), and bytes it received. False
+// where the kernel does not say.
+bool tcp_counts(int fd, uint64_t& acked, uint64_t& received) noexcept;
 
 // Due to move: a client's TCP connection whose calls reached the threshold.
 inline bool due_to_move(const Shim& sh, Socket& s) noexcept {

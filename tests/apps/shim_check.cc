@@ -410,21 +410,27 @@ void epoll_modes() {
   };
   CHECK(wait_round(2000) == 3);
   CHECK(seen[level] == 1 && seen[edge] == 1 && seen[once] == 1);
+  // Whether a burst is still to come after that report (on a slow host all three may
+  // have been in by then, and no edge is left to see).
+  int edge_had = 0;
+  CHECK(::ioctl(edge, FIONREAD, &edge_had) == 0);
+  const bool more_to_come = edge_had < 300;
   // Nothing read: level reports again, edge and one-shot do not.
   CHECK(wait_round(50) == 1 && seen[level] == 1);
   CHECK(::epoll_wait(other, out, 8, 1000) == 1 && out[0].data.fd == level);
-  // New bytes (the second burst, 100 ms after the first, later on a slow host): an
+  // New bytes (the next burst, 100 ms after the one before, later on a slow host): an
   // edge for `edge`; `once` stays quiet until re-armed; `level` reports every time.
   bool edged = false;
   int once_seen = 0;
-  for (auto until = Clock::now() + std::chrono::seconds(10); !edged && Clock::now() < until;) {
+  for (auto until = Clock::now() + std::chrono::seconds(more_to_come ? 10 : 1); !edged && Clock::now() < until;) {
     std::this_thread::sleep_for(milliseconds(20));
-    wait_round(1000);
+    wait_round(200);
     edged = seen[edge] == 1;
     once_seen += seen[once];
     CHECK(seen[level] == 1);
   }
-  CHECK(edged && once_seen == 0);
+  CHECK(edged || !more_to_come);
+  CHECK(once_seen == 0);
   ev.events = EPOLLIN | EPOLLONESHOT;
   ev.data.fd = once;
   CHECK(::epoll_ctl(ep, EPOLL_CTL_MOD, once, &ev) == 0);

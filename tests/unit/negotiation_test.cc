@@ -51,9 +51,30 @@ TEST(Negotiation, AnswersRoundTrip) {
   ASSERT_TRUE(no);
   EXPECT_FALSE(no->accepted);
   EXPECT_EQ(no->refusal, Refusal::closing);
-  EXPECT_EQ(decode_notice(encode_notice(Kind::confirm)), Kind::confirm);
-  EXPECT_EQ(decode_notice(encode_notice(Kind::abort)), Kind::abort);
-  EXPECT_EQ(decode_notice(encode_notice(Kind::switched)), Kind::switched);
+  for (Kind kind : {Kind::confirm, Kind::abort, Kind::switched}) {
+    auto notice = decode_notice(encode(Notice{kind}));
+    ASSERT_TRUE(notice);
+    EXPECT_EQ(notice->kind, kind);
+    EXPECT_EQ(notice->sent, 0u);
+  }
+}
+
+// A Switched carries the bytes the server sent on TCP before it (or that its kernel
+// did not say); the other notices carry nothing.
+TEST(Negotiation, SwitchedSaysWhatTheServerSentBeforeIt) {
+  auto switched = decode_notice(encode(Notice{Kind::switched, 123456789}));
+  ASSERT_TRUE(switched);
+  EXPECT_EQ(switched->sent, 123456789u);
+  EXPECT_EQ(decode_notice(encode(Notice{Kind::switched, kSentUnknown}))->sent, kSentUnknown);
+  EXPECT_FALSE(decode_notice(encode(Notice{Kind::switched, uint64_t(1) << 63})));  // no sane count
+  auto confirm = encode(Notice{Kind::confirm, 5});
+  EXPECT_EQ(decode_notice(confirm)->sent, 0u) << "only a Switched carries a count";
+  confirm[8] = std::byte{5};
+  EXPECT_FALSE(decode_notice(confirm));
+  auto bytes = encode(Notice{Kind::switched, 7});
+  for (std::size_t n = 0; n < bytes.size(); ++n) EXPECT_FALSE(decode_notice(std::span(bytes.data(), n))) << n;
+  bytes[6] = std::byte{1};  // reserved
+  EXPECT_FALSE(decode_notice(bytes));
 }
 
 TEST(Negotiation, ResumeRoundTripsAndRefusesWhatNoPeerSends) {
@@ -128,7 +149,7 @@ TEST(Negotiation, WrongMagicVersionKindOrFieldsAreRefused) {
     return decode_request(copy).has_value();
   };
   EXPECT_FALSE(with(0, std::byte{0}));     // magic
-  EXPECT_FALSE(with(4, std::byte{2}));     // version
+  EXPECT_FALSE(with(4, std::byte{kVersion + 1}));  // version
   EXPECT_FALSE(with(5, std::byte{2}));     // kind: an answer is not a request
   EXPECT_FALSE(with(6, std::byte{99}));    // family
   EXPECT_FALSE(with(7, std::byte{1}));     // reserved byte
@@ -139,7 +160,7 @@ TEST(Negotiation, WrongMagicVersionKindOrFieldsAreRefused) {
   refusal[6] = std::byte{42};  // an unknown reason
   EXPECT_FALSE(decode_answer(refusal));
   EXPECT_FALSE(decode_notice(encode(Answer{true, {}, 1, 1})));
-  EXPECT_FALSE(decode_answer(encode_notice(Kind::confirm)));
+  EXPECT_FALSE(decode_answer(encode(Notice{Kind::confirm})));
 }
 
 TEST(Negotiation, DualStackPeersCompareAsIpv4) {
