@@ -63,6 +63,7 @@ int failures = 0;
 enum Scenario : char {
   kEcho = 'e',         // echo until EOF
   kBurst = 'b',        // writes 3 x 100 bytes, 100 ms apart, then waits for EOF
+  kBurstOnAsk = 'B',   // writes 100 bytes, then 100 more for each byte the client sends
   kSilent = 's',       // sends nothing, waits for EOF
   kHalfClose = 'h',    // reads to EOF, then answers with the byte count and closes
   kCloseAtOnce = 'c',  // writes 8 MiB and closes at once
@@ -165,8 +166,11 @@ bool read_stream(int fd, uint64_t seed, std::size_t total, std::size_t from = 0)
     if (r <= 0) return false;
     for (ssize_t i = 0; i < r; ++i)
       if (buffer[static_cast<std::size_t>(i)] != static_cast<unsigned char>(bytes())) {
-        std::fprintf(stderr, "stream %llu: byte %zu differs\n", static_cast<unsigned long long>(seed),
-                     from + got + static_cast<std::size_t>(i));
+        std::fprintf(stderr, "stream %llu: byte %zu differs; %zd bytes read from there:",
+                     static_cast<unsigned long long>(seed), from + got + static_cast<std::size_t>(i), r - i);
+        for (ssize_t k = i; k < std::min<ssize_t>(r, i + 48); ++k)
+          std::fprintf(stderr, " %02x", buffer[static_cast<std::size_t>(k)]);
+        std::fprintf(stderr, "\n");
         return false;
       }
     got += static_cast<std::size_t>(r);
@@ -235,6 +239,11 @@ void serve_connection(int fd) {
         std::this_thread::sleep_for(milliseconds(100));
       }
       while (::read(fd, buffer.data(), buffer.size()) > 0) {
+      }
+      break;
+    case kBurstOnAsk:
+      std::memset(buffer.data(), 'a', 100);
+      for (ssize_t n = 1; n > 0 && write_all(fd, buffer.data(), 100); n = ::read(fd, buffer.data() + 100, 1)) {
       }
       break;
     case kSilent:
@@ -378,9 +387,10 @@ void echo_with_poll() {
   ::close(fd);
 }
 
-// Level, edge and one-shot epoll, an fd in two sets, and a set inside another.
+// Level, edge and one-shot epoll, an fd in two sets, and a set inside another. Each
+// burst comes when the client asks for it, so that no edge depends on timing.
 void epoll_modes() {
-  int level = dial(kBurst), edge = dial(kBurst), once = dial(kBurst);
+  int level = dial(kBurstOnAsk), edge = dial(kBurstOnAsk), once = dial(kBurstOnAsk);
   int ep = ::epoll_create1(EPOLL_CLOEXEC), other = ::epoll_create1(EPOLL_CLOEXEC), outer = ::epoll_create1(0);
   epoll_event ev{};
   ev.events = EPOLLIN;
@@ -398,7 +408,6 @@ void epoll_modes() {
   ev.data.fd = ep;
   CHECK(::epoll_ctl(outer, EPOLL_CTL_ADD, ep, &ev) == 0);  // nested
   // The first 100 bytes reach all three; nothing is read yet.
-  std::this_thread::sleep_for(milliseconds(50));
   epoll_event out[8];
   CHECK(::epoll_wait(outer, out, 8, 2000) == 1 && out[0].data.fd == ep);
   std::map<int, int> seen;
@@ -408,28 +417,35 @@ void epoll_modes() {
     for (int i = 0; i < n; ++i) ++seen[out[i].data.fd];
     return n;
   };
+  auto has = [](int fd, int bytes) {
+    int available = 0;
+    return ::ioctl(fd, FIONREAD, &available) == 0 && available >= bytes;
+  };
+  for (auto until = Clock::now() + std::chrono::seconds(10);
+       !(has(level, 100) && has(edge, 100) && has(once, 100)) && Clock::now() < until;)
+    std::this_thread::sleep_for(milliseconds(10));
   CHECK(wait_round(2000) == 3);
   CHECK(seen[level] == 1 && seen[edge] == 1 && seen[once] == 1);
-  // Whether a burst is still to come after that report (on a slow host all three may
-  // have been in by then, and no edge is left to see).
-  int edge_had = 0;
-  CHECK(::ioctl(edge, FIONREAD, &edge_had) == 0);
-  const bool more_to_come = edge_had < 300;
   // Nothing read: level reports again, edge and one-shot do not.
   CHECK(wait_round(50) == 1 && seen[level] == 1);
   CHECK(::epoll_wait(other, out, 8, 1000) == 1 && out[0].data.fd == level);
-  // New bytes (the next burst, 100 ms after the one before, later on a slow host): an
-  // edge for `edge`; `once` stays quiet until re-armed; `level` reports every time.
+  // New bytes: an edge for `edge`; `once` stays quiet until re-armed; `level` reports
+  // every time.
+  const char ask = '+';
+  for (int fd : {edge, once}) CHECK(write_all(fd, &ask, 1));
   bool edged = false;
   int once_seen = 0;
-  for (auto until = Clock::now() + std::chrono::seconds(more_to_come ? 10 : 1); !edged && Clock::now() < until;) {
-    std::this_thread::sleep_for(milliseconds(20));
+  for (auto until = Clock::now() + std::chrono::seconds(10); !edged && Clock::now() < until;) {
     wait_round(200);
     edged = seen[edge] == 1;
     once_seen += seen[once];
     CHECK(seen[level] == 1);
   }
-  CHECK(edged || !more_to_come);
+  CHECK(edged);
+  for (auto until = Clock::now() + std::chrono::seconds(10); !has(once, 200) && Clock::now() < until;)
+    std::this_thread::sleep_for(milliseconds(10));
+  wait_round(50);
+  once_seen += seen[once];
   CHECK(once_seen == 0);
   ev.events = EPOLLIN | EPOLLONESHOT;
   ev.data.fd = once;
