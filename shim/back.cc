@@ -422,7 +422,7 @@ uint64_t key_of(const Tuple& tuple) noexcept { return TupleHash{}(tuple) | 1; }
 
 }  // namespace
 
-void Acceptors::record(const Tuple& tuple, uint32_t pid) noexcept {
+void Acceptors::record(const Tuple& tuple, Owner owner) noexcept {
   const uint64_t key = key_of(tuple);
   for (std::size_t i = 0; i < kProbes; ++i) {
     Slot& slot = slots_[(key + i) % kSlots];
@@ -432,7 +432,8 @@ void Acceptors::record(const Tuple& tuple, uint32_t pid) noexcept {
       continue;
     if (!slot.pid.compare_exchange_strong(holder, kClaimed, std::memory_order_acquire)) continue;
     slot.key.store(key, std::memory_order_relaxed);
-    slot.pid.store(pid, std::memory_order_release);
+    slot.cm_port.store(owner.cm_port, std::memory_order_relaxed);
+    slot.pid.store(owner.pid, std::memory_order_release);
     return;
   }
   // Full around its place: requests for it get no answer but "not yet", and the
@@ -450,7 +451,7 @@ void Acceptors::erase(const Tuple& tuple, uint32_t pid) noexcept {
   }
 }
 
-uint32_t Acceptors::owner(const Tuple& tuple) const noexcept {
+Acceptors::Owner Acceptors::owner(const Tuple& tuple) const noexcept {
   const uint64_t key = key_of(tuple);
   for (std::size_t i = 0; i < kProbes; ++i) {
     const Slot& slot = slots_[(key + i) % kSlots];
@@ -458,9 +459,9 @@ uint32_t Acceptors::owner(const Tuple& tuple) const noexcept {
     if (pid == 0 || pid == kClaimed || slot.key.load(std::memory_order_relaxed) != key) continue;
     // A process that died without closing leaves its entries: they name no one.
     if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) continue;
-    return pid;
+    return Owner{pid, slot.cm_port.load(std::memory_order_relaxed)};
   }
-  return 0;
+  return {};
 }
 
 bool Shim::has_children() noexcept {
@@ -480,21 +481,9 @@ void Shim::after_fork_in_parent() noexcept {
   for (auto& [port, endpoint] : endpoints) {
     endpoint.shared = true;
     serve_shared(port, endpoint);
+    if (endpoint.cm_listener) start_cm_thread();
   }
 }
-
-namespace {
-
-// Lets go of `value` in a forked child without its destructor: what it names (an
-// rdma_cm id, an event channel) is the parent's too.
-template <typename T>
-void leave_to_parent(std::optional<T>& value) noexcept {
-  if (!value) return;
-  static_cast<void>(new (std::nothrow) T(std::move(*value)));
-  value.reset();  // moved from: its destructor lets go of nothing
-}
-
-}  // namespace
 
 void Shim::after_fork_in_child() noexcept {
   // The parent's engine, negotiations, moves and connections stay the parent's: the
@@ -505,7 +494,7 @@ void Shim::after_fork_in_child() noexcept {
   engine_failed = false;
   link_failures_seen_ = handed_over_at_ = 0;
   resume_watches = 0;
-  for (Peer& peer : peers) leave_to_parent(peer.cm_id);
+  for (Peer& peer : peers) let_go(peer.cm_id);
   peers.clear();  // the child's copies of the clients' sockets close
   committed.clear();
   accepted.clear();
@@ -519,9 +508,12 @@ void Shim::after_fork_in_child() noexcept {
     recycle(s);
   }
   lingering.clear();
-  leave_to_parent(cm_events);
+  // The parent's rdma_cm ids are the parent's alone: the kernel refuses the child's
+  // calls on them. The child makes its own when it accepts on a listener.
+  let_go(cm_events);
   for (auto& [port, endpoint] : endpoints) {
-    leave_to_parent(endpoint.cm_listener);
+    let_go(endpoint.cm_listener);
+    let_go(endpoint.own_cm);
     endpoint.own.reset();  // the parent's own endpoint (its copy here closes)
     endpoint.shared = true;
     endpoint.serving = false;  // until this child accepts on the listener

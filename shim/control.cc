@@ -690,6 +690,43 @@ bool send_answer(Peer& peer, const negotiation::Answer& answer) noexcept {
   }
 }
 
+// One request through rdma_cm, at `server`: a connect request with the request as its
+// private data, which the server's shim answers with a reject that carries its answer.
+// Made under the shim's mutex: rdma_cm answers in microseconds, or says at once that
+// nobody listens. Without an answer, `why` says why.
+std::optional<negotiation::Answer> ask_over_cm(const negotiation::Request& request, const Endpoint& server,
+                                               Clock::time_point deadline, Fallback& why) noexcept {
+  try {
+    verbs::cm::EventChannel channel;
+    verbs::cm::Id id(channel);
+    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+    id.resolve_address(channel, cm_address(server), left);
+    id.resolve_route(channel, left);
+    auto bytes = negotiation::encode(request);
+    verbs::cm::ConnectParams params;
+    params.private_data = bytes;
+    params.qp_num = 0xffffff & static_cast<uint32_t>(random_cookie());  // no QP: it is refused either way
+    id.connect(params);
+    auto event = channel.next(std::chrono::duration_cast<milliseconds>(deadline - Clock::now()));
+    if (!event) {
+      why = Fallback::timeout;
+    } else if (event->type() == RDMA_CM_EVENT_REJECTED && event->status() == kRejectedByConsumer) {
+      why = Fallback::bad_message;
+      return negotiation::decode_answer(unpadded(event->private_data(), negotiation::kAnswerSize));
+    } else if (event->type() == RDMA_CM_EVENT_ESTABLISHED) {
+      id.disconnect();  // something else listens there: not a shim
+      why = Fallback::no_peer_shim;
+    } else {
+      // Nobody listens on that port for rdma_cm, or the host has no RDMA.
+      why = Fallback::no_peer_shim;
+    }
+  } catch (const std::exception& error) {
+    log::info("shim: asking " + server.to_string() + " over rdma_cm: " + error.what());
+    why = Fallback::no_peer_shim;
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept {
@@ -722,39 +759,45 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
   std::optional<negotiation::Answer> answer;
   Fallback why = Fallback::peer_refused;
 
+  // A moment without the mutex before asking again; false when the program closed the
+  // socket meanwhile.
+  auto pause_unlocked = [&] {
+    ++s.holds;
+    lock.unlock();
+    timespec pause{0, 1'000'000};
+    nanosleep(&pause, nullptr);
+    lock.lock();
+    const bool gone = s.gone;
+    release(&s);
+    return !gone;
+  };
+
   if (remote) {
-    // A connect request with the request as its private data; the server's shim
-    // answers with a reject that carries its answer. Held under the mutex: rdma_cm
-    // answers in microseconds, or says at once that nobody listens.
-    try {
-      verbs::cm::EventChannel channel;
-      verbs::cm::Id id(channel);
-      auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
-      id.resolve_address(channel, cm_address(tuple->server), left);
-      id.resolve_route(channel, left);
-      auto bytes = negotiation::encode(request);
-      verbs::cm::ConnectParams params;
-      params.private_data = bytes;
-      params.qp_num = 0xffffff & static_cast<uint32_t>(random_cookie());  // no QP: it is refused either way
-      id.connect(params);
-      auto event = channel.next(std::chrono::duration_cast<milliseconds>(deadline - Clock::now()));
-      if (!event) {
-        why = Fallback::timeout;
-      } else if (event->type() == RDMA_CM_EVENT_REJECTED && event->status() == kRejectedByConsumer) {
-        answer = negotiation::decode_answer(unpadded(event->private_data(), negotiation::kAnswerSize));
-        why = Fallback::bad_message;
-      } else if (event->type() == RDMA_CM_EVENT_ESTABLISHED) {
-        id.disconnect();  // something else listens there: not a shim
-        why = Fallback::no_peer_shim;
-      } else {
-        // Nobody listens on that port for rdma_cm, or the host has no RDMA.
-        no_shim[key] = Clock::now() + kNoShimMemory;
-        why = Fallback::no_peer_shim;
+    // At the listener's port; then, for a listener processes share after fork, at the
+    // port of the one that accepted the connection.
+    Endpoint asked_at = tuple->server;
+    for (;;) {
+      answer = ask_over_cm(request, asked_at, deadline, why);
+      const bool redirected = asked_at.port != tuple->server.port;
+      if (why == Fallback::no_peer_shim && !answer) {
+        if (redirected) {
+          why = Fallback::peer_refused;  // the process named went
+        } else {
+          no_shim[key] = Clock::now() + kNoShimMemory;
+        }
       }
-    } catch (const std::exception& error) {
-      log::info(std::string("shim: asking ") + key + " over rdma_cm: " + error.what());
-      no_shim[key] = Clock::now() + kNoShimMemory;
-      why = Fallback::no_peer_shim;
+      if (answer && answer->redirect && answer->redirect_port && !redirected) {
+        asked_at.port = answer->redirect_port;
+        answer.reset();
+        continue;
+      }
+      if (answer && !answer->accepted && answer->refusal == negotiation::Refusal::not_yet && Clock::now() < deadline) {
+        // No process has accepted it yet.
+        if (!pause_unlocked()) return;
+        answer.reset();
+        continue;
+      }
+      break;
     }
   } else {
     // The listener's endpoint; then, for a listener processes share after fork, the
@@ -816,14 +859,7 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
       if (unanswered ||
           (answer && !answer->accepted && answer->refusal == negotiation::Refusal::not_yet && Clock::now() < deadline)) {
         // No process has accepted it yet: a moment, then ask again.
-        ++s.holds;
-        lock.unlock();
-        timespec pause{0, 1'000'000};
-        nanosleep(&pause, nullptr);
-        lock.lock();
-        gone = s.gone;
-        release(&s);
-        if (gone) return;
+        if (!pause_unlocked()) return;
         answer.reset();
         continue;
       }
@@ -953,17 +989,19 @@ void Shim::start_listening(int fd, Socket& s) noexcept {
     add_to_wait_set(unix_fd.get());
     auto acceptors = std::make_shared<Acceptors>();
     if (!acceptors->map()) acceptors.reset();
-    it = endpoints.emplace(endpoint->port, Listening{std::move(unix_fd), std::nullopt, 0, std::move(acceptors)}).first;
-    offer_remote_moves(it->second, *endpoint);
+    Listening made;
+    made.fd = std::move(unix_fd);
+    made.address = *endpoint;
+    made.acceptors = std::move(acceptors);
+    it = endpoints.emplace(endpoint->port, std::move(made)).first;
+    offer_remote_moves(it->second);
   }
   ++it->second.listeners;
   s.mode = Socket::Mode::listening;
   s.port = endpoint->port;
 }
 
-void Shim::offer_remote_moves(Listening& endpoint, const Endpoint& address) noexcept {
-  transport::Engine* e = engine();
-  if (!e || e->device_name().empty()) return;  // no RDMA here: remote clients stay on TCP
+std::optional<verbs::cm::Id> Shim::cm_listen(const Endpoint& address) noexcept {
   try {
     if (!cm_events) {
       cm_events.emplace();
@@ -971,15 +1009,59 @@ void Shim::offer_remote_moves(Listening& endpoint, const Endpoint& address) noex
       real().fcntl(cm_events->fd(), F_SETFL, flags | O_NONBLOCK);
       add_to_wait_set(cm_events->fd());
     }
-    // The same port in rdma_cm's own port space, which the kernel's TCP does not share.
     verbs::cm::Id listener(*cm_events);
     listener.bind(cm_address(address));
     listener.listen(128);
-    endpoint.cm_listener.emplace(std::move(listener));
+    return listener;
   } catch (const std::exception& error) {
-    log::info(std::string("shim: remote clients of port ") + std::to_string(address.port) +
-              " stay on TCP: " + error.what());
+    log::info("shim: remote clients of " + address.to_string() + " stay on TCP: " + error.what());
+    return std::nullopt;
   }
+}
+
+void Shim::offer_remote_moves(Listening& endpoint) noexcept {
+  transport::Engine* e = engine();
+  if (!e || e->device_name().empty()) return;  // no RDMA here: remote clients stay on TCP
+  // The same port in rdma_cm's own port space, which the kernel's TCP does not share.
+  endpoint.cm_listener = cm_listen(endpoint.address);
+  endpoint.remote = endpoint.cm_listener.has_value();
+}
+
+void Shim::start_cm_thread() noexcept {
+  if (cm_thread_started) return;
+  // Every signal stays with the program's threads.
+  sigset_t all, before;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &before);
+  pthread_t thread;
+  const int failed = pthread_create(
+      &thread, nullptr,
+      [](void* arg) -> void* {
+        t_inside = true;  // its calls are the shim's own
+        auto* shim = static_cast<Shim*>(arg);
+        for (;;) {
+          pollfd p{-1, POLLIN, 0};
+          {
+            std::lock_guard lock(shim->mutex);
+            if (shim->cm_events) p.fd = shim->cm_events->fd();
+          }
+          if (p.fd < 0 || real().poll(&p, 1, -1) < 0) {
+            timespec pause{0, 100'000'000};
+            nanosleep(&pause, nullptr);
+          }
+          std::lock_guard lock(shim->mutex);
+          shim->serve_cm_events();
+        }
+        return nullptr;
+      },
+      this);
+  pthread_sigmask(SIG_SETMASK, &before, nullptr);
+  if (failed) {
+    log::info(std::string("shim: no thread to answer remote clients of pre-forked workers: ") + std::strerror(failed));
+    return;
+  }
+  pthread_detach(thread);
+  cm_thread_started = true;
 }
 
 void Shim::adopt_accepted(int fd) noexcept {
@@ -999,14 +1081,18 @@ void Shim::adopt_accepted(int fd) noexcept {
   if (auto it = endpoints.find(tuple->server.port); it != endpoints.end() && it->second.acceptors) {
     // A child that accepts on a listener its parent made answers for it too, at an
     // endpoint that exists before any request is sent on to it.
-    if (!it->second.shared || serve_shared(it->first, it->second))
-      it->second.acceptors->record(*tuple, static_cast<uint32_t>(getpid()));
+    if (!it->second.shared || serve_shared(it->first, it->second)) {
+      const uint16_t cm_port = it->second.own_cm ? it->second.own_cm->local_port() : 0;
+      it->second.acceptors->record(*tuple, {static_cast<uint32_t>(getpid()), cm_port});
+    }
   }
   // A request that came before the program accepted the connection is answered now.
   answer_parked(*tuple);
 }
 
 void Shim::answer_parked(const Tuple& tuple) noexcept {
+  if (walking_peers) return;
+  walking_peers = true;
   for (std::size_t i = 0; i < peers.size();) {
     if (peers[i].parked != tuple || answer(peers[i])) {
       ++i;
@@ -1015,6 +1101,7 @@ void Shim::answer_parked(const Tuple& tuple) noexcept {
     if (peers[i].fd) remove_from_wait_set(peers[i].fd.get());
     peers.erase(peers.begin() + static_cast<long>(i));
   }
+  walking_peers = false;
 }
 
 bool Shim::serve_shared(uint16_t port, Listening& endpoint) noexcept {
@@ -1027,6 +1114,13 @@ bool Shim::serve_shared(uint16_t port, Listening& endpoint) noexcept {
       return false;
     add_to_wait_set(unix_fd.get());
     endpoint.own = std::move(unix_fd);
+  }
+  if (endpoint.remote && !endpoint.cm_listener && !endpoint.own_cm) {
+    // The listener's maker sends remote clients of this process's connections on to
+    // an rdma_cm port of its own.
+    Endpoint any_port = endpoint.address;
+    any_port.port = 0;
+    endpoint.own_cm = cm_listen(any_port);
   }
   if (!endpoint.serving) {
     add_to_wait_set(endpoint.fd.get());
@@ -1112,20 +1206,19 @@ bool Shim::answer(Peer& peer) noexcept {
     auto endpoint = endpoints.find(tuple.server.port);
     if (endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors) {
       // Processes share the listener: the one that accepted it answers; until one
-      // has, the client asks again (a process here may sleep outside the shim).
-      const uint32_t owner = endpoint->second.acceptors->owner(tuple);
-      const bool elsewhere = owner != 0 && owner != static_cast<uint32_t>(getpid());
-      if (peer.cm_id) {
-        // A remote client asks through rdma_cm, of this process only: another
-        // process's connection stays on TCP; this one's waits below for its accept.
-        if (elsewhere) return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
-      } else if (owner == 0) {
-        // Not a fall-back: the client asks again on this connection.
+      // has, the client asks again (a process here may sleep outside the shim). A
+      // remote client's request reaches whichever process reads the listener's
+      // rdma_cm events first, and is sent on to the owner's own rdma_cm port.
+      const Acceptors::Owner owner = endpoint->second.acceptors->owner(tuple);
+      if (owner.pid == 0) {
+        // Not a fall-back: the client asks again (a local one on this connection).
         if (!send_answer(peer, negotiation::Answer{false, negotiation::Refusal::not_yet, 0, 0})) return false;
         peer.parked.reset();
-        return true;
-      } else if (elsewhere) {
-        send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner});
+        return !peer.cm_id;
+      }
+      if (owner.pid != static_cast<uint32_t>(getpid())) {
+        if (peer.cm_id && owner.cm_port == 0) return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
+        send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner.pid, peer.cm_id ? owner.cm_port : uint16_t{0}});
         return false;
       }
     }
@@ -1303,6 +1396,7 @@ bool Shim::service(bool woken) noexcept {
     if (endpoint.own) serve_endpoint(endpoint.own.get());
   }
   serve_cm_events();
+  walking_peers = true;
   for (std::size_t i = 0; i < peers.size();) {
     if (serve_peer(peers[i])) {
       ++i;
@@ -1312,6 +1406,7 @@ bool Shim::service(bool woken) noexcept {
     peers.erase(peers.begin() + static_cast<long>(i));
     changed = true;
   }
+  walking_peers = false;
   serve_moves();
   // A Resume keeps the wait set readable: a later wake-up of it finds it, or, for a
   // process whose engine always has work, a look every millisecond.

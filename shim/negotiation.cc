@@ -109,6 +109,7 @@ std::array<std::byte, kAnswerSize> encode(const Answer& a) {
   if (!a.accepted && a.redirect) {
     put_header(out.data(), Kind::redirect);
     bytes::put32(out.data() + 8, a.redirect);
+    bytes::put16(out.data() + 12, a.redirect_port);
     return out;
   }
   put_header(out.data(), a.accepted ? Kind::accept : Kind::refuse);
@@ -136,7 +137,8 @@ std::optional<Answer> decode_answer(std::span<const std::byte> in) noexcept {
   }
   if (header_is(in, kAnswerSize, Kind::redirect)) {
     a.redirect = bytes::get32(in.data() + 8);
-    for (std::size_t i = 12; i < kAnswerSize; ++i)
+    a.redirect_port = bytes::get16(in.data() + 12);
+    for (std::size_t i = 14; i < kAnswerSize; ++i)
       if (in[i] != std::byte{0}) return std::nullopt;
     if (in[6] != std::byte{0} || a.redirect == 0) return std::nullopt;
     return a;

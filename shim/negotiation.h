@@ -49,7 +49,7 @@ struct TupleHash {
 namespace negotiation {
 
 inline constexpr uint32_t kMagic = 0x474e5852;  // "RXNG"
-inline constexpr uint8_t kVersion = 2;
+inline constexpr uint8_t kVersion = 3;
 
 enum class Kind : uint8_t {
   request = 1,
@@ -77,8 +77,10 @@ struct Answer {
   uint16_t engine_port = 0;
   uint64_t cookie = 0;
   // Not accepted, but another process of a listener shared after fork holds the
-  // connection: ask it, at its own endpoint.
+  // connection: ask it, at its own endpoint (a remote client: at its own rdma_cm port
+  // on the server's address).
   uint32_t redirect = 0;
+  uint16_t redirect_port = 0;
 };
 
 inline constexpr std::size_t kRequestSize = 48;

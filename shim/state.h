@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <span>
 #include <unordered_map>
@@ -31,6 +32,15 @@
 #include "verbs/cm.h"
 
 namespace rxio::shim {
+
+// Lets go of `value` without its destructor: what it names (an rdma_cm id, an event
+// channel) is another process's too, since a fork.
+template <typename T>
+void let_go(std::optional<T>& value) noexcept {
+  if (!value) return;
+  static_cast<void>(new (std::nothrow) T(std::move(*value)));
+  value.reset();  // moved from: its destructor lets go of nothing
+}
 
 // True while this thread runs shim code: the engine's own system calls then go
 // straight to the C library.
@@ -214,15 +224,23 @@ class Acceptors {
   Acceptors(const Acceptors&) = delete;
   Acceptors& operator=(const Acceptors&) = delete;
 
+  // The process that accepted a connection, and the rdma_cm port it answers remote
+  // clients at (0: none).
+  struct Owner {
+    uint32_t pid = 0;  // 0: none recorded
+    uint16_t cm_port = 0;
+  };
+
   bool map() noexcept;  // false without memory: the listener is served as one process's
-  void record(const Tuple& tuple, uint32_t pid) noexcept;
+  void record(const Tuple& tuple, Owner owner) noexcept;
   void erase(const Tuple& tuple, uint32_t pid) noexcept;
-  uint32_t owner(const Tuple& tuple) const noexcept;  // 0: none recorded
+  Owner owner(const Tuple& tuple) const noexcept;
 
  private:
   struct Slot {
     std::atomic<uint64_t> key;
     std::atomic<uint32_t> pid;  // 0 free; kClaimed while written
+    std::atomic<uint16_t> cm_port;
   };
   static constexpr std::size_t kSlots = 8192;
   static constexpr std::size_t kProbes = 64;
@@ -323,17 +341,28 @@ class Shim {
   // (a dual-stack server listens on 0.0.0.0 and :: with one port).
   struct Listening {
     UniqueFd fd;
-    std::optional<verbs::cm::Id> cm_listener;  // for remote clients, where RDMA is
+    Endpoint address;  // the listener's
+    // Remote clients may move, where RDMA is: they ask at an rdma_cm id on the
+    // listener's port, which only the process that made it can serve (the kernel
+    // refuses a forked child's calls on its parent's rdma_cm ids).
+    bool remote = false;
+    std::optional<verbs::cm::Id> cm_listener;
     int listeners = 0;
     // Shared with other processes by fork: the table of who accepted what, and this
-    // process's own endpoint, which requests for its connections are sent on to.
+    // process's own endpoint, which requests for its connections are sent on to (for
+    // remote clients, an rdma_cm id on the listener's address and a port of its own).
     std::shared_ptr<Acceptors> acceptors;
     bool shared = false;
     bool serving = true;  // fd is in this process's wait set (a child: once it accepts)
     UniqueFd own;
+    std::optional<verbs::cm::Id> own_cm;
   };
-  // The rdma_cm events of the listeners above; made with the first.
+  // The rdma_cm events of this process's ids above; made with the first.
   std::optional<verbs::cm::EventChannel> cm_events;
+  // A process whose listeners a child may accept on answers their remote clients from
+  // a thread of its own, since it may sleep outside the shim (nginx's master).
+  bool cm_thread_started = false;
+  void start_cm_thread() noexcept;
   std::unordered_map<uint16_t, Listening> endpoints;
   std::vector<Peer> peers;
   std::unordered_map<Tuple, Committed, TupleHash> committed;
@@ -407,7 +436,10 @@ class Shim {
   // under it, and the same two processes go on).
   void after_return(Socket& s) noexcept;
   // Answers the requests parked for `tuple` (false from answer(): done with them).
+  // Not while the peers are walked (here, or in service()): answer() may carry a
+  // return on, which ends here, and that walk answers them itself.
   void answer_parked(const Tuple& tuple) noexcept;
+  bool walking_peers = false;
   // Carries these returns on, waiting for the TCP sockets, until each is through (its
   // Resume and kept bytes out, the peer's answer in) or `until` passes.
   void carry_returns(std::span<const std::pair<int, Socket*>> returns,
@@ -480,7 +512,9 @@ class Shim {
   // too (a child that accepts on it). False without them.
   bool serve_shared(uint16_t port, Listening& endpoint) noexcept;
   void serve_cm_events() noexcept;
-  void offer_remote_moves(Listening& endpoint, const Endpoint& address) noexcept;
+  void offer_remote_moves(Listening& endpoint) noexcept;
+  // An rdma_cm id listening on `address` (port 0: one the kernel picks), on cm_events.
+  std::optional<verbs::cm::Id> cm_listen(const Endpoint& address) noexcept;
   bool serve_peer(Peer& peer) noexcept;
   // Checks a decoded request and answers or parks it; false when the peer is done with.
   bool take_request(Peer& peer, const negotiation::Request& request) noexcept;

@@ -19,7 +19,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (auto answer = negotiation::decode_answer(in)) {
     auto again = negotiation::decode_answer(negotiation::encode(*answer));
     if (!again || again->accepted != answer->accepted || again->cookie != answer->cookie ||
-        again->engine_port != answer->engine_port || again->redirect != answer->redirect)
+        again->engine_port != answer->engine_port || again->redirect != answer->redirect ||
+        again->redirect_port != answer->redirect_port)
       __builtin_trap();
   }
   if (auto resume = negotiation::decode_resume(in)) {

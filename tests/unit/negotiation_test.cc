@@ -101,6 +101,12 @@ TEST(Negotiation, RedirectNamesTheProcessToAsk) {
   ASSERT_TRUE(back);
   EXPECT_FALSE(back->accepted);
   EXPECT_EQ(back->redirect, 4242u);
+  EXPECT_EQ(back->redirect_port, 0u);
+  // A remote client's redirect names the process's own rdma_cm port too.
+  auto remote = decode_answer(encode(Answer{false, Refusal::policy, 0, 0, 4242, 51234}));
+  ASSERT_TRUE(remote);
+  EXPECT_EQ(remote->redirect, 4242u);
+  EXPECT_EQ(remote->redirect_port, 51234u);
   auto not_yet = decode_answer(encode(Answer{false, Refusal::not_yet, 0, 0}));
   ASSERT_TRUE(not_yet);
   EXPECT_EQ(not_yet->refusal, Refusal::not_yet);
