@@ -52,6 +52,10 @@ Options resolve(Options o) {
   config::get_choice("RXIO_LOG", {"warn", "info"});  // a typo is an error here, not a silent default
   if (o.fault_link_after == ~0ull) o.fault_link_after = config::get_count("RXIO_FAULT_LINK_AFTER");
   if (o.fault_links == ~0ull) o.fault_links = config::get_count("RXIO_FAULT_LINKS");
+  if (o.device.empty()) {
+    o.device = config::get_text("RXIO_DEVICE");
+    if (o.device == "auto") o.device.clear();
+  }
   if (o.tcp_io.empty()) o.tcp_io = config::get_choice("RXIO_TCP_IO", {"uring", "plain"});
   if (o.tcp_io != "uring" && o.tcp_io != "plain")
     throw Error(EINVAL, "using tcp_io '" + o.tcp_io + "'", {}, "it must be uring or plain");
@@ -196,6 +200,24 @@ void Link::fail(int err, const std::string& why) noexcept {
   engine.poll_fds_stale = true;
 }
 
+void Engine::Impl::read_device_events() noexcept {
+  ibv_async_event event;
+  while (ibv_get_async_event(device, &event) == 0) {
+    const ibv_event_type type = event.event_type;
+    const bool qp_error = type == IBV_EVENT_QP_FATAL || type == IBV_EVENT_QP_REQ_ERR || type == IBV_EVENT_QP_ACCESS_ERR;
+    const ibv_qp* qp = qp_error ? event.element.qp : nullptr;
+    const bool port_down = type == IBV_EVENT_PORT_ERR && event.element.port_num == endpoint.port;
+    ibv_ack_async_event(&event);
+    if (!qp_error && !port_down && type != IBV_EVENT_DEVICE_FATAL && type != IBV_EVENT_CQ_ERR) continue;
+    std::string why = device_name + " reported " + ibv_event_type_str(type);
+    if (port_down) why += " (port " + std::to_string(endpoint.port) + " is down)";
+    for (auto& link : links) {
+      if (link->error || link->port->backend() != Backend::verbs) continue;
+      if (!qp_error || link->verbs().raw_qp == qp) link->fail(EIO, why);
+    }
+  }
+}
+
 void Link::post_receives(uint32_t count) {
   for (uint32_t i = 0; i < count; ++i) {
     if (int rc = port->post_recv(reinterpret_cast<uint64_t>(this) | kWrReceive); rc != 0)
@@ -255,6 +277,9 @@ void Engine::Impl::open_verbs(bool required) {
     endpoint = verbs::select_by_ip(options.local_address);
   }
   device_name = verbs::device_name(device);
+  // Read when the wait set says so, never waited on.
+  if (int flags = ::fcntl(device->async_fd, F_GETFL); flags < 0 || ::fcntl(device->async_fd, F_SETFL, flags | O_NONBLOCK) != 0)
+    throw Error(errno, "making the device's event fd non-blocking", device_name);
   ibv_port_attr port_attr{};
   if (int rc = ibv_query_port(device, endpoint.port, &port_attr); rc != 0)
     throw Error(rc, "querying port " + std::to_string(endpoint.port), device_name);
@@ -766,6 +791,10 @@ void Engine::Impl::rebuild_poll_fds() {
   if (channel) {
     poll_fds.push_back({channel->fd(), POLLIN, 0});
     watches.push_back({Watch::completions, nullptr});
+  }
+  if (device) {
+    poll_fds.push_back({device->async_fd, POLLIN, 0});
+    watches.push_back({Watch::device_events, nullptr});
   }
   for (const auto& link : links) {
     poll_fds.push_back({link->liveness_fd(), POLLIN, 0});

@@ -568,8 +568,11 @@ int Engine::Impl::check_links(int timeout_ms) noexcept {
   // Arrivals first: a departing peer's last messages precede its EOF.
   int handled = 0;
   for (int n; (n = poll_cq()) > 0;) handled += n;
-  for (std::size_t i = 0; i < poll_fds.size(); ++i)
-    if (poll_fds[i].revents && watches[i].kind == Watch::liveness) watches[i].link->check_liveness();
+  for (std::size_t i = 0; i < poll_fds.size(); ++i) {
+    if (!poll_fds[i].revents) continue;
+    if (watches[i].kind == Watch::liveness) watches[i].link->check_liveness();
+    if (watches[i].kind == Watch::device_events) read_device_events();
+  }
   return handled;
 }
 

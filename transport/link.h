@@ -236,7 +236,7 @@ struct Engine::Impl {
   std::vector<Connection*> accepted;  // opened by peers, not yet returned by accept()
   // What to sleep on, and what each fd is for.
   struct Watch {
-    enum Kind : uint8_t { completions, liveness, wake } kind;
+    enum Kind : uint8_t { completions, liveness, wake, device_events } kind;
     Link* link;
   };
   std::vector<pollfd> poll_fds;
@@ -280,6 +280,9 @@ struct Engine::Impl {
   int poll_cq() noexcept;
   void handle(const ibv_wc& wc, Link* port_link) noexcept;
   int progress() noexcept;
+  // The device's asynchronous events: a QP in error, the port down, the device lost.
+  // The links they concern fail (the shim moves their connections back to TCP).
+  void read_device_events() noexcept;
   // Waits up to `timeout_ms` for a completion or a liveness event and handles it.
   int check_links(int timeout_ms) noexcept;  // events handled
   // Sleeps until a completion, a liveness event or `timeout`; what woke it is handled.

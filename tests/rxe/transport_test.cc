@@ -1,5 +1,7 @@
 // The transport over Soft-RoCE: the conformance suite (tests/transport/conformance.cc)
 // on the verbs backend, the rdma_cm bootstrap, and a link whose RDMA path dies.
+#include <signal.h>
+
 #include <cstdlib>
 #include <thread>
 
@@ -36,9 +38,15 @@ TEST(Transport, IntegrityOverRdmaCmBootstrap) {
   EXPECT_EQ(rc, 0);
 }
 
-// Brings the veth end of cm device A back and waits until its RDMA port is ACTIVE.
+// Brings the veth end of cm device A back, with the route to B over it that the link
+// going down took away (tests/rxe/guest/init.sh), and waits until its RDMA port is
+// ACTIVE. Soft-RoCE still carries no new connection on a device whose port went down
+// under one (it receives nothing more), and the device cannot be made anew while this
+// process has it open: each test that takes the port down runs last in its guest
+// (tests/rxe/meson.build).
 void restore_interface_a() {
-  EXPECT_EQ(std::system("ip link set v1 up"), 0);
+  const std::string up = "ip link set v1 up && ip route replace " + cm_address_b() + " dev v1 table 100";
+  EXPECT_EQ(std::system(up.c_str()), 0);
   std::string state_file = "/sys/class/infiniband/" + cm_device_a() + "/ports/1/state";
   for (int i = 0; i < 300; ++i) {
     FILE* f = std::fopen(state_file.c_str(), "r");
@@ -100,7 +108,6 @@ TEST(Transport, LinkFailureFailsEveryConnection) {
           }
         });
         auto took = std::chrono::steady_clock::now() - start;
-        restore_interface_a();
         EXPECT_TRUE(all_failed) << "a connection on the failed link still works";
         EXPECT_LT(took, 30s);
         for (Connection* c : accepted) {
@@ -117,7 +124,54 @@ TEST(Transport, LinkFailureFailsEveryConnection) {
         return ping_pong_until_failure(engine, opened, false, [](int) {}) ? 0 : 1;
       },
       cm_address_a());
+  restore_interface_a();
   EXPECT_EQ(rc, 0);
+}
+
+// An idle link has nothing in flight whose retries could fail: only the device's
+// asynchronous event (IBV_EVENT_PORT_ERR when the netdev under rxe goes down) tells.
+TEST(Transport, PortDownFailsAnIdleLink) {
+  RXIO_REQUIRE_DEVICE(cm_device_a());
+  if (!std::getenv("RXIO_IN_GUEST")) GTEST_SKIP() << "takes a network interface down: only inside the guest";
+  auto options = [] {
+    transport::Options o;
+    o.bootstrap = transport::Bootstrap::rdma_cm;
+    return o;
+  };
+  pid_t client_pid = 0;
+  int rc = run_pair(
+      options,
+      [&](Engine& engine) {
+        Connection& c = engine.accept(30s);
+        std::array<std::byte, 64> in{};
+        Request first, second;
+        c.recv(in, transport::kAnyTag, first);
+        ASSERT_EQ(engine.wait(first, 20s), Status::ok);
+        c.recv(in, transport::kAnyTag, second);  // the client sends nothing more
+        EXPECT_EQ(std::system("ip link set v1 down"), 0);
+        auto start = std::chrono::steady_clock::now();
+        Status status = engine.wait(second, 20s);
+        auto took = std::chrono::steady_clock::now() - start;
+        EXPECT_EQ(status, Status::failed);
+        EXPECT_LT(took, 5s);
+        EXPECT_TRUE(c.failed());
+        EXPECT_NE(c.error_text().find(cm_device_a() + " reported port error (port 1 is down)"), std::string::npos)
+            << c.error_text();
+        ::kill(client_pid, SIGTERM);  // it waits on its side of the link, which has no way to tell
+      },
+      [&](Engine& engine, uint16_t port) {
+        Connection& c = engine.connect(cm_address_a(), port);
+        std::array<std::byte, 64> out{}, in{};
+        Request send, recv;
+        c.send(out, 1, send);
+        CLIENT_CHECK(engine.wait(send, 20s) == Status::ok);
+        c.recv(in, transport::kAnyTag, recv);
+        engine.wait(recv, 120s);
+        return 0;
+      },
+      cm_address_a(), &client_pid);
+  restore_interface_a();
+  EXPECT_TRUE(rc == 0 || rc == 128 + SIGTERM) << rc;
 }
 
 }  // namespace
