@@ -17,6 +17,9 @@ const std::vector<Knob> kKnobs = {
      "an RDMA device, else tcp), verbs, shm or tcp. Both ends must allow the backend."},
     {"RXIO_CONNECT_TIMEOUT_MS", "milliseconds", "10000",
      "How long connecting (bootstrap and the link's set-up) may take before it fails."},
+    {"RXIO_DEVICE", "text", "auto",
+     "The RDMA device an engine uses (as `ibv_devices` names it), where it finds its peers "
+     "itself rather than through rdma_cm: auto, the first one."},
     {"RXIO_EAGER_LIMIT", "bytes", "0",
      "Largest message sent through the ring; larger ones go by rendezvous (written "
      "straight into the receiver's buffer). 0: the slot payload (RXIO_SLOT_SIZE - 16)."},

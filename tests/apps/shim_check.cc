@@ -875,6 +875,7 @@ const std::map<std::string, std::function<void()>> kScenarios = {
     {"exec-child", exec_child},
     {"exec", exec_mid_stream},
     {"steady", [] { steady(4, false); }},
+    {"steady-long", [] { steady(12, false); }},
     {"steady-until-gone", [] { steady(30, true); }},
 };
 

@@ -250,12 +250,50 @@ TEST_P(ShimReturns, PeerKilledMidStream) {
   EXPECT_NE(result.output.find("steady-until-gone: ok"), std::string::npos) << result.output;
 }
 
+// In the Soft-RoCE guest (apps-verbs-port-down): the server's engine on device A, the
+// client's on device B, and the netdev under A taken down for a moment under running
+// round trips, as a NIC that flaps. The device's event (port error) fails the link on
+// both sides at once, and the connection finishes over TCP, every byte checked.
+class ShimPortDown : public ShimCheck {};
+
+TEST_P(ShimPortDown, ConnectionGoesOnOverTcp) {
+  const char* device_a = std::getenv("RXIO_RXE_CM_DEV_A");
+  const char* device_b = std::getenv("RXIO_RXE_CM_DEV_B");
+  ASSERT_TRUE(device_a && device_b && std::getenv("RXIO_IN_GUEST")) << "runs in the Soft-RoCE guest only";
+  const std::string stay = " RXIO_SHIM_MOVE_AGAIN=0";
+  std::string port;
+  Process server = start_server(port, "serve", "", std::string("RXIO_LOG=info RXIO_DEVICE=") + device_a + stay);
+  ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+  Process client = start(client_command(port, "steady-long", std::string("RXIO_DEVICE=") + device_b + stay));
+  const std::string moved = "moved." + expected_backend();
+  ASSERT_TRUE(board_when(server.pid(), [&](const Board& b) { return b[moved] >= 1; }))
+      << "the connection never moved: " << server.output();
+  EXPECT_EQ(std::system("ip link set v1 down"), 0);
+  auto back = board_when(server.pid(), [](const Board& b) { return b["returned.link_failed"] + b["returned.peer"] >= 1; });
+  // Up again, with the route the link going down took (tests/rxe/guest/init.sh): TCP
+  // between the guest's own addresses waits for its local routes.
+  const std::string up = "ip link set v1 up && ip route replace " + std::string(std::getenv("RXIO_RXE_CM_ADDR_B")) +
+                         " dev v1 table 100";
+  EXPECT_EQ(std::system(up.c_str()), 0);
+  ASSERT_TRUE(back) << "the server's link did not fail";
+  Result result = finish(client, 120s);
+  EXPECT_TRUE(result.exited_0) << result.output;
+  EXPECT_NE(result.output.find("steady-long: ok"), std::string::npos) << result.output;
+  EXPECT_NE(server.output().find("port error"), std::string::npos) << "failed by the device's event: " << server.output();
+  auto board = board_when(server.pid(), [](const Board&) { return true; });
+  ASSERT_TRUE(board);
+  EXPECT_EQ((*board)[moved], 1u) << board->json;
+  EXPECT_EQ((*board)["returned.link_failed"] + (*board)["returned.peer"], 1u) << board->json;
+  EXPECT_TRUE(server.stop()) << server.output();
+}
+
 INSTANTIATE_TEST_SUITE_P(Apps, ShimCheck, testing::Values(Shimmed::both, Shimmed::server, Shimmed::client),
                          test_name);
 INSTANTIATE_TEST_SUITE_P(Apps, ShimPrefork, testing::Values(Shimmed::both, Shimmed::server, Shimmed::client),
                          test_name);
 INSTANTIATE_TEST_SUITE_P(Apps, ShimReturns, testing::Values(Shimmed::both), test_name);
 INSTANTIATE_TEST_SUITE_P(Apps, ShimMovesAgain, testing::Values(Shimmed::both), test_name);
+INSTANTIATE_TEST_SUITE_P(Apps, ShimPortDown, testing::Values(Shimmed::both), test_name);
 // A move needs both sides shimmed.
 INSTANTIATE_TEST_SUITE_P(Apps, ShimDefaults, testing::Values(Shimmed::both), test_name);
 

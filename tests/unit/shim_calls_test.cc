@@ -180,6 +180,32 @@ TEST(ShimTable, AConnectionBackFromAFailedLinkMovesAgainLater) {
   EXPECT_EQ(close_fd(fd), 0);
 }
 
+// The table processes that share a listener after fork keep in shared memory: who
+// accepted which connection, and the rdma_cm port that one answers remote clients at.
+TEST(ShimTable, AcceptorsNameTheOwnerAndItsPortUntilErased) {
+  Acceptors acceptors;
+  ASSERT_TRUE(acceptors.map());
+  auto v4 = [](const char* ip, uint16_t port) {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    ::inet_pton(AF_INET, ip, &a.sin_addr);
+    return *Endpoint::from(reinterpret_cast<sockaddr*>(&a));
+  };
+  const Tuple one{v4("192.0.2.7", 40000), v4("192.0.2.1", 8080)};
+  const Tuple other{v4("192.0.2.7", 40001), v4("192.0.2.1", 8080)};
+  const auto me = static_cast<uint32_t>(::getpid());
+  EXPECT_EQ(acceptors.owner(one).pid, 0u);
+  acceptors.record(one, {me, 51234});
+  EXPECT_EQ(acceptors.owner(one).pid, me);
+  EXPECT_EQ(acceptors.owner(one).cm_port, 51234u);
+  EXPECT_EQ(acceptors.owner(other).pid, 0u);
+  acceptors.erase(one, me + 1);  // only its owner erases it
+  EXPECT_EQ(acceptors.owner(one).pid, me);
+  acceptors.erase(one, me);
+  EXPECT_EQ(acceptors.owner(one).pid, 0u);
+}
+
 TEST(ShimTable, ListenConnectAcceptAndShutdownSetTheModes) {
   Pair pair;
   Socket* l = sh().socket_of(pair.listener);
