@@ -459,7 +459,10 @@ Acceptors::Owner Acceptors::owner(const Tuple& tuple) const noexcept {
     if (pid == 0 || pid == kClaimed || slot.key.load(std::memory_order_relaxed) != key) continue;
     // A process that died without closing leaves its entries: they name no one.
     if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) continue;
-    return Owner{pid, slot.cm_port.load(std::memory_order_relaxed)};
+    const uint16_t cm_port = slot.cm_port.load(std::memory_order_acquire);
+    // Erased and taken again meanwhile: the port may be another entry's.
+    if (slot.pid.load(std::memory_order_acquire) != pid || slot.key.load(std::memory_order_relaxed) != key) continue;
+    return Owner{pid, cm_port};
   }
   return {};
 }
@@ -509,8 +512,11 @@ void Shim::after_fork_in_child() noexcept {
   }
   lingering.clear();
   // The parent's rdma_cm ids are the parent's alone: the kernel refuses the child's
-  // calls on them. The child makes its own when it accepts on a listener.
+  // calls on them. The child makes its own when it accepts on a listener, and closes
+  // its copy of the channel, so that the ids go with the parent.
+  if (cm_events) real().close(cm_events->fd());
   let_go(cm_events);
+  cm_thread_started = false;  // the parent's thread is not the child's
   for (auto& [port, endpoint] : endpoints) {
     let_go(endpoint.cm_listener);
     let_go(endpoint.own_cm);
@@ -580,6 +586,8 @@ void Shim::before_exec() noexcept {
 }
 
 void Shim::at_exit() noexcept {
+  // The rdma_cm thread stops (a vfork() child's exit is not its parent's).
+  if (getpid() == state_pid) exiting.store(true, std::memory_order_release);
   if (!engine_) return;
   // Another thread may be inside the shim: it gets a moment to leave, not a deadlock.
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(50);

@@ -771,28 +771,29 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
     release(&s);
     return !gone;
   };
+  // "Not yet": no process of a listener shared after fork has accepted the connection.
+  // Asked again while a new ask still has the time to be answered.
+  auto not_yet = [&](const std::optional<negotiation::Answer>& a) {
+    return a && !a->accepted && a->refusal == negotiation::Refusal::not_yet && deadline - Clock::now() > milliseconds(10);
+  };
 
   if (remote) {
     // At the listener's port; then, for a listener processes share after fork, at the
     // port of the one that accepted the connection.
     Endpoint asked_at = tuple->server;
+    bool answered = false;  // a shim answers there
     for (;;) {
       answer = ask_over_cm(request, asked_at, deadline, why);
+      answered |= answer.has_value();
+      if (why == Fallback::no_peer_shim && !answer && answered) why = Fallback::peer_refused;  // the process named went
+      if (why == Fallback::no_peer_shim && !answer) no_shim[key] = Clock::now() + kNoShimMemory;
       const bool redirected = asked_at.port != tuple->server.port;
-      if (why == Fallback::no_peer_shim && !answer) {
-        if (redirected) {
-          why = Fallback::peer_refused;  // the process named went
-        } else {
-          no_shim[key] = Clock::now() + kNoShimMemory;
-        }
-      }
       if (answer && answer->redirect && answer->redirect_port && !redirected) {
         asked_at.port = answer->redirect_port;
         answer.reset();
         continue;
       }
-      if (answer && !answer->accepted && answer->refusal == negotiation::Refusal::not_yet && Clock::now() < deadline) {
-        // No process has accepted it yet.
+      if (not_yet(answer)) {
         if (!pause_unlocked()) return;
         answer.reset();
         continue;
@@ -856,8 +857,7 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
       // server forked, an answer has been seen to go missing now and then.)
       const bool unanswered = n == 0 && Clock::now() < deadline && asked < 64;
       if (unanswered) unix_fd.reset();
-      if (unanswered ||
-          (answer && !answer->accepted && answer->refusal == negotiation::Refusal::not_yet && Clock::now() < deadline)) {
+      if (unanswered || not_yet(answer)) {
         // No process has accepted it yet: a moment, then ask again.
         if (!pause_unlocked()) return;
         answer.reset();
@@ -1001,7 +1001,7 @@ void Shim::start_listening(int fd, Socket& s) noexcept {
   s.port = endpoint->port;
 }
 
-std::optional<verbs::cm::Id> Shim::cm_listen(const Endpoint& address) noexcept {
+std::optional<verbs::cm::Id> Shim::cm_listen(const Endpoint& address, uint16_t for_port) noexcept {
   try {
     if (!cm_events) {
       cm_events.emplace();
@@ -1014,7 +1014,8 @@ std::optional<verbs::cm::Id> Shim::cm_listen(const Endpoint& address) noexcept {
     listener.listen(128);
     return listener;
   } catch (const std::exception& error) {
-    log::info("shim: remote clients of " + address.to_string() + " stay on TCP: " + error.what());
+    log::info("shim: remote clients of port " + std::to_string(for_port) + " stay on TCP: rdma_cm listening on " +
+              address.to_string() + ": " + error.what());
     return std::nullopt;
   }
 }
@@ -1023,7 +1024,7 @@ void Shim::offer_remote_moves(Listening& endpoint) noexcept {
   transport::Engine* e = engine();
   if (!e || e->device_name().empty()) return;  // no RDMA here: remote clients stay on TCP
   // The same port in rdma_cm's own port space, which the kernel's TCP does not share.
-  endpoint.cm_listener = cm_listen(endpoint.address);
+  endpoint.cm_listener = cm_listen(endpoint.address, endpoint.address.port);
   endpoint.remote = endpoint.cm_listener.has_value();
 }
 
@@ -1039,25 +1040,32 @@ void Shim::start_cm_thread() noexcept {
       [](void* arg) -> void* {
         t_inside = true;  // its calls are the shim's own
         auto* shim = static_cast<Shim*>(arg);
-        for (;;) {
+        while (!shim->exiting.load(std::memory_order_acquire)) {
           pollfd p{-1, POLLIN, 0};
+          int timeout = -1;
           {
             std::lock_guard lock(shim->mutex);
             if (shim->cm_events) p.fd = shim->cm_events->fd();
+            // A parked request is answered or refused in time.
+            if (!shim->peers.empty()) timeout = 100;
           }
-          if (p.fd < 0 || real().poll(&p, 1, -1) < 0) {
+          if (p.fd < 0 || real().poll(&p, 1, timeout) < 0) {
             timespec pause{0, 100'000'000};
             nanosleep(&pause, nullptr);
           }
           std::lock_guard lock(shim->mutex);
+          if (shim->exiting.load(std::memory_order_acquire)) break;
           shim->serve_cm_events();
+          shim->serve_peers();
         }
         return nullptr;
       },
       this);
   pthread_sigmask(SIG_SETMASK, &before, nullptr);
   if (failed) {
-    log::info(std::string("shim: no thread to answer remote clients of pre-forked workers: ") + std::strerror(failed));
+    log::warn(std::string("shim: no thread to answer remote clients of pre-forked workers (they stay on TCP, each "
+                          "after RXIO_SHIM_TIMEOUT_MS): ") +
+              std::strerror(failed));
     return;
   }
   pthread_detach(thread);
@@ -1120,7 +1128,7 @@ bool Shim::serve_shared(uint16_t port, Listening& endpoint) noexcept {
     // an rdma_cm port of its own.
     Endpoint any_port = endpoint.address;
     any_port.port = 0;
-    endpoint.own_cm = cm_listen(any_port);
+    endpoint.own_cm = cm_listen(any_port, port);
   }
   if (!endpoint.serving) {
     add_to_wait_set(endpoint.fd.get());
@@ -1207,8 +1215,8 @@ bool Shim::answer(Peer& peer) noexcept {
     if (endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors) {
       // Processes share the listener: the one that accepted it answers; until one
       // has, the client asks again (a process here may sleep outside the shim). A
-      // remote client's request reaches whichever process reads the listener's
-      // rdma_cm events first, and is sent on to the owner's own rdma_cm port.
+      // remote client's request reaches the listener's maker (only it can read the
+      // listener's rdma_cm events), which sends it on to the owner's own rdma_cm port.
       const Acceptors::Owner owner = endpoint->second.acceptors->owner(tuple);
       if (owner.pid == 0) {
         // Not a fall-back: the client asks again (a local one on this connection).
@@ -1255,6 +1263,22 @@ bool Shim::answer(Peer& peer) noexcept {
   acknowledge_now(held->second);
   if (!send_answer(peer, negotiation::Answer{true, {}, e->listen_port(), cookie})) drop_committed(tuple);
   return false;
+}
+
+bool Shim::serve_peers() noexcept {
+  bool done_with_one = false;
+  walking_peers = true;
+  for (std::size_t i = 0; i < peers.size();) {
+    if (serve_peer(peers[i])) {
+      ++i;
+      continue;
+    }
+    if (peers[i].fd) remove_from_wait_set(peers[i].fd.get());
+    peers.erase(peers.begin() + static_cast<long>(i));
+    done_with_one = true;
+  }
+  walking_peers = false;
+  return done_with_one;
 }
 
 // False when the peer is done with.
@@ -1396,17 +1420,7 @@ bool Shim::service(bool woken) noexcept {
     if (endpoint.own) serve_endpoint(endpoint.own.get());
   }
   serve_cm_events();
-  walking_peers = true;
-  for (std::size_t i = 0; i < peers.size();) {
-    if (serve_peer(peers[i])) {
-      ++i;
-      continue;
-    }
-    if (peers[i].fd) remove_from_wait_set(peers[i].fd.get());
-    peers.erase(peers.begin() + static_cast<long>(i));
-    changed = true;
-  }
-  walking_peers = false;
+  changed |= serve_peers();
   serve_moves();
   // A Resume keeps the wait set readable: a later wake-up of it finds it, or, for a
   // process whose engine always has work, a look every millisecond.

@@ -363,6 +363,7 @@ class Shim {
   // a thread of its own, since it may sleep outside the shim (nginx's master).
   bool cm_thread_started = false;
   void start_cm_thread() noexcept;
+  std::atomic<bool> exiting{false};  // at_exit() ran: the thread stops
   std::unordered_map<uint16_t, Listening> endpoints;
   std::vector<Peer> peers;
   std::unordered_map<Tuple, Committed, TupleHash> committed;
@@ -436,10 +437,13 @@ class Shim {
   // under it, and the same two processes go on).
   void after_return(Socket& s) noexcept;
   // Answers the requests parked for `tuple` (false from answer(): done with them).
-  // Not while the peers are walked (here, or in service()): answer() may carry a
-  // return on, which ends here, and that walk answers them itself.
+  // Not while the peers are walked (here, or in serve_peers()): answer() may carry a
+  // return on, which ends here, and the walk reaches the peers after the current one
+  // itself (those before it at the next walk).
   void answer_parked(const Tuple& tuple) noexcept;
   bool walking_peers = false;
+  // Serves every peer (a request to read, a parked one to answer); true if one is done with.
+  bool serve_peers() noexcept;
   // Carries these returns on, waiting for the TCP sockets, until each is through (its
   // Resume and kept bytes out, the peer's answer in) or `until` passes.
   void carry_returns(std::span<const std::pair<int, Socket*>> returns,
@@ -513,8 +517,9 @@ class Shim {
   bool serve_shared(uint16_t port, Listening& endpoint) noexcept;
   void serve_cm_events() noexcept;
   void offer_remote_moves(Listening& endpoint) noexcept;
-  // An rdma_cm id listening on `address` (port 0: one the kernel picks), on cm_events.
-  std::optional<verbs::cm::Id> cm_listen(const Endpoint& address) noexcept;
+  // An rdma_cm id listening on `address` (port 0: one the kernel picks), on cm_events,
+  // for remote clients of the listener on `for_port`.
+  std::optional<verbs::cm::Id> cm_listen(const Endpoint& address, uint16_t for_port) noexcept;
   bool serve_peer(Peer& peer) noexcept;
   // Checks a decoded request and answers or parks it; false when the peer is done with.
   bool take_request(Peer& peer, const negotiation::Request& request) noexcept;

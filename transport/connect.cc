@@ -201,20 +201,37 @@ void Link::fail(int err, const std::string& why) noexcept {
 }
 
 void Engine::Impl::read_device_events() noexcept {
-  ibv_async_event event;
-  while (ibv_get_async_event(device, &event) == 0) {
+  auto fail_verbs_links = [&](const std::string& why, const ibv_qp* only) {
+    for (auto& link : links) {
+      if (link->error || link->port->backend() != Backend::verbs) continue;
+      if (!only || link->verbs().raw_qp == only) link->fail(EIO, why);
+    }
+  };
+  // The fd stays as it is (with the rdma_cm bootstrap it is librdmacm's context, the
+  // program's too): each read only once poll says an event is there.
+  for (;;) {
+    pollfd ready{device->async_fd, POLLIN, 0};
+    if (::poll(&ready, 1, 0) != 1) return;
+    ibv_async_event event;
+    if ((ready.revents & (POLLERR | POLLHUP | POLLNVAL)) || ibv_get_async_event(device, &event) != 0) {
+      // A device that is gone reports an error for good: nothing more to read there.
+      device_events_ended = true;
+      poll_fds_stale = true;
+      return fail_verbs_links(device_name + "'s event fd failed (the device is gone)", nullptr);
+    }
     const ibv_event_type type = event.event_type;
     const bool qp_error = type == IBV_EVENT_QP_FATAL || type == IBV_EVENT_QP_REQ_ERR || type == IBV_EVENT_QP_ACCESS_ERR;
     const ibv_qp* qp = qp_error ? event.element.qp : nullptr;
     const bool port_down = type == IBV_EVENT_PORT_ERR && event.element.port_num == endpoint.port;
     ibv_ack_async_event(&event);
+    if (type == IBV_EVENT_DEVICE_FATAL) {
+      device_events_ended = true;
+      poll_fds_stale = true;
+    }
     if (!qp_error && !port_down && type != IBV_EVENT_DEVICE_FATAL && type != IBV_EVENT_CQ_ERR) continue;
     std::string why = device_name + " reported " + ibv_event_type_str(type);
     if (port_down) why += " (port " + std::to_string(endpoint.port) + " is down)";
-    for (auto& link : links) {
-      if (link->error || link->port->backend() != Backend::verbs) continue;
-      if (!qp_error || link->verbs().raw_qp == qp) link->fail(EIO, why);
-    }
+    fail_verbs_links(why, qp);
   }
 }
 
@@ -277,9 +294,6 @@ void Engine::Impl::open_verbs(bool required) {
     endpoint = verbs::select_by_ip(options.local_address);
   }
   device_name = verbs::device_name(device);
-  // Read when the wait set says so, never waited on.
-  if (int flags = ::fcntl(device->async_fd, F_GETFL); flags < 0 || ::fcntl(device->async_fd, F_SETFL, flags | O_NONBLOCK) != 0)
-    throw Error(errno, "making the device's event fd non-blocking", device_name);
   ibv_port_attr port_attr{};
   if (int rc = ibv_query_port(device, endpoint.port, &port_attr); rc != 0)
     throw Error(rc, "querying port " + std::to_string(endpoint.port), device_name);
@@ -792,7 +806,7 @@ void Engine::Impl::rebuild_poll_fds() {
     poll_fds.push_back({channel->fd(), POLLIN, 0});
     watches.push_back({Watch::completions, nullptr});
   }
-  if (device) {
+  if (device && !device_events_ended) {
     poll_fds.push_back({device->async_fd, POLLIN, 0});
     watches.push_back({Watch::device_events, nullptr});
   }

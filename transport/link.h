@@ -281,8 +281,11 @@ struct Engine::Impl {
   void handle(const ibv_wc& wc, Link* port_link) noexcept;
   int progress() noexcept;
   // The device's asynchronous events: a QP in error, the port down, the device lost.
-  // The links they concern fail (the shim moves their connections back to TCP).
+  // The links they concern fail (the shim moves their connections back to TCP). With
+  // the rdma_cm bootstrap the context is librdmacm's, shared by the process's engines:
+  // an event is read by one of them.
   void read_device_events() noexcept;
+  bool device_events_ended = false;  // the device is lost: its event fd is not watched
   // Waits up to `timeout_ms` for a completion or a liveness event and handles it.
   int check_links(int timeout_ms) noexcept;  // events handled
   // Sleeps until a completion, a liveness event or `timeout`; what woke it is handled.

@@ -18,6 +18,7 @@ Guest devices (exported to the command):
   RXIO_RXE_DEV=rxe0            Soft-RoCE on lo (verbs only; rdma_cm needs a real netdev)
   RXIO_RXE_CM_DEV_A=rxe1       on veth v1, RXIO_RXE_CM_ADDR_A=192.0.2.1
   RXIO_RXE_CM_DEV_B=rxe2       on veth v2, RXIO_RXE_CM_ADDR_B=198.51.100.1
+  RXIO_GUEST_LINK_UP=PATH      brings v1 or v2 back up with its route (link-up.sh v1)
   RXIO_IN_GUEST=1, plus the host's PATH and HOME and every --env.
 
 Options:
@@ -260,7 +261,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
-cp "$here/guest/init.sh" "$run/init.sh"
+cp "$here/guest/init.sh" "$here/guest/link-up.sh" "$run/"
 : >"$run/out.log"
 {
 	printf 'export %s=%q\n' PATH "$PATH" HOME "$HOME"

@@ -83,8 +83,7 @@ veth_routes() {
 		ip rule del pref 0 &&
 		ip rule add pref 100 from 192.0.2.1 to 198.51.100.1 oif v1 lookup 100 &&
 		ip rule add pref 101 from 198.51.100.1 to 192.0.2.1 oif v2 lookup 100 &&
-		ip route add 198.51.100.1 dev v1 table 100 &&
-		ip route add 192.0.2.1 dev v2 table 100
+		"$run/link-up.sh" v1 && "$run/link-up.sh" v2
 }
 step "route between the veth addresses over the veth" veth_routes
 step "add rxe1 on v1" rdma link add rxe1 type rxe netdev v1
@@ -95,6 +94,7 @@ export RXIO_IN_GUEST=1
 export RXIO_RXE_DEV=rxe0
 export RXIO_RXE_CM_DEV_A=rxe1 RXIO_RXE_CM_ADDR_A=192.0.2.1
 export RXIO_RXE_CM_DEV_B=rxe2 RXIO_RXE_CM_ADDR_B=198.51.100.1
+export RXIO_GUEST_LINK_UP=$run/link-up.sh
 
 read -r up _ </proc/uptime
 echo "rxio-guest: [$up] set-up done, running the command" >/dev/console
