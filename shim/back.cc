@@ -111,6 +111,7 @@ const char* take_resume(int fd, Socket& s) noexcept {
   if (s.rxio_read - resume->from > resume->kept) return "the peer's shim resumed at a byte it cannot have";
   r.skip = s.rxio_read - resume->from;
   r.peer_hands_over = resume->hand_over;
+  if (resume->hand_over) r.rest = resume->kept - r.skip;
   // A hand-over that comes after this side started back on its own (its link failed
   // first), before any of its Resume went out: its bytes go from where the other
   // process reads on.
@@ -151,22 +152,33 @@ const char* read_in(int fd, Socket& s) noexcept {
       if (const char* why = take_resume(fd, s)) return why;
       continue;
     }
-    if (r.skip == 0) {
+    if (r.skip == 0 && r.rest == 0) {
       r.in_done = true;
       break;
     }
+    // Skipped bytes are dropped; a hand-over's rest goes to the read-ahead.
+    uint64_t& count = r.skip > 0 ? r.skip : r.rest;
+    std::array<std::byte, 16 * 1024> chunk;
+    std::span<const std::byte> got;
     if (!r.taken.empty()) {
-      const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(r.skip, r.taken.size()));
-      r.taken.erase(r.taken.begin(), r.taken.begin() + static_cast<long>(n));
-      r.skip -= n;
-      continue;
+      got = std::span<const std::byte>(r.taken).first(static_cast<std::size_t>(std::min<uint64_t>(count, r.taken.size())));
+    } else {
+      ssize_t n = real().recv(fd, chunk.data(), static_cast<std::size_t>(std::min<uint64_t>(chunk.size(), count)),
+                              MSG_DONTWAIT);
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return nullptr;
+      if (n <= 0) return "the peer's socket ended within the bytes it kept";
+      got = std::span<const std::byte>(chunk).first(static_cast<std::size_t>(n));
     }
-    std::array<std::byte, 16 * 1024> sink;
-    ssize_t n = real().recv(fd, sink.data(), static_cast<std::size_t>(std::min<uint64_t>(sink.size(), r.skip)),
-                            MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return nullptr;
-    if (n <= 0) return "the peer's socket ended within the bytes it kept";
-    r.skip -= uint64_t(n);
+    if (&count == &r.rest) {
+      try {
+        s.ahead.insert(s.ahead.end(), got.begin(), got.end());
+      } catch (const std::bad_alloc&) {
+        return "no memory for the bytes a hand-over kept";
+      }
+      s.ahead_left = s.ahead.size() - s.ahead_read;
+    }
+    if (!r.taken.empty()) r.taken.erase(r.taken.begin(), r.taken.begin() + static_cast<long>(got.size()));
+    count -= got.size();
   }
   if (!r.taken.empty()) {
     // The rest is the program's, before what the kernel holds.
@@ -788,8 +800,10 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
   // The server writes once the client's Resume is in: until the client has written
   // it, the client may still be taking in the server's last TCP bytes from before the
   // switch, and would take a Resume for more of them. A hand-over is written at once:
-  // the peer answers it.
-  const bool may_write = r.hands_over() || !s.server || r.peer_have == r.peer.size() || r.in_done;
+  // the peer answers it, once every byte the hand-over kept is in (read_in).
+  const bool answering_hand_over = r.peer_hands_over && !r.in_done;
+  const bool may_write =
+      !answering_hand_over && (r.hands_over() || !s.server || r.peer_have == r.peer.size() || r.in_done);
   if (may_write && !r.out_done) {
     if (!write_out(fd, s)) r.out_done = true;  // the peer is gone: its reads end with the kernel's error
     // A shutdown(SHUT_WR) made over rxio ends the TCP stream after the kept bytes.

@@ -114,6 +114,10 @@ struct Returning {
   std::array<std::byte, negotiation::kResumeSize> peer{};
   std::size_t peer_have = 0;
   uint64_t skip = 0;
+  // A hand-over's kept bytes past those: read into the read-ahead before this side
+  // answers, since the process the peer hands to writes once it has the answer, and
+  // the peer's kept bytes must be in the stream before its first byte.
+  uint64_t rest = 0;
   bool in_done = false;
   bool peer_closed = false;  // its stream had ended over rxio: an end on TCP loses nothing
   bool peer_hands_over = false;  // another process of the peer's goes on

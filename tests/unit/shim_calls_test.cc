@@ -180,6 +180,45 @@ TEST(ShimTable, AConnectionBackFromAFailedLinkMovesAgainLater) {
   EXPECT_EQ(close_fd(fd), 0);
 }
 
+// A peer that hands its connection over (inetd's parent) writes its Resume, then its
+// kept bytes; the process it hands to (the child) writes once this side answers. So
+// the answer waits until every kept byte is in: an earlier one let the child's first
+// bytes land among the parent's, and this side skipped the child's bytes for them.
+TEST(ShimTable, AHandOverIsAnsweredOnlyOnceItsKeptBytesAreIn) {
+  Pair p;
+  Socket* s = sh().socket_of(p.client);
+  s->mode = Socket::Mode::returning;
+  s->back = Returning{};
+  s->rxio_read = 100;  // the peer's bytes read here over rxio
+  s->back.resume = negotiation::encode(negotiation::Resume{0, 0});  // nothing of this side's to send back
+  // From byte 40, 100 kept: 60 read here already, 40 new.
+  std::vector<unsigned char> kept(100);
+  for (std::size_t i = 0; i < kept.size(); ++i) kept[i] = static_cast<unsigned char>(40 + i);
+  const auto hand_over = negotiation::encode(negotiation::Resume{40, 100, true, 0});
+  ASSERT_EQ(::send(p.server, hand_over.data(), hand_over.size(), 0), ssize_t(hand_over.size()));
+  ASSERT_EQ(::send(p.server, kept.data(), 70, 0), 70);
+  auto carry_on = [&] {
+    std::lock_guard lock(sh().mutex);
+    sh().go_on_returning(p.client, *s);
+  };
+  carry_on();
+  EXPECT_FALSE(s->back.in_done);
+  EXPECT_EQ(s->back.resume_sent, 0u) << "answered before the last kept bytes were in";
+  unsigned char answer[64];
+  EXPECT_EQ(::recv(p.server, answer, sizeof answer, MSG_DONTWAIT), -1);
+  ASSERT_EQ(::send(p.server, kept.data() + 70, 30, 0), 30);
+  for (int i = 0; i < 100 && s->mode == Socket::Mode::returning; ++i) carry_on();
+  EXPECT_EQ(s->mode, Socket::Mode::tcp) << "answered and through";
+  ASSERT_EQ(s->ahead.size() - s->ahead_read, 40u) << "the kept bytes not read here, for the program";
+  EXPECT_EQ(std::memcmp(s->ahead.data() + s->ahead_read, kept.data() + 60, 40), 0);
+  pollfd answered{p.server, POLLIN, 0};
+  ASSERT_EQ(::poll(&answered, 1, 5000), 1);
+  ASSERT_EQ(::recv(p.server, answer, sizeof answer, MSG_DONTWAIT), ssize_t(negotiation::kResumeSize));
+  auto resume = negotiation::decode_resume(std::span(reinterpret_cast<const std::byte*>(answer), negotiation::kResumeSize));
+  ASSERT_TRUE(resume);
+  EXPECT_FALSE(resume->hand_over);
+}
+
 // The table processes that share a listener after fork keep in shared memory: who
 // accepted which connection, and the rdma_cm port that one answers remote clients at.
 TEST(ShimTable, AcceptorsNameTheOwnerAndItsPortUntilErased) {
