@@ -111,7 +111,7 @@ const char* take_resume(int fd, Socket& s) noexcept {
   if (s.rxio_read - resume->from > resume->kept) return "the peer's shim resumed at a byte it cannot have";
   r.skip = s.rxio_read - resume->from;
   r.peer_hands_over = resume->hand_over;
-  if (resume->hand_over) r.rest = resume->kept - r.skip;
+  r.to_come = resume->hand_over ? resume->kept : r.skip;
   // A hand-over that comes after this side started back on its own (its link failed
   // first), before any of its Resume went out: its bytes go from where the other
   // process reads on.
@@ -125,9 +125,9 @@ const char* take_resume(int fd, Socket& s) noexcept {
   return nullptr;
 }
 
-// Reads the peer's Resume and skips its kept bytes the program has read, without
-// waiting; what follows is the program's to read from the kernel. Says why when the
-// connection cannot go on (nullptr while it can).
+// Reads the peer's Resume and skips its kept bytes the program has read (a hand-over's
+// others go to the read-ahead), without waiting; what follows is the program's to read
+// from the kernel. Says why when the connection cannot go on (nullptr while it can).
 const char* read_in(int fd, Socket& s) noexcept {
   Returning& r = s.back;
   while (!r.in_done) {
@@ -152,24 +152,25 @@ const char* read_in(int fd, Socket& s) noexcept {
       if (const char* why = take_resume(fd, s)) return why;
       continue;
     }
-    if (r.skip == 0 && r.rest == 0) {
+    if (r.to_come == 0) {
       r.in_done = true;
       break;
     }
-    // Skipped bytes are dropped; a hand-over's rest goes to the read-ahead.
-    uint64_t& count = r.skip > 0 ? r.skip : r.rest;
+    const uint64_t want = r.skip > 0 ? r.skip : r.to_come;
     std::array<std::byte, 16 * 1024> chunk;
     std::span<const std::byte> got;
     if (!r.taken.empty()) {
-      got = std::span<const std::byte>(r.taken).first(static_cast<std::size_t>(std::min<uint64_t>(count, r.taken.size())));
+      got = std::span<const std::byte>(r.taken).first(static_cast<std::size_t>(std::min<uint64_t>(want, r.taken.size())));
     } else {
-      ssize_t n = real().recv(fd, chunk.data(), static_cast<std::size_t>(std::min<uint64_t>(chunk.size(), count)),
+      ssize_t n = real().recv(fd, chunk.data(), static_cast<std::size_t>(std::min<uint64_t>(chunk.size(), want)),
                               MSG_DONTWAIT);
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return nullptr;
       if (n <= 0) return "the peer's socket ended within the bytes it kept";
       got = std::span<const std::byte>(chunk).first(static_cast<std::size_t>(n));
     }
-    if (&count == &r.rest) {
+    if (r.skip > 0) {
+      r.skip -= got.size();
+    } else {
       try {
         s.ahead.insert(s.ahead.end(), got.begin(), got.end());
       } catch (const std::bad_alloc&) {
@@ -177,8 +178,8 @@ const char* read_in(int fd, Socket& s) noexcept {
       }
       s.ahead_left = s.ahead.size() - s.ahead_read;
     }
+    r.to_come -= got.size();
     if (!r.taken.empty()) r.taken.erase(r.taken.begin(), r.taken.begin() + static_cast<long>(got.size()));
-    count -= got.size();
   }
   if (!r.taken.empty()) {
     // The rest is the program's, before what the kernel holds.

@@ -693,21 +693,23 @@ bool send_answer(Peer& peer, const negotiation::Answer& answer) noexcept {
 // One request through rdma_cm, at `server`: a connect request with the request as its
 // private data, which the server's shim answers with a reject that carries its answer.
 // Made under the shim's mutex: rdma_cm answers in microseconds, or says at once that
-// nobody listens. Without an answer, `why` says why.
-std::optional<negotiation::Answer> ask_over_cm(const negotiation::Request& request, const Endpoint& server,
+// nobody listens. Without an answer, `why` says why. `channel` is made at the first ask
+// and serves the asks that follow it (a redirect, "not yet").
+std::optional<negotiation::Answer> ask_over_cm(std::optional<verbs::cm::EventChannel>& channel,
+                                               const negotiation::Request& request, const Endpoint& server,
                                                Clock::time_point deadline, Fallback& why) noexcept {
   try {
-    verbs::cm::EventChannel channel;
-    verbs::cm::Id id(channel);
+    if (!channel) channel.emplace();
+    verbs::cm::Id id(*channel);
     auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
-    id.resolve_address(channel, cm_address(server), left);
-    id.resolve_route(channel, left);
+    id.resolve_address(*channel, cm_address(server), left);
+    id.resolve_route(*channel, left);
     auto bytes = negotiation::encode(request);
     verbs::cm::ConnectParams params;
     params.private_data = bytes;
     params.qp_num = 0xffffff & static_cast<uint32_t>(random_cookie());  // no QP: it is refused either way
     id.connect(params);
-    auto event = channel.next(std::chrono::duration_cast<milliseconds>(deadline - Clock::now()));
+    auto event = channel->next(std::chrono::duration_cast<milliseconds>(deadline - Clock::now()));
     if (!event) {
       why = Fallback::timeout;
     } else if (event->type() == RDMA_CM_EVENT_REJECTED && event->status() == kRejectedByConsumer) {
@@ -782,8 +784,9 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
     // port of the one that accepted the connection.
     Endpoint asked_at = tuple->server;
     bool answered = false;  // a shim answers there
+    std::optional<verbs::cm::EventChannel> channel;
     for (;;) {
-      answer = ask_over_cm(request, asked_at, deadline, why);
+      answer = ask_over_cm(channel, request, asked_at, deadline, why);
       answered |= answer.has_value();
       if (why == Fallback::no_peer_shim && !answer && answered) why = Fallback::peer_refused;  // the process named went
       if (why == Fallback::no_peer_shim && !answer) no_shim[key] = Clock::now() + kNoShimMemory;
@@ -1055,8 +1058,7 @@ void Shim::start_cm_thread() noexcept {
           }
           std::lock_guard lock(shim->mutex);
           if (shim->exiting.load(std::memory_order_acquire)) break;
-          shim->serve_cm_events();
-          shim->serve_peers();
+          shim->serve_negotiations();
         }
         return nullptr;
       },
@@ -1164,15 +1166,12 @@ void Shim::serve_cm_events() noexcept {
     auto from = Endpoint::from(verbs::cm::SocketAddress::of_peer(*peer.cm_id).get());
     event.reset();  // acknowledged before the id is answered or destroyed
     bool keep = false;
-    if (!request) {
-      if (board) board->count(Fallback::bad_message);
-      send_answer(peer, negotiation::Answer{false, negotiation::Refusal::bad_message, 0, 0});
-    } else if (!from || from->family != request->tuple.client.family || from->address != request->tuple.client.address) {
-      if (board) board->count(Fallback::impostor);
-      send_answer(peer, negotiation::Answer{false, negotiation::Refusal::not_owner, 0, 0});
-    } else {
+    if (!request)
+      keep = refuse(peer, negotiation::Refusal::bad_message, Fallback::bad_message);
+    else if (!from || from->family != request->tuple.client.family || from->address != request->tuple.client.address)
+      keep = refuse(peer, negotiation::Refusal::not_owner, Fallback::impostor);
+    else
       keep = take_request(peer, *request);
-    }
     if (keep) {
       try {
         peers.push_back(std::move(peer));
@@ -1183,56 +1182,54 @@ void Shim::serve_cm_events() noexcept {
 }
 
 bool Shim::take_request(Peer& peer, const negotiation::Request& request) noexcept {
-  if (!endpoints.contains(request.tuple.server.port)) {
-    if (board) board->count(Fallback::impostor);
-    send_answer(peer, negotiation::Answer{false, negotiation::Refusal::not_owner, 0, 0});
-    return false;
-  }
+  if (!endpoints.contains(request.tuple.server.port))
+    return refuse(peer, negotiation::Refusal::not_owner, Fallback::impostor);
   sockaddr_storage client = to_sockaddr(request.tuple.client);
-  if (!policy.allows(reinterpret_cast<sockaddr*>(&client))) {
-    if (board) board->count(Fallback::policy);
-    send_answer(peer, negotiation::Answer{false, negotiation::Refusal::policy, 0, 0});
-    return false;
-  }
+  if (!policy.allows(reinterpret_cast<sockaddr*>(&client)))
+    return refuse(peer, negotiation::Refusal::policy, Fallback::policy);
   peer.parked = request.tuple;
   peer.until = Clock::now() + negotiate_timeout;
   return answer(peer);
 }
 
-// False when the peer is done with (answered, or refused in the end).
+bool Shim::refuse(Peer& peer, negotiation::Refusal why, Fallback counted) noexcept {
+  if (board) board->count(counted);
+  send_answer(peer, negotiation::Answer{false, why, 0, 0});
+  return false;
+}
+
+bool Shim::answer_unheld(Peer& peer, const Tuple& tuple) noexcept {
+  auto endpoint = endpoints.find(tuple.server.port);
+  if (endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors) {
+    // Processes share the listener: the one that accepted it answers; until one has,
+    // the client asks again (a process here may sleep outside the shim). A remote
+    // client's request reaches the listener's maker (only it can read the listener's
+    // rdma_cm events), which sends it on to the owner's own rdma_cm port.
+    const Acceptors::Owner owner = endpoint->second.acceptors->owner(tuple);
+    if (owner.pid == 0) {
+      // Not a fall-back: the client asks again (a local one on this connection).
+      if (!send_answer(peer, negotiation::Answer{false, negotiation::Refusal::not_yet, 0, 0})) return false;
+      peer.parked.reset();
+      return !peer.cm_id;
+    }
+    if (owner.pid != static_cast<uint32_t>(getpid())) {
+      if (peer.cm_id && owner.cm_port == 0)
+        return refuse(peer, negotiation::Refusal::unavailable, Fallback::not_supported);
+      send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner.pid, peer.cm_id ? owner.cm_port : uint16_t{0}});
+      return false;
+    }
+  }
+  // With SO_REUSEPORT the kernel may have given it to another listener's process; or
+  // this process has not accepted it yet.
+  if (Clock::now() < peer.until) return true;
+  return refuse(peer, negotiation::Refusal::unavailable, Fallback::not_supported);
+}
+
 bool Shim::answer(Peer& peer) noexcept {
   const Tuple tuple = *peer.parked;
-  auto refuse = [&](negotiation::Refusal why, Fallback counted) {
-    if (board) board->count(counted);
-    send_answer(peer, negotiation::Answer{false, why, 0, 0});
-    return false;
-  };
-  // Only a connection this process accepted: with SO_REUSEPORT, or a listener shared
-  // with other processes, the kernel may have given it to someone else.
+  // Only a connection this process accepted.
   auto held = accepted.find(tuple);
-  if (held == accepted.end()) {
-    auto endpoint = endpoints.find(tuple.server.port);
-    if (endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors) {
-      // Processes share the listener: the one that accepted it answers; until one
-      // has, the client asks again (a process here may sleep outside the shim). A
-      // remote client's request reaches the listener's maker (only it can read the
-      // listener's rdma_cm events), which sends it on to the owner's own rdma_cm port.
-      const Acceptors::Owner owner = endpoint->second.acceptors->owner(tuple);
-      if (owner.pid == 0) {
-        // Not a fall-back: the client asks again (a local one on this connection).
-        if (!send_answer(peer, negotiation::Answer{false, negotiation::Refusal::not_yet, 0, 0})) return false;
-        peer.parked.reset();
-        return !peer.cm_id;
-      }
-      if (owner.pid != static_cast<uint32_t>(getpid())) {
-        if (peer.cm_id && owner.cm_port == 0) return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
-        send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner.pid, peer.cm_id ? owner.cm_port : uint16_t{0}});
-        return false;
-      }
-    }
-    if (Clock::now() < peer.until) return true;
-    return refuse(negotiation::Refusal::unavailable, Fallback::not_supported);
-  }
+  if (held == accepted.end()) return answer_unheld(peer, tuple);
   Socket* s = socket_of(held->second);
   if (s && s->tuple == tuple && s->mode == Socket::Mode::returning) {
     // Moving again, asked by a client that is through with its return before this
@@ -1241,23 +1238,23 @@ bool Shim::answer(Peer& peer) noexcept {
     // be out. Until then the request waits (after_return answers it).
     go_on_returning(held->second, *s);
     if (s->mode == Socket::Mode::returning) {
-      if (!may_move_again(*s)) return refuse(negotiation::Refusal::closing, Fallback::not_supported);
+      if (!may_move_again(*s)) return refuse(peer, negotiation::Refusal::closing, Fallback::not_supported);
       if (!s->back.in_done) {
         if (Clock::now() < peer.until) return true;
-        return refuse(negotiation::Refusal::closing, Fallback::not_supported);
+        return refuse(peer, negotiation::Refusal::closing, Fallback::not_supported);
       }
     }
   }
   const bool usable = s && s->tuple == tuple && !s->read_shut && !s->write_shut &&
                       (s->mode == Socket::Mode::tcp ? !s->tried.load() : s->mode == Socket::Mode::returning);
-  if (!usable) return refuse(negotiation::Refusal::closing, Fallback::not_supported);
+  if (!usable) return refuse(peer, negotiation::Refusal::closing, Fallback::not_supported);
   transport::Engine* e = engine();
-  if (!e) return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);
+  if (!e) return refuse(peer, negotiation::Refusal::unavailable, Fallback::no_backend);
   uint64_t cookie = random_cookie();
   try {
     committed[tuple] = Committed{cookie, nullptr, held->second, Clock::now() + negotiate_timeout * 2, {}, 0};
   } catch (const std::bad_alloc&) {
-    return refuse(negotiation::Refusal::unavailable, Fallback::no_backend);
+    return refuse(peer, negotiation::Refusal::unavailable, Fallback::no_backend);
   }
   // The client's last TCP bytes are acknowledged at once: it waits for that.
   acknowledge_now(held->second);
@@ -1289,13 +1286,8 @@ bool Shim::serve_peer(Peer& peer) noexcept {
   ssize_t n = receive_message(peer.fd.get(), buffer, &passed);
   if (n == -1 && errno == EAGAIN) return true;
   if (n <= 0) return false;  // gone before asking
-  auto refuse = [&](negotiation::Refusal why, Fallback counted) {
-    if (board) board->count(counted);
-    send_all(peer.fd.get(), negotiation::encode(negotiation::Answer{false, why, 0, 0}));
-    return false;
-  };
   auto request = negotiation::decode_request(std::span(buffer.data(), std::size_t(n)));
-  if (!request) return refuse(negotiation::Refusal::bad_message, Fallback::bad_message);
+  if (!request) return refuse(peer, negotiation::Refusal::bad_message, Fallback::bad_message);
   // The proof: the client handed over its TCP socket, whose ends must be the ones it
   // names, from the process it claims to be.
   ucred cred{};
@@ -1304,7 +1296,7 @@ bool Shim::serve_peer(Peer& peer) noexcept {
   if (!owned || *owned != request->tuple ||
       real().getsockopt(peer.fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
       static_cast<uint32_t>(cred.pid) != request->pid)
-    return refuse(negotiation::Refusal::not_owner, Fallback::impostor);
+    return refuse(peer, negotiation::Refusal::not_owner, Fallback::impostor);
   return take_request(peer, *request);
 }
 
@@ -1419,8 +1411,7 @@ bool Shim::service(bool woken) noexcept {
     if (endpoint.serving) serve_endpoint(endpoint.fd.get());
     if (endpoint.own) serve_endpoint(endpoint.own.get());
   }
-  serve_cm_events();
-  changed |= serve_peers();
+  changed |= serve_negotiations();
   serve_moves();
   // A Resume keeps the wait set readable: a later wake-up of it finds it, or, for a
   // process whose engine always has work, a look every millisecond.

@@ -110,14 +110,14 @@ struct Returning {
   uint64_t next = 0, end = 0;
   bool out_done = false;
   uint32_t watched = 0;  // events the wait set watches meanwhile (Shim::returning)
-  // In: the peer's Resume, then its kept bytes that the program read already.
+  // In: the peer's Resume, then the kept bytes read here (`to_come` of them still), of
+  // which the first `skip` (the program read them already) are dropped. A resume reads
+  // only those; a hand-over reads all of them, the others into the read-ahead, before
+  // this side answers, since the process the peer hands to writes once it has the
+  // answer, and the peer's kept bytes must be in the stream before its first byte.
   std::array<std::byte, negotiation::kResumeSize> peer{};
   std::size_t peer_have = 0;
-  uint64_t skip = 0;
-  // A hand-over's kept bytes past those: read into the read-ahead before this side
-  // answers, since the process the peer hands to writes once it has the answer, and
-  // the peer's kept bytes must be in the stream before its first byte.
-  uint64_t rest = 0;
+  uint64_t to_come = 0, skip = 0;
   bool in_done = false;
   bool peer_closed = false;  // its stream had ended over rxio: an end on TCP loses nothing
   bool peer_hands_over = false;  // another process of the peer's goes on
@@ -448,6 +448,12 @@ class Shim {
   bool walking_peers = false;
   // Serves every peer (a request to read, a parked one to answer); true if one is done with.
   bool serve_peers() noexcept;
+  // Remote clients' rdma_cm requests, then every peer: the program's calls and the
+  // rdma_cm thread (pre-forked workers) both serve negotiations so.
+  bool serve_negotiations() noexcept {
+    serve_cm_events();
+    return serve_peers();
+  }
   // Carries these returns on, waiting for the TCP sockets, until each is through (its
   // Resume and kept bytes out, the peer's answer in) or `until` passes.
   void carry_returns(std::span<const std::pair<int, Socket*>> returns,
@@ -530,6 +536,11 @@ class Shim {
   // Answers a parked request once its connection is accepted here; false when the
   // peer is done with (answered, or refused in the end).
   bool answer(Peer& peer) noexcept;
+  // answer() for a connection not accepted here (yet): another process of a shared
+  // listener may own it, or it is still in the kernel's queue.
+  bool answer_unheld(Peer& peer, const Tuple& tuple) noexcept;
+  // Counts and sends a refusal; false (the peer is done with).
+  bool refuse(Peer& peer, negotiation::Refusal why, Fallback counted) noexcept;
   void match_cookies() noexcept;
   // Reads the clients' words on their engine connections and switches the confirmed.
   void serve_committed() noexcept;

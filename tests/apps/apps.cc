@@ -154,6 +154,22 @@ std::optional<int> Process::wait(std::chrono::milliseconds timeout) {
   }
 }
 
+// Appended to the output: where each of the program's threads waits, as the kernel
+// sees it (the stack needs root, which the guest has), to tell a program that ignored
+// SIGTERM from a teardown stuck in the kernel.
+void Process::record_where_it_waits() const {
+  std::ofstream out(output_path_, std::ios::app);
+  out << "\n[tests] pid " << pid_ << " still runs after SIGTERM:\n";
+  std::error_code error;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/" + std::to_string(pid_) + "/task", error)) {
+    for (const char* name : {"stat", "wchan", "stack"}) {
+      std::ifstream file(task.path() / name);
+      std::string text(std::istreambuf_iterator<char>(file), {});
+      out << "[tests] " << task.path().filename().string() << "/" << name << ": " << text << "\n";
+    }
+  }
+}
+
 bool Process::stop() {
   if (pid_ <= 0) return true;
   close_stdin();
@@ -163,6 +179,7 @@ bool Process::stop() {
     // Under TCG the kernel's teardown of a process's queue pairs alone can take seconds.
     if (!wait(5s * time_scale())) {
       ended = false;
+      record_where_it_waits();
       ::kill(-pid_, SIGKILL);
       wait(10s);
     }

@@ -69,6 +69,8 @@ class Process {
   std::string output() const;
 
  private:
+  void record_where_it_waits() const;
+
   pid_t pid_ = -1;
   int stdin_ = -1;
   std::string output_path_;

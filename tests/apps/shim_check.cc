@@ -5,9 +5,10 @@
 //   rxio-shim-check client PORT SCENARIO... runs scenarios against it; exit 0 when right
 //                                           ("exec" ends the list: the program it executes
 //                                           finishes the scenario and says how all went)
-//   rxio-shim-check serve-prefork PORT N    the same from N forked workers that accept on
-//                                           one listener, while the parent sleeps outside
-//                                           the socket calls (as nginx's master does)
+//   rxio-shim-check serve-prefork PORT N [any]  the same from N forked workers that
+//                                           accept on one listener, while the parent sleeps
+//                                           outside the socket calls (as nginx's master
+//                                           does); "any": the listener's address is 0.0.0.0
 //   rxio-shim-check serve-fd FD             (run by the server's exec-child scenario)
 //   rxio-shim-check client-after-exec FD FAILURES   (run by the client's exec scenario)
 // Both use 127.0.0.1, or the IPv4 address in RXIO_SHIM_CHECK_ADDRESS (an RDMA interface's,
@@ -291,11 +292,12 @@ void serve_connection(int fd) {
   ::close(fd);
 }
 
-int listen_on(uint16_t port) {
+int listen_on(uint16_t port, bool any_address = false) {
   int listener = ::socket(AF_INET, SOCK_STREAM, 0);
   int one = 1;
   ::setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   sockaddr_in address = server_address(port);
+  if (any_address) address.sin_addr.s_addr = htonl(INADDR_ANY);
   if (::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 || ::listen(listener, 512) != 0) {
     std::perror("rxio-shim-check serve: bind/listen");
     return -1;
@@ -322,9 +324,9 @@ int serve(uint16_t port) {
   return listener < 0 ? 1 : accept_forever(listener);
 }
 
-int serve_prefork(uint16_t port, int workers) {
+int serve_prefork(uint16_t port, int workers, bool any_address) {
   std::signal(SIGPIPE, SIG_IGN);
-  int listener = listen_on(port);
+  int listener = listen_on(port, any_address);
   if (listener < 0) return 1;
   for (int i = 0; i < workers; ++i)
     if (::fork() == 0) return accept_forever(listener);
@@ -884,7 +886,8 @@ const std::map<std::string, std::function<void()>> kScenarios = {
 int main(int argc, char** argv) {
   if (argc >= 3 && std::string(argv[1]) == "serve") return serve(static_cast<uint16_t>(std::atoi(argv[2])));
   if (argc >= 4 && std::string(argv[1]) == "serve-prefork")
-    return serve_prefork(static_cast<uint16_t>(std::atoi(argv[2])), std::atoi(argv[3]));
+    return serve_prefork(static_cast<uint16_t>(std::atoi(argv[2])), std::atoi(argv[3]),
+                         argc >= 5 && std::string(argv[4]) == "any");
   if (argc >= 3 && std::string(argv[1]) == "serve-fd") {
     serve_duplex(std::atoi(argv[2]), kDuplexBytes);
     return 0;
