@@ -338,7 +338,9 @@ void Shim::start_return(int fd, Socket& s, Return reason) noexcept {
     EpollSet* set = epoll_of(ep);
     if (!set) continue;
     for (auto& [watched, interest] : set->interests) {
-      if (interest.in_kernel || socket_of(watched) != &s) continue;
+      // A one-shot that fired stays out until the program re-arms it (EPOLL_CTL_MOD):
+      // the kernel would take it for armed.
+      if (interest.in_kernel || interest.disarmed || socket_of(watched) != &s) continue;
       epoll_event ev{};
       ev.events = interest.events;
       ev.data = interest.data;
@@ -513,6 +515,7 @@ void Shim::after_fork_in_child() noexcept {
   for (Peer& peer : peers) let_go(peer.cm_id);
   peers.clear();  // the child's copies of the clients' sockets close
   committed.clear();
+  switch_outcomes.clear();  // the parent's moves: their clients ask the parent
   accepted.clear();
   unmatched.clear();
   closing.clear();
@@ -561,9 +564,10 @@ void Shim::before_exec() noexcept {
   // Only the sockets the new image inherits: through an fd without close-on-exec.
   std::vector<std::pair<int, Socket*>> handed;
   for (Socket* s = moved_sockets; s; s = s->moved_next) {
-    if (s->mode != Socket::Mode::rxio &&
-        !(s->mode == Socket::Mode::returning && s->back.role == Returning::Role::adopted))
-      continue;
+    // Back on TCP with bytes read ahead of the program: the new image could not be
+    // given them. On its way back: the return is carried through first.
+    const bool read_ahead = s->mode == Socket::Mode::tcp && s->has_ahead();
+    if (s->mode != Socket::Mode::rxio && s->mode != Socket::Mode::returning && !read_ahead) continue;
     auto inherited = std::find_if(s->fds.begin(), s->fds.end(), [this, s](int fd) {
       if (socket_of(fd) != s) return false;
       const int flags = real().fcntl(fd, F_GETFD);
@@ -571,6 +575,10 @@ void Shim::before_exec() noexcept {
     });
     if (inherited == s->fds.end()) continue;
     const int fd = *inherited;
+    if (read_ahead) {
+      reset_connection(fd, *s, "the program executed another with bytes read ahead of it");
+      continue;
+    }
     try {
       handed.emplace_back(fd, s);
     } catch (const std::bad_alloc&) {
@@ -588,13 +596,15 @@ void Shim::before_exec() noexcept {
   // Until each peer answered: the new image then reads a plain TCP stream.
   carry_returns(handed, std::chrono::steady_clock::now() + negotiate_timeout);
   for (auto [fd, s] : handed) {
+    if (s->mode == Socket::Mode::tcp && s->has_ahead())
+      reset_connection(fd, *s, "the program executed another with bytes read ahead of it");
     if (s->mode != Socket::Mode::returning) continue;
     // A child's copy stays as it is: its parent may go on with the connection.
     if (s->back.role == Returning::Role::adopted)
       log::warn("shim: fd " + std::to_string(fd) + ": executing a program before this socket's parent handed it " +
                 "over; the new program gets it as it is");
     else
-      reset_connection(fd, *s, "the peer's shim did not answer the hand-over in time");
+      reset_connection(fd, *s, "the peer's shim did not answer in time");
   }
 }
 

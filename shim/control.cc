@@ -678,8 +678,7 @@ constexpr int kRejectedByConsumer = 28;
 
 // Answers a local client on its unix socket, a remote one with a reject that carries
 // the answer.
-bool send_answer(Peer& peer, const negotiation::Answer& answer) noexcept {
-  auto bytes = negotiation::encode(answer);
+bool send_reply(Peer& peer, std::span<const std::byte> bytes) noexcept {
   if (!peer.cm_id) return send_all(peer.fd.get(), bytes);
   try {
     peer.cm_id->reject(bytes);
@@ -690,14 +689,20 @@ bool send_answer(Peer& peer, const negotiation::Answer& answer) noexcept {
   }
 }
 
+bool send_answer(Peer& peer, const negotiation::Answer& answer) noexcept {
+  return send_reply(peer, negotiation::encode(answer));
+}
+
 // One request through rdma_cm, at `server`: a connect request with the request as its
 // private data, which the server's shim answers with a reject that carries its answer.
 // Made under the shim's mutex: rdma_cm answers in microseconds, or says at once that
 // nobody listens. Without an answer, `why` says why. `channel` is made at the first ask
-// and serves the asks that follow it (a redirect, "not yet").
-std::optional<negotiation::Answer> ask_over_cm(std::optional<verbs::cm::EventChannel>& channel,
-                                               const negotiation::Request& request, const Endpoint& server,
-                                               Clock::time_point deadline, Fallback& why) noexcept {
+// and serves the asks that follow it (a redirect, "not yet", a query). A Request is
+// answered with an Answer, a Query with a Notice.
+template <typename Reply, std::size_t kReplySize>
+std::optional<Reply> ask_over_cm(std::optional<verbs::cm::EventChannel>& channel, const negotiation::Request& request,
+                                 const Endpoint& server, Clock::time_point deadline, Fallback& why,
+                                 std::optional<Reply> (*decode)(std::span<const std::byte>) noexcept) noexcept {
   try {
     if (!channel) channel.emplace();
     verbs::cm::Id id(*channel);
@@ -706,7 +711,7 @@ std::optional<negotiation::Answer> ask_over_cm(std::optional<verbs::cm::EventCha
     id.resolve_route(*channel, left);
     auto bytes = negotiation::encode(request);
     verbs::cm::ConnectParams params;
-    params.private_data = bytes;
+    params.private_data = bytes.span();
     params.qp_num = 0xffffff & static_cast<uint32_t>(random_cookie());  // no QP: it is refused either way
     id.connect(params);
     auto event = channel->next(std::chrono::duration_cast<milliseconds>(deadline - Clock::now()));
@@ -714,7 +719,7 @@ std::optional<negotiation::Answer> ask_over_cm(std::optional<verbs::cm::EventCha
       why = Fallback::timeout;
     } else if (event->type() == RDMA_CM_EVENT_REJECTED && event->status() == kRejectedByConsumer) {
       why = Fallback::bad_message;
-      return negotiation::decode_answer(unpadded(event->private_data(), negotiation::kAnswerSize));
+      return decode(unpadded(event->private_data(), kReplySize));
     } else if (event->type() == RDMA_CM_EVENT_ESTABLISHED) {
       id.disconnect();  // something else listens there: not a shim
       why = Fallback::no_peer_shim;
@@ -779,14 +784,17 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
     return a && !a->accepted && a->refusal == negotiation::Refusal::not_yet && deadline - Clock::now() > milliseconds(10);
   };
 
+  // Who answers: a remote client asks at the listener's port, then, for a listener
+  // processes share after fork, at the port of the one that accepted the connection; a
+  // local one at the listener's endpoint, then at that process's own.
+  Endpoint asked_at = tuple->server;
+  uint32_t target = 0;
   if (remote) {
-    // At the listener's port; then, for a listener processes share after fork, at the
-    // port of the one that accepted the connection.
-    Endpoint asked_at = tuple->server;
     bool answered = false;  // a shim answers there
     std::optional<verbs::cm::EventChannel> channel;
     for (;;) {
-      answer = ask_over_cm(channel, request, asked_at, deadline, why);
+      answer = ask_over_cm<negotiation::Answer, negotiation::kAnswerSize>(channel, request, asked_at, deadline, why,
+                                                                          negotiation::decode_answer);
       answered |= answer.has_value();
       if (why == Fallback::no_peer_shim && !answer && answered) why = Fallback::peer_refused;  // the process named went
       if (why == Fallback::no_peer_shim && !answer) no_shim[key] = Clock::now() + kNoShimMemory;
@@ -804,9 +812,6 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
       break;
     }
   } else {
-    // The listener's endpoint; then, for a listener processes share after fork, the
-    // endpoint of the one that accepted the connection.
-    uint32_t target = 0;
     int asked = 0;
     UniqueFd unix_fd;
     for (;;) {
@@ -828,7 +833,8 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
           // Our own listener: its engine cannot answer while this thread waits in it.
           return fall_back(fd, Fallback::not_supported);
       }
-      if (!send_all(unix_fd.get(), negotiation::encode(request), fd)) return fall_back(fd, Fallback::peer_refused);
+      if (!send_all(unix_fd.get(), negotiation::encode(request).span(), fd))
+        return fall_back(fd, Fallback::peer_refused);
       ++asked;
       // The answer, waited for without the mutex so that this process's other threads go on.
       std::array<std::byte, 64> buffer;
@@ -943,6 +949,20 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
     real().poll(p, 2, 1);
     lock.lock();
   }
+  std::optional<negotiation::Notice> notice;
+  if (have == word.size()) notice = negotiation::decode_notice(word);
+  // The link failed (or the server is late) before its word: this side cannot tell
+  // whether the server switched, and asks it on the negotiation channel. The server
+  // answers for sure (a switch not made by then never is).
+  const bool asked = !notice && !s.gone && (c->failed() || (have < word.size() && !c->stream_closed()));
+  if (asked) {
+    negotiation::Request query = request;
+    query.query = answer->cookie;
+    notice = ask_where_the_switch_stands(fd, s, query, remote, asked_at, target, lock);
+    log::info("shim: fd " + std::to_string(fd) + ": its link failed before the server's word on the switch; the " +
+              "server says it " + (!notice ? "cannot tell" : notice->kind == negotiation::Kind::switched ? "switched"
+                                                                                                          : "stays on TCP"));
+  }
   bool gone = s.gone;
   release(&s);
   if (gone) {
@@ -950,15 +970,15 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
     closing.push_back(c);
     return;
   }
-  auto notice = have == word.size() ? negotiation::decode_notice(word) : std::nullopt;
   // The server's kernel had every byte it sent acknowledged: they are all here now.
+  // (A failed link sends the connection back to TCP at once.)
   if (notice && notice->kind == negotiation::Kind::switched && take_ahead(fd, s)) {
     become_rxio(fd, s, *c);
     return after_switch(fd, s, notice->sent);
   }
   // Refused, or the connection closed without a word (the server's socket went): both
   // sides stay on TCP.
-  if (notice && notice->kind == negotiation::Kind::abort) return give_up(Fallback::busy);
+  if (notice && notice->kind == negotiation::Kind::abort) return give_up(asked ? Fallback::link_failed : Fallback::busy);
   if (have == 0 && c->stream_closed()) return give_up(Fallback::peer_refused);
   // Anything else leaves this side unsure of where the server writes: rather than lose
   // bytes unseen, the connection ends (the kernel's disconnect resets it).
@@ -967,6 +987,39 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
   unspecified.sa_family = AF_UNSPEC;
   real().connect(fd, &unspecified, sizeof unspecified);
   give_up(have < word.size() ? Fallback::timeout : Fallback::bad_message);
+}
+
+std::optional<negotiation::Notice> Shim::ask_where_the_switch_stands(int fd, Socket& s,
+                                                                     const negotiation::Request& query, bool remote,
+                                                                     const Endpoint& asked_at, uint32_t target,
+                                                                     std::unique_lock<ShimMutex>& lock) noexcept {
+  const auto deadline = Clock::now() + negotiate_timeout;
+  if (remote) {
+    std::optional<verbs::cm::EventChannel> channel;
+    Fallback why = Fallback::timeout;
+    return ask_over_cm<negotiation::Notice, negotiation::kNoticeSize>(channel, query, asked_at, deadline, why,
+                                                                      negotiation::decode_notice);
+  }
+  // The process that answered the request, on a new connection: it reads the TCP
+  // socket's ends from the socket itself, as for a request.
+  UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  socklen_t length = 0;
+  sockaddr_un where = abstract_address(query.tuple.server.port, length, target);
+  if (!unix_fd || real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0 ||
+      !send_all(unix_fd.get(), negotiation::encode(query).span(), fd))
+    return std::nullopt;
+  std::array<std::byte, 64> buffer;
+  for (;;) {
+    ssize_t n = receive_message(unix_fd.get(), buffer, nullptr);
+    if (n >= 0) return negotiation::decode_notice(std::span(buffer.data(), std::size_t(n)));
+    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+    if (n == -2 || errno != EAGAIN || left <= 0 || s.gone) return std::nullopt;
+    // Without the mutex: the server may be this process, or its other threads go on.
+    pollfd p{unix_fd.get(), POLLIN, 0};
+    lock.unlock();
+    real().poll(&p, 1, static_cast<int>(left));
+    lock.lock();
+  }
 }
 
 // ---- the server side ---------------------------------------------------------------
@@ -1160,7 +1213,8 @@ void Shim::serve_cm_events() noexcept {
     if (event->type() != RDMA_CM_EVENT_CONNECT_REQUEST) continue;
     Peer peer;
     peer.cm_id.emplace(verbs::cm::Id::adopt(event->id()));
-    auto request = negotiation::decode_request(unpadded(event->private_data(), negotiation::kRequestSize));
+    auto request = negotiation::decode_request(
+        unpadded(event->private_data(), negotiation::request_size(event->private_data())));
     // The proof a remote client can give: it asks from the address the connection
     // comes from.
     auto from = Endpoint::from(verbs::cm::SocketAddress::of_peer(*peer.cm_id).get());
@@ -1184,12 +1238,29 @@ void Shim::serve_cm_events() noexcept {
 bool Shim::take_request(Peer& peer, const negotiation::Request& request) noexcept {
   if (!endpoints.contains(request.tuple.server.port))
     return refuse(peer, negotiation::Refusal::not_owner, Fallback::impostor);
+  if (request.query) return answer_query(peer, request);
   sockaddr_storage client = to_sockaddr(request.tuple.client);
   if (!policy.allows(reinterpret_cast<sockaddr*>(&client)))
     return refuse(peer, negotiation::Refusal::policy, Fallback::policy);
   peer.parked = request.tuple;
   peer.until = Clock::now() + negotiate_timeout;
   return answer(peer);
+}
+
+bool Shim::answer_query(Peer& peer, const negotiation::Request& query) noexcept {
+  // Not switched yet: now never, though the client's Confirm may still come.
+  if (auto it = committed.find(query.tuple); it != committed.end() && it->second.cookie == query.query)
+    drop_committed(query.tuple);
+  auto outcome = switch_outcomes.find(query.query);
+  if (outcome == switch_outcomes.end() || outcome->second.tuple != query.tuple) {
+    // Forgotten, or never this side's: the client cannot tell, and resets.
+    send_answer(peer, negotiation::Answer{false, negotiation::Refusal::unavailable, 0, 0});
+    return false;
+  }
+  const SwitchOutcome& o = outcome->second;
+  send_reply(peer, negotiation::encode(negotiation::Notice{
+                       o.switched ? negotiation::Kind::switched : negotiation::Kind::abort, o.switched ? o.sent : 0}));
+  return false;
 }
 
 bool Shim::refuse(Peer& peer, negotiation::Refusal why, Fallback counted) noexcept {
@@ -1353,13 +1424,28 @@ void Shim::switch_as_server(const Tuple& tuple, Committed& entry) noexcept {
     return abort(Fallback::link_failed);
   accepted.erase(s->tuple);
   entry.connection = nullptr;
+  entry.switched = true;
+  record_outcome(entry.cookie, SwitchOutcome{tuple, true, sent});
   become_rxio(entry.fd, *s, c);
   engine_->progress();  // the word goes out now (not Shim::progress: it would serve the moves again)
+}
+
+void Shim::record_outcome(uint64_t cookie, SwitchOutcome outcome) noexcept {
+  const auto now = Clock::now();
+  // Kept well past the client's wait for the word (twice RXIO_SHIM_TIMEOUT_MS).
+  outcome.until = now + negotiate_timeout * 4;
+  std::erase_if(switch_outcomes, [now](const auto& kept) { return now > kept.second.until; });
+  try {
+    switch_outcomes[cookie] = outcome;
+  } catch (const std::bad_alloc&) {
+    // Unrecorded: a client whose link fails before the server's word resets.
+  }
 }
 
 void Shim::drop_committed(const Tuple& tuple) noexcept {
   auto it = committed.find(tuple);
   if (it == committed.end()) return;
+  if (!it->second.switched) record_outcome(it->second.cookie, SwitchOutcome{tuple, false, 0});
   if (it->second.connection) {
     it->second.connection->close();
     closing.push_back(it->second.connection);
@@ -1642,6 +1728,9 @@ int bytes_readable(int fd, int* count) noexcept {
   Socket* s = sh.socket_of(fd);
   if (!s) return real().ioctl(fd, FIONREAD, count);
   if (s->mode == Socket::Mode::rxio) sh.progress();  // (which may send it back to TCP)
+  // The peer's Resume and kept bytes are taken in first: a program that asks how much
+  // it may read before it reads drives the return as a read would.
+  if (s->mode == Socket::Mode::returning) sh.go_on_returning(fd, *s);
   std::size_t ready = s->ahead.size() - s->ahead_read;
   if (s->mode == Socket::Mode::rxio) {
     ready += s->connection->stream_available();

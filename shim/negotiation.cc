@@ -81,18 +81,26 @@ Endpoint get_endpoint(const std::byte* in, uint8_t family) {
 
 }  // namespace
 
-std::array<std::byte, kRequestSize> encode(const Request& r) {
-  std::array<std::byte, kRequestSize> out{};
-  put_header(out.data(), Kind::request);
+RequestBytes encode(const Request& r) {
+  RequestBytes encoded;
+  std::byte* out = encoded.bytes.data();
+  put_header(out, r.query ? Kind::query : Kind::request);
   out[6] = std::byte{r.tuple.client.family};
-  put_endpoint(out.data() + 8, r.tuple.client);
-  put_endpoint(out.data() + 26, r.tuple.server);
-  bytes::put32(out.data() + 44, r.pid);
-  return out;
+  put_endpoint(out + 8, r.tuple.client);
+  put_endpoint(out + 26, r.tuple.server);
+  bytes::put32(out + 44, r.pid);
+  if (r.query) bytes::put64(out + 48, r.query);
+  encoded.size = r.query ? kQuerySize : kRequestSize;
+  return encoded;
+}
+
+std::size_t request_size(std::span<const std::byte> in) noexcept {
+  return in.size() > 5 && in[5] == static_cast<std::byte>(Kind::query) ? kQuerySize : kRequestSize;
 }
 
 std::optional<Request> decode_request(std::span<const std::byte> in) noexcept {
-  if (!header_is(in, kRequestSize, Kind::request)) return std::nullopt;
+  const bool query = header_is(in, kQuerySize, Kind::query);
+  if (!query && !header_is(in, kRequestSize, Kind::request)) return std::nullopt;
   auto family = static_cast<uint8_t>(in[6]);
   if (family != AF_INET && family != AF_INET6) return std::nullopt;
   if (in[7] != std::byte{0}) return std::nullopt;
@@ -100,6 +108,10 @@ std::optional<Request> decode_request(std::span<const std::byte> in) noexcept {
   r.tuple.client = get_endpoint(in.data() + 8, family);
   r.tuple.server = get_endpoint(in.data() + 26, family);
   r.pid = bytes::get32(in.data() + 44);
+  if (query) {
+    r.query = bytes::get64(in.data() + 48);
+    if (r.query == 0) return std::nullopt;
+  }
   if (r.tuple.server.port == 0 || r.tuple.client.port == 0 || r.pid == 0) return std::nullopt;
   return r;
 }

@@ -12,6 +12,12 @@
 //                                          <- Switched (or Abort: stay on TCP)
 //   Each side then takes what its kernel still holds of the TCP stream, and reads the
 //   engine connection after it.
+//
+//   A client whose engine connection fails before the server's word comes asks where
+//   the switch stands, on a new negotiation connection:
+//   Query (a Request with the cookie)     ->
+//                                          <- Switched (it had switched: as above) or
+//                                             Abort (it had not, and now never will)
 #pragma once
 
 #include <netinet/in.h>
@@ -49,7 +55,7 @@ struct TupleHash {
 namespace negotiation {
 
 inline constexpr uint32_t kMagic = 0x474e5852;  // "RXNG"
-inline constexpr uint8_t kVersion = 3;
+inline constexpr uint8_t kVersion = 4;
 
 enum class Kind : uint8_t {
   request = 1,
@@ -61,6 +67,7 @@ enum class Kind : uint8_t {
   resume = 7,
   hand_over = 8,
   redirect = 9,
+  query = 10,
 };
 
 // Why a server refused; the client counts it as a fallback. not_yet: no process of a
@@ -70,6 +77,8 @@ enum class Refusal : uint8_t { policy = 1, not_owner = 2, closing = 3, unavailab
 struct Request {
   Tuple tuple;
   uint32_t pid = 0;
+  // Not 0: a Query, about the move the server accepted with this cookie.
+  uint64_t query = 0;
 };
 struct Answer {
   bool accepted = false;
@@ -84,6 +93,7 @@ struct Answer {
 };
 
 inline constexpr std::size_t kRequestSize = 48;
+inline constexpr std::size_t kQuerySize = 56;  // rdma_cm's limit for a connect's private data
 inline constexpr std::size_t kAnswerSize = 24;
 // The client's word on an accepted request (confirm, abort) and the server's on the
 // switch (switched, abort). A Switched says how many bytes the server had sent on the
@@ -114,13 +124,21 @@ struct Resume {
 };
 inline constexpr std::size_t kResumeSize = 32;
 
-std::array<std::byte, kRequestSize> encode(const Request& request);
+// A Request, or a Query (kQuerySize bytes) when it has one.
+struct RequestBytes {
+  std::array<std::byte, kQuerySize> bytes{};
+  std::size_t size = 0;
+  std::span<const std::byte> span() const noexcept { return std::span(bytes).first(size); }
+};
+RequestBytes encode(const Request& request);
 std::array<std::byte, kAnswerSize> encode(const Answer& answer);
 std::array<std::byte, kNoticeSize> encode(const Notice& notice);
 std::array<std::byte, kResumeSize> encode(const Resume& resume);
 
 // nullopt for anything malformed, truncated, of another version or of the wrong kind.
 std::optional<Request> decode_request(std::span<const std::byte> bytes) noexcept;
+// How many of `bytes` (a message padded with zeros) the request is: by its kind.
+std::size_t request_size(std::span<const std::byte> bytes) noexcept;
 std::optional<Answer> decode_answer(std::span<const std::byte> bytes) noexcept;
 std::optional<Notice> decode_notice(std::span<const std::byte> bytes) noexcept;
 std::optional<Resume> decode_resume(std::span<const std::byte> bytes) noexcept;

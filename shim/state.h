@@ -297,6 +297,16 @@ struct Committed {
   std::chrono::steady_clock::time_point until{};
   std::array<std::byte, negotiation::kNoticeSize> word{};
   std::size_t have = 0;
+  bool switched = false;
+};
+
+// How a move this side accepted ended, kept for a while for its client's Query (its
+// link may have failed before the server's word reached it).
+struct SwitchOutcome {
+  Tuple tuple;
+  bool switched = false;
+  uint64_t sent = 0;  // switched: the TCP bytes it had sent, as its Switched said
+  std::chrono::steady_clock::time_point until{};
 };
 
 class Shim {
@@ -478,6 +488,13 @@ class Shim {
   // A client's connection that is due to move: negotiates and switches, or leaves it
   // on TCP with the reason counted.
   void move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
+  // The server's word on a switch (Switched or Abort), asked for with a Query where the
+  // engine connection failed before it came; nullopt when the server cannot say. `s`
+  // is held (Socket::holds) by the caller: the wait is without the mutex.
+  std::optional<negotiation::Notice> ask_where_the_switch_stands(int fd, Socket& s, const negotiation::Request& query,
+                                                                 bool remote, const Endpoint& asked_at,
+                                                                 uint32_t target,
+                                                                 std::unique_lock<ShimMutex>& lock) noexcept;
   void finish_connect(int fd, Socket& s) noexcept;
   void start_listening(int fd, Socket& s) noexcept;
   void adopt_accepted(int fd) noexcept;
@@ -536,6 +553,10 @@ class Shim {
   // Answers a parked request once its connection is accepted here; false when the
   // peer is done with (answered, or refused in the end).
   bool answer(Peer& peer) noexcept;
+  // Where the switch a Query names stands (a switch not made by now never is); false.
+  bool answer_query(Peer& peer, const negotiation::Request& query) noexcept;
+  std::unordered_map<uint64_t, SwitchOutcome> switch_outcomes;  // by cookie
+  void record_outcome(uint64_t cookie, SwitchOutcome outcome) noexcept;
   // answer() for a connection not accepted here (yet): another process of a shared
   // listener may own it, or it is still in the kernel's queue.
   bool answer_unheld(Peer& peer, const Tuple& tuple) noexcept;

@@ -553,9 +553,16 @@ int Engine::Impl::progress() noexcept {
   int n = poll_cq();
   for (auto& link : links)
     if (!link->waiting.empty() || !link->deferred.empty()) link->drain_waiting();
-  // Callers that only poll (the stream API) must still learn that a peer went away.
-  constexpr uint32_t kIdlePollsPerLivenessCheck = 4096;
-  if (n == 0 && ++idle_polls % kIdlePollsPerLivenessCheck == 0) n += check_links(0);
+  // Callers that only poll (the stream API, a program that spins on a non-blocking
+  // read, or asks FIONREAD now and then) must still learn that a peer went away: a look
+  // at every 64th idle poll, at most every 10 ms.
+  if (n == 0 && ++idle_polls % 64 == 0) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= next_liveness_check) {
+      next_liveness_check = now + std::chrono::milliseconds(10);
+      n += check_links(0);
+    }
+  }
   return n;
 }
 

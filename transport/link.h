@@ -3,6 +3,7 @@
 
 #include <poll.h>
 
+#include <chrono>
 #include <map>
 #include <memory>
 #include <optional>
@@ -229,7 +230,10 @@ struct Engine::Impl {
   // so that their flushed completions never name freed memory.
   std::vector<std::unique_ptr<Link>> retired;
   bool poll_fds_stale = false;
+  // When an idle progress() next looks at the links' liveness (a poll of their fds);
+  // the clock is read every 64th idle poll only (a system call in some VMs).
   uint32_t idle_polls = 0;
+  std::chrono::steady_clock::time_point next_liveness_check{};
   uint64_t max_message = 0;  // verbs: the port's max_msg_sz
   uint8_t rd_atomic = 16;    // RDMA READs in flight per QP, both ways
   std::map<std::string, Link*> links_by_peer;

@@ -13,8 +13,9 @@ using namespace rxio::shim;
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::span<const std::byte> in(reinterpret_cast<const std::byte*>(data), size);
   if (auto request = negotiation::decode_request(in)) {
-    auto again = negotiation::decode_request(negotiation::encode(*request));
-    if (!again || !(again->tuple == request->tuple) || again->pid != request->pid) __builtin_trap();
+    auto again = negotiation::decode_request(negotiation::encode(*request).span());
+    if (!again || !(again->tuple == request->tuple) || again->pid != request->pid || again->query != request->query)
+      __builtin_trap();
   }
   if (auto answer = negotiation::decode_answer(in)) {
     auto again = negotiation::decode_answer(negotiation::encode(*answer));

@@ -34,11 +34,35 @@ TEST(Negotiation, RequestRoundTrips) {
                          Tuple{v6("::1", 1), v6("fe80::1", 65535)}}) {
     Request r{t, 4242};
     auto bytes = encode(r);
-    auto back = decode_request(bytes);
+    EXPECT_EQ(bytes.size, kRequestSize);
+    auto back = decode_request(bytes.span());
     ASSERT_TRUE(back);
     EXPECT_EQ(back->tuple, t);
     EXPECT_EQ(back->pid, 4242u);
+    EXPECT_EQ(back->query, 0u);
   }
+}
+
+// A Query is a Request with the cookie of the move it asks about; over rdma_cm it
+// comes padded to 56 bytes like any connect's private data, and its kind says its size.
+TEST(Negotiation, QueryRoundTrips) {
+  Request q{{v4("192.0.2.1", 40000), v4("192.0.2.1", 6379)}, 4242, 0x0102030405060708ull};
+  auto bytes = encode(q);
+  EXPECT_EQ(bytes.size, kQuerySize);
+  EXPECT_EQ(request_size(bytes.span()), kQuerySize);
+  auto back = decode_request(bytes.span());
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->tuple, q.tuple);
+  EXPECT_EQ(back->pid, 4242u);
+  EXPECT_EQ(back->query, 0x0102030405060708ull);
+  std::array<std::byte, kQuerySize> padded{};
+  auto request = encode(Request{q.tuple, 4242});
+  std::memcpy(padded.data(), request.bytes.data(), request.size);
+  EXPECT_EQ(request_size(padded), kRequestSize);
+  auto zero = bytes;
+  std::memset(zero.bytes.data() + kRequestSize, 0, kQuerySize - kRequestSize);
+  EXPECT_FALSE(decode_request(zero.span())) << "a query about no move";
+  EXPECT_FALSE(decode_request(std::span(bytes.bytes).first(kRequestSize))) << "a truncated query";
 }
 
 TEST(Negotiation, AnswersRoundTrip) {
@@ -138,10 +162,10 @@ TEST(Negotiation, HandOverCarriesWhatItsWriterRead) {
 }
 
 TEST(Negotiation, TruncatedOrPaddedMessagesAreRefused) {
-  auto request = encode(Request{{v4("127.0.0.1", 1000), v4("127.0.0.1", 2000)}, 7});
-  for (std::size_t n = 0; n < request.size(); ++n) EXPECT_FALSE(decode_request(std::span(request.data(), n))) << n;
+  auto request = encode(Request{{v4("127.0.0.1", 1000), v4("127.0.0.1", 2000)}, 7}).bytes;
+  for (std::size_t n = 0; n < kRequestSize; ++n) EXPECT_FALSE(decode_request(std::span(request.data(), n))) << n;
   std::array<std::byte, kRequestSize + 1> longer{};
-  std::memcpy(longer.data(), request.data(), request.size());
+  std::memcpy(longer.data(), request.data(), kRequestSize);
   EXPECT_FALSE(decode_request(longer));
   auto answer = encode(Answer{true, {}, 5000, 9});
   for (std::size_t n = 0; n < answer.size(); ++n) EXPECT_FALSE(decode_answer(std::span(answer.data(), n))) << n;
@@ -151,16 +175,16 @@ TEST(Negotiation, WrongMagicVersionKindOrFieldsAreRefused) {
   auto good = encode(Request{{v4("127.0.0.1", 1000), v4("127.0.0.1", 2000)}, 7});
   auto with = [&](std::size_t at, std::byte value) {
     auto copy = good;
-    copy[at] = value;
-    return decode_request(copy).has_value();
+    copy.bytes[at] = value;
+    return decode_request(copy.span()).has_value();
   };
   EXPECT_FALSE(with(0, std::byte{0}));     // magic
   EXPECT_FALSE(with(4, std::byte{kVersion + 1}));  // version
   EXPECT_FALSE(with(5, std::byte{2}));     // kind: an answer is not a request
   EXPECT_FALSE(with(6, std::byte{99}));    // family
   EXPECT_FALSE(with(7, std::byte{1}));     // reserved byte
-  EXPECT_FALSE(decode_request(encode(Request{{v4("127.0.0.1", 1000), v4("127.0.0.1", 2000)}, 0})));  // no pid
-  EXPECT_FALSE(decode_request(encode(Request{{v4("127.0.0.1", 0), v4("127.0.0.1", 2000)}, 7})));     // no port
+  EXPECT_FALSE(decode_request(encode(Request{{v4("127.0.0.1", 1000), v4("127.0.0.1", 2000)}, 0}).span()));  // no pid
+  EXPECT_FALSE(decode_request(encode(Request{{v4("127.0.0.1", 0), v4("127.0.0.1", 2000)}, 7}).span()));  // no port
   EXPECT_FALSE(decode_answer(encode(Answer{true, {}, 0, 9})));  // accepted, but no engine port
   auto refusal = encode(Answer{false, Refusal::policy, 0, 0});
   refusal[6] = std::byte{42};  // an unknown reason
