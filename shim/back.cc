@@ -516,6 +516,7 @@ void Shim::after_fork_in_child() noexcept {
   peers.clear();  // the child's copies of the clients' sockets close
   committed.clear();
   switch_outcomes.clear();  // the parent's moves: their clients ask the parent
+  outcome_order.clear();
   accepted.clear();
   unmatched.clear();
   closing.clear();
@@ -564,10 +565,13 @@ void Shim::before_exec() noexcept {
   // Only the sockets the new image inherits: through an fd without close-on-exec.
   std::vector<std::pair<int, Socket*>> handed;
   for (Socket* s = moved_sockets; s; s = s->moved_next) {
-    // Back on TCP with bytes read ahead of the program: the new image could not be
-    // given them. On its way back: the return is carried through first.
-    const bool read_ahead = s->mode == Socket::Mode::tcp && s->has_ahead();
-    if (s->mode != Socket::Mode::rxio && s->mode != Socket::Mode::returning && !read_ahead) continue;
+    // Moved; on its way back (carried through first); or back on TCP with bytes read
+    // ahead of the program, which the new image could not be given. Not what a forked
+    // child holds of its parent's connection (the parent goes on with it): a return
+    // the parent had under way at the fork, a read-ahead that may be the parent's.
+    const bool read_ahead = s->mode == Socket::Mode::tcp && s->has_ahead() && !forked_child;
+    const bool returning_here = s->mode == Socket::Mode::returning && !s->inherited;
+    if (s->mode != Socket::Mode::rxio && !returning_here && !read_ahead) continue;
     auto inherited = std::find_if(s->fds.begin(), s->fds.end(), [this, s](int fd) {
       if (socket_of(fd) != s) return false;
       const int flags = real().fcntl(fd, F_GETFD);
@@ -575,36 +579,28 @@ void Shim::before_exec() noexcept {
     });
     if (inherited == s->fds.end()) continue;
     const int fd = *inherited;
-    if (read_ahead) {
-      reset_connection(fd, *s, "the program executed another with bytes read ahead of it");
-      continue;
-    }
     try {
       handed.emplace_back(fd, s);
     } catch (const std::bad_alloc&) {
       break;
     }
-    if (s->mode != Socket::Mode::rxio) continue;
-    if (s->has_ahead()) {
-      // Bytes taken from the kernel before the move that the program has not read:
-      // the new image could not be given them.
-      reset_connection(fd, *s, "the program executed another with bytes read ahead of it");
-      continue;
-    }
-    start_hand_over(fd, *s, Return::exec);
+    // Bytes taken from the kernel before the move that the program has not read: the
+    // new image could not be given them (below).
+    if (s->mode == Socket::Mode::rxio && !s->has_ahead()) start_hand_over(fd, *s, Return::exec);
   }
   // Until each peer answered: the new image then reads a plain TCP stream.
   carry_returns(handed, std::chrono::steady_clock::now() + negotiate_timeout);
   for (auto [fd, s] : handed) {
-    if (s->mode == Socket::Mode::tcp && s->has_ahead())
+    if (s->mode == Socket::Mode::rxio || (s->mode == Socket::Mode::tcp && s->has_ahead())) {
       reset_connection(fd, *s, "the program executed another with bytes read ahead of it");
-    if (s->mode != Socket::Mode::returning) continue;
-    // A child's copy stays as it is: its parent may go on with the connection.
-    if (s->back.role == Returning::Role::adopted)
-      log::warn("shim: fd " + std::to_string(fd) + ": executing a program before this socket's parent handed it " +
-                "over; the new program gets it as it is");
-    else
-      reset_connection(fd, *s, "the peer's shim did not answer in time");
+    } else if (s->mode == Socket::Mode::returning) {
+      // A child's copy stays as it is: its parent may go on with the connection.
+      if (s->back.role == Returning::Role::adopted)
+        log::warn("shim: fd " + std::to_string(fd) + ": executing a program before this socket's parent handed it " +
+                  "over; the new program gets it as it is");
+      else
+        reset_connection(fd, *s, "the peer's shim did not answer in time");
+    }
   }
 }
 

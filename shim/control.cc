@@ -697,7 +697,7 @@ bool send_answer(Peer& peer, const negotiation::Answer& answer) noexcept {
 // private data, which the server's shim answers with a reject that carries its answer.
 // Made under the shim's mutex: rdma_cm answers in microseconds, or says at once that
 // nobody listens. Without an answer, `why` says why. `channel` is made at the first ask
-// and serves the asks that follow it (a redirect, "not yet", a query). A Request is
+// and serves the asks that follow it (a redirect, "not yet"). A Request is
 // answered with an Answer, a Query with a Notice.
 template <typename Reply, std::size_t kReplySize>
 std::optional<Reply> ask_over_cm(std::optional<verbs::cm::EventChannel>& channel, const negotiation::Request& request,
@@ -951,10 +951,10 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
   }
   std::optional<negotiation::Notice> notice;
   if (have == word.size()) notice = negotiation::decode_notice(word);
-  // The link failed (or the server is late) before its word: this side cannot tell
-  // whether the server switched, and asks it on the negotiation channel. The server
-  // answers for sure (a switch not made by then never is).
-  const bool asked = !notice && !s.gone && (c->failed() || (have < word.size() && !c->stream_closed()));
+  // The link failed before the server's word: this side cannot tell whether the server
+  // switched, and asks it on the negotiation channel. The server answers for sure (a
+  // switch not made by then never is).
+  const bool asked = !notice && !s.gone && c->failed();
   if (asked) {
     negotiation::Request query = request;
     query.query = answer->cookie;
@@ -962,6 +962,10 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
     log::info("shim: fd " + std::to_string(fd) + ": its link failed before the server's word on the switch; the " +
               "server says it " + (!notice ? "cannot tell" : notice->kind == negotiation::Kind::switched ? "switched"
                                                                                                           : "stays on TCP"));
+    // What came of the word is no program's: the rest of it, had it come, would be
+    // read out before the stream's bytes after it.
+    if (notice && notice->kind == negotiation::Kind::switched && !s.gone)
+      have += c->stream_read(std::span(word).subspan(have));
   }
   bool gone = s.gone;
   release(&s);
@@ -971,10 +975,13 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
     return;
   }
   // The server's kernel had every byte it sent acknowledged: they are all here now.
-  // (A failed link sends the connection back to TCP at once.)
   if (notice && notice->kind == negotiation::Kind::switched && take_ahead(fd, s)) {
     become_rxio(fd, s, *c);
-    return after_switch(fd, s, notice->sent);
+    after_switch(fd, s, notice->sent);
+    // Switched, after a Query: back to TCP at once (unless the server's Resume, taken
+    // in with the TCP bytes, already started it).
+    if (s.mode == Socket::Mode::rxio && s.connection == c && c->failed()) start_return(fd, s, Return::link_failed);
+    return;
   }
   // Refused, or the connection closed without a word (the server's socket went): both
   // sides stay on TCP.
@@ -1000,26 +1007,37 @@ std::optional<negotiation::Notice> Shim::ask_where_the_switch_stands(int fd, Soc
     return ask_over_cm<negotiation::Notice, negotiation::kNoticeSize>(channel, query, asked_at, deadline, why,
                                                                       negotiation::decode_notice);
   }
-  // The process that answered the request, on a new connection: it reads the TCP
-  // socket's ends from the socket itself, as for a request.
-  UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  socklen_t length = 0;
-  sockaddr_un where = abstract_address(query.tuple.server.port, length, target);
-  if (!unix_fd || real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0 ||
-      !send_all(unix_fd.get(), negotiation::encode(query).span(), fd))
-    return std::nullopt;
-  std::array<std::byte, 64> buffer;
-  for (;;) {
-    ssize_t n = receive_message(unix_fd.get(), buffer, nullptr);
-    if (n >= 0) return negotiation::decode_notice(std::span(buffer.data(), std::size_t(n)));
-    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
-    if (n == -2 || errno != EAGAIN || left <= 0 || s.gone) return std::nullopt;
-    // Without the mutex: the server may be this process, or its other threads go on.
-    pollfd p{unix_fd.get(), POLLIN, 0};
-    lock.unlock();
-    real().poll(&p, 1, static_cast<int>(left));
-    lock.lock();
+  // The listener's endpoint (or the process that answered the request, after a
+  // redirect), on a new connection: it reads the TCP socket's ends from the socket
+  // itself, as for a request. Another process of a listener shared after fork sends
+  // the Query on to the one that holds the connection, once.
+  for (int hops = 0; hops < 2; ++hops) {
+    UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    socklen_t length = 0;
+    sockaddr_un where = abstract_address(query.tuple.server.port, length, target);
+    if (!unix_fd || real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0 ||
+        !send_all(unix_fd.get(), negotiation::encode(query).span(), fd))
+      return std::nullopt;
+    std::array<std::byte, 64> buffer;
+    ssize_t n = -1;
+    for (;;) {
+      n = receive_message(unix_fd.get(), buffer, nullptr);
+      if (n >= 0) break;
+      auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+      if (n == -2 || errno != EAGAIN || left <= 0 || s.gone) return std::nullopt;
+      // Without the mutex, so that this process's other threads go on.
+      pollfd p{unix_fd.get(), POLLIN, 0};
+      lock.unlock();
+      real().poll(&p, 1, static_cast<int>(left));
+      lock.lock();
+    }
+    const auto reply = std::span<const std::byte>(buffer.data(), std::size_t(n));
+    if (auto notice = negotiation::decode_notice(reply)) return notice;
+    auto redirect = negotiation::decode_answer(reply);
+    if (!redirect || !redirect->redirect || target) return std::nullopt;
+    target = redirect->redirect;
   }
+  return std::nullopt;
 }
 
 // ---- the server side ---------------------------------------------------------------
@@ -1253,6 +1271,16 @@ bool Shim::answer_query(Peer& peer, const negotiation::Request& query) noexcept 
     drop_committed(query.tuple);
   auto outcome = switch_outcomes.find(query.query);
   if (outcome == switch_outcomes.end() || outcome->second.tuple != query.tuple) {
+    // A local Query reaches whichever process of a listener shared after fork serves
+    // its endpoint: sent on to the one that accepted the connection.
+    auto endpoint = endpoints.find(query.tuple.server.port);
+    if (!peer.cm_id && endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors) {
+      const Acceptors::Owner owner = endpoint->second.acceptors->owner(query.tuple);
+      if (owner.pid != 0 && owner.pid != static_cast<uint32_t>(getpid())) {
+        send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner.pid, 0});
+        return false;
+      }
+    }
     // Forgotten, or never this side's: the client cannot tell, and resets.
     send_answer(peer, negotiation::Answer{false, negotiation::Refusal::unavailable, 0, 0});
     return false;
@@ -1434,8 +1462,13 @@ void Shim::record_outcome(uint64_t cookie, SwitchOutcome outcome) noexcept {
   const auto now = Clock::now();
   // Kept well past the client's wait for the word (twice RXIO_SHIM_TIMEOUT_MS).
   outcome.until = now + negotiate_timeout * 4;
-  std::erase_if(switch_outcomes, [now](const auto& kept) { return now > kept.second.until; });
+  // The oldest go first: each is kept as long.
+  while (!outcome_order.empty() && now > outcome_order.front().first) {
+    switch_outcomes.erase(outcome_order.front().second);
+    outcome_order.pop_front();
+  }
   try {
+    outcome_order.emplace_back(outcome.until, cookie);
     switch_outcomes[cookie] = outcome;
   } catch (const std::bad_alloc&) {
     // Unrecorded: a client whose link fails before the server's word resets.
@@ -1450,9 +1483,13 @@ void Shim::drop_committed(const Tuple& tuple) noexcept {
     it->second.connection->close();
     closing.push_back(it->second.connection);
   }
-  // The client does not ask twice: its socket needs the shim no more.
+  // The client does not ask twice: its socket needs the shim no more. (But for a
+  // listener shared after fork: its record names this process, to which another sends
+  // the client's Query on.)
+  auto endpoint = endpoints.find(tuple.server.port);
+  const bool shared = endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors;
   if (Socket* s = it->second.fd >= 0 ? socket_of(it->second.fd) : nullptr;
-      s && s->tuple == tuple && s->mode == Socket::Mode::tcp && !s->has_ahead() && s->fds.size() == 1) {
+      s && !shared && s->tuple == tuple && s->mode == Socket::Mode::tcp && !s->has_ahead() && s->fds.size() == 1) {
     accepted.erase(tuple);
     forget(it->second.fd);
   }
@@ -1730,7 +1767,7 @@ int bytes_readable(int fd, int* count) noexcept {
   if (s->mode == Socket::Mode::rxio) sh.progress();  // (which may send it back to TCP)
   // The peer's Resume and kept bytes are taken in first: a program that asks how much
   // it may read before it reads drives the return as a read would.
-  if (s->mode == Socket::Mode::returning) sh.go_on_returning(fd, *s);
+  if (s->mode == Socket::Mode::returning && !s->inherited) sh.go_on_returning(fd, *s);
   std::size_t ready = s->ahead.size() - s->ahead_read;
   if (s->mode == Socket::Mode::rxio) {
     ready += s->connection->stream_available();

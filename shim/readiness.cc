@@ -278,7 +278,9 @@ int epoll_control(int epfd, int op, int fd, epoll_event* event) noexcept {
       if (it->second.in_kernel && real().epoll_ctl(epfd, op, fd, event) != 0) return -1;
       // Re-armed after it went back to TCP as a one-shot that had fired (back.cc).
       if (!it->second.in_kernel && !rxio) {
-        if (real().epoll_ctl(epfd, EPOLL_CTL_ADD, fd, event) != 0) return -1;
+        if (real().epoll_ctl(epfd, EPOLL_CTL_ADD, fd, event) != 0 &&
+            (errno != EEXIST || real().epoll_ctl(epfd, EPOLL_CTL_MOD, fd, event) != 0))
+          return -1;
         it->second.in_kernel = true;
       }
       it->second.events = event->events;

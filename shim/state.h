@@ -16,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -490,7 +491,8 @@ class Shim {
   void move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
   // The server's word on a switch (Switched or Abort), asked for with a Query where the
   // engine connection failed before it came; nullopt when the server cannot say. `s`
-  // is held (Socket::holds) by the caller: the wait is without the mutex.
+  // is held (Socket::holds) by the caller: a local Query waits without the mutex (an
+  // rdma_cm one with it, as a remote request does).
   std::optional<negotiation::Notice> ask_where_the_switch_stands(int fd, Socket& s, const negotiation::Request& query,
                                                                  bool remote, const Endpoint& asked_at,
                                                                  uint32_t target,
@@ -556,6 +558,7 @@ class Shim {
   // Where the switch a Query names stands (a switch not made by now never is); false.
   bool answer_query(Peer& peer, const negotiation::Request& query) noexcept;
   std::unordered_map<uint64_t, SwitchOutcome> switch_outcomes;  // by cookie
+  std::deque<std::pair<std::chrono::steady_clock::time_point, uint64_t>> outcome_order;  // expiry, cookie
   void record_outcome(uint64_t cookie, SwitchOutcome outcome) noexcept;
   // answer() for a connection not accepted here (yet): another process of a shared
   // listener may own it, or it is still in the kernel's queue.

@@ -83,6 +83,25 @@ TEST_P(ShimPrefork, WorkersMoveWhatTheyAccept) { run_workers(" 3"); }
 // over rdma_cm its listener and each worker's, take every address too.
 TEST_P(ShimPrefork, WorkersOnEveryAddressMoveWhatTheyAccept) { run_workers(" 3 any"); }
 
+// Every link of the client fails at its third ring slot (ShimReturns has the same
+// against one process): a client's Query after a link that failed inside its switch
+// may reach any of the workers, which sends it on to the one that accepted the
+// connection. None is reset, and every checksum is right.
+class ShimPreforkFaults : public ShimPrefork {};
+
+TEST_P(ShimPreforkFaults, LinksFailInsideTheSwitch) {
+  std::string port;
+  Process server = start_server(port, "serve-prefork", " 3");
+  ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+  Result result = run(client_command(port, "many", "RXIO_LOG=info RXIO_FAULT_LINK_AFTER=3"), 120s);
+  EXPECT_TRUE(result.exited_0) << result.output;
+  EXPECT_NE(result.output.find("many: ok"), std::string::npos) << result.output;
+  EXPECT_NE(result.output.find("the server says it s"), std::string::npos) << result.output;
+  EXPECT_EQ(result.output.find("the server says it cannot tell"), std::string::npos) << result.output;
+  EXPECT_EQ(result.output.find("did not finish the switch"), std::string::npos) << result.output;
+  EXPECT_TRUE(server.stop()) << server.output();
+}
+
 void ShimPrefork::run_workers(const std::string& args) {
   std::string port;
   Process server = start_server(port, "serve-prefork", args);
@@ -323,6 +342,7 @@ INSTANTIATE_TEST_SUITE_P(Apps, ShimCheck, testing::Values(Shimmed::both, Shimmed
 INSTANTIATE_TEST_SUITE_P(Apps, ShimPrefork, testing::Values(Shimmed::both, Shimmed::server, Shimmed::client),
                          test_name);
 INSTANTIATE_TEST_SUITE_P(Apps, ShimReturns, testing::Values(Shimmed::both), test_name);
+INSTANTIATE_TEST_SUITE_P(Apps, ShimPreforkFaults, testing::Values(Shimmed::both), test_name);
 INSTANTIATE_TEST_SUITE_P(Apps, ShimMovesAgain, testing::Values(Shimmed::both), test_name);
 INSTANTIATE_TEST_SUITE_P(Apps, ShimPortDown, testing::Values(Shimmed::both), test_name);
 // A move needs both sides shimmed.
