@@ -45,6 +45,24 @@ class ShimCheck : public AppTest {
   // One connection per scenario, three for epoll, two hundred for "many", none for
   // "refused" (it dials a closed port).
   static constexpr uint64_t kConnections = 218;
+  // rxio-shim-check `mode` (then `args`) serves "many" (200 connections from four
+  // threads) to a client whose every link fails at its third ring slot: many fail
+  // inside their switch, after the client's Confirm and before the server's Switched
+  // reaches it. The client asks the server where the switch stands (ShimReturns,
+  // ShimPreforkFaults); none is reset, and every checksum is right.
+  void many_with_links_failing_in_switches(const std::string& mode, const std::string& args) {
+    std::string port;
+    Process server = start_server(port, mode, args);
+    ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+    Result result = run(client_command(port, "many", "RXIO_LOG=info RXIO_FAULT_LINK_AFTER=3"), 120s);
+    EXPECT_TRUE(result.exited_0) << result.output;
+    EXPECT_NE(result.output.find("many: ok"), std::string::npos) << result.output;
+    // Which of the two answers comes is a matter of timing ("switched" or "stays on TCP").
+    EXPECT_NE(result.output.find("the server says it s"), std::string::npos) << result.output;
+    EXPECT_EQ(result.output.find("the server says it cannot tell"), std::string::npos) << result.output;
+    EXPECT_EQ(result.output.find("did not finish the switch"), std::string::npos) << result.output;
+    EXPECT_TRUE(server.stop()) << server.output();
+  }
 };
 
 TEST_P(ShimCheck, BehavesAsTcp) {
@@ -83,24 +101,12 @@ TEST_P(ShimPrefork, WorkersMoveWhatTheyAccept) { run_workers(" 3"); }
 // over rdma_cm its listener and each worker's, take every address too.
 TEST_P(ShimPrefork, WorkersOnEveryAddressMoveWhatTheyAccept) { run_workers(" 3 any"); }
 
-// Every link of the client fails at its third ring slot (ShimReturns has the same
-// against one process): a client's Query after a link that failed inside its switch
-// may reach any of the workers, which sends it on to the one that accepted the
-// connection. None is reset, and every checksum is right.
+// As ShimReturns.LinkFailsInsideTheSwitch, against three pre-forked workers: a
+// client's Query may reach any of them, which sends it on to the one that accepted
+// the connection.
 class ShimPreforkFaults : public ShimPrefork {};
 
-TEST_P(ShimPreforkFaults, LinksFailInsideTheSwitch) {
-  std::string port;
-  Process server = start_server(port, "serve-prefork", " 3");
-  ASSERT_TRUE(wait_listening(server, std::stoi(port)));
-  Result result = run(client_command(port, "many", "RXIO_LOG=info RXIO_FAULT_LINK_AFTER=3"), 120s);
-  EXPECT_TRUE(result.exited_0) << result.output;
-  EXPECT_NE(result.output.find("many: ok"), std::string::npos) << result.output;
-  EXPECT_NE(result.output.find("the server says it s"), std::string::npos) << result.output;
-  EXPECT_EQ(result.output.find("the server says it cannot tell"), std::string::npos) << result.output;
-  EXPECT_EQ(result.output.find("did not finish the switch"), std::string::npos) << result.output;
-  EXPECT_TRUE(server.stop()) << server.output();
-}
+TEST_P(ShimPreforkFaults, LinksFailInsideTheSwitch) { many_with_links_failing_in_switches("serve-prefork", " 3"); }
 
 void ShimPrefork::run_workers(const std::string& args) {
   std::string port;
@@ -196,24 +202,9 @@ class ShimReturns : public ShimCheck {
   }
 };
 
-// Every link of the client fails at its third ring slot, under 200 connections from
-// four threads: many fail inside their switch, after the client's Confirm and before
-// the server's Switched reaches it. The client asks the server where the switch
-// stands: had it switched, the connection goes back to TCP at once; had it not, it
-// stays there. None is reset, and every checksum is right.
-TEST_P(ShimReturns, LinkFailsInsideTheSwitch) {
-  std::string port;
-  Process server = start_server(port);
-  ASSERT_TRUE(wait_listening(server, std::stoi(port)));
-  Result result = run(client_command(port, "many", "RXIO_LOG=info RXIO_FAULT_LINK_AFTER=3"), 120s);
-  EXPECT_TRUE(result.exited_0) << result.output;
-  EXPECT_NE(result.output.find("many: ok"), std::string::npos) << result.output;
-  // Which of the two answers comes is a matter of timing ("switched" or "stays on TCP").
-  EXPECT_NE(result.output.find("the server says it s"), std::string::npos) << result.output;
-  EXPECT_EQ(result.output.find("the server says it cannot tell"), std::string::npos) << result.output;
-  EXPECT_EQ(result.output.find("did not finish the switch"), std::string::npos) << result.output;
-  EXPECT_TRUE(server.stop()) << server.output();
-}
+// Links that fail inside switches, against one server: had it switched, the connection
+// goes back to TCP at once; had it not, it stays there.
+TEST_P(ShimReturns, LinkFailsInsideTheSwitch) { many_with_links_failing_in_switches("serve", ""); }
 
 TEST_P(ShimReturns, ServerLinkFailsMidStream) { run_with_fault("RXIO_FAULT_LINK_AFTER=300", "RXIO_FAULT_LINK_AFTER=0"); }
 
