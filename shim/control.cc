@@ -1273,13 +1273,9 @@ bool Shim::answer_query(Peer& peer, const negotiation::Request& query) noexcept 
   if (outcome == switch_outcomes.end() || outcome->second.tuple != query.tuple) {
     // A local Query reaches whichever process of a listener shared after fork serves
     // its endpoint: sent on to the one that accepted the connection.
-    auto endpoint = endpoints.find(query.tuple.server.port);
-    if (!peer.cm_id && endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors) {
-      const Acceptors::Owner owner = endpoint->second.acceptors->owner(query.tuple);
-      if (owner.pid != 0 && owner.pid != static_cast<uint32_t>(getpid())) {
-        send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner.pid, 0});
-        return false;
-      }
+    if (auto owner = peer.cm_id ? std::nullopt : other_owner(query.tuple); owner && owner->pid != 0) {
+      send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner->pid, 0});
+      return false;
     }
     // Forgotten, or never this side's: the client cannot tell, and resets.
     send_answer(peer, negotiation::Answer{false, negotiation::Refusal::unavailable, 0, 0});
@@ -1297,26 +1293,30 @@ bool Shim::refuse(Peer& peer, negotiation::Refusal why, Fallback counted) noexce
   return false;
 }
 
-bool Shim::answer_unheld(Peer& peer, const Tuple& tuple) noexcept {
+std::optional<Acceptors::Owner> Shim::other_owner(const Tuple& tuple) noexcept {
   auto endpoint = endpoints.find(tuple.server.port);
-  if (endpoint != endpoints.end() && endpoint->second.shared && endpoint->second.acceptors) {
-    // Processes share the listener: the one that accepted it answers; until one has,
-    // the client asks again (a process here may sleep outside the shim). A remote
-    // client's request reaches the listener's maker (only it can read the listener's
-    // rdma_cm events), which sends it on to the owner's own rdma_cm port.
-    const Acceptors::Owner owner = endpoint->second.acceptors->owner(tuple);
-    if (owner.pid == 0) {
+  if (endpoint == endpoints.end() || !endpoint->second.shared || !endpoint->second.acceptors) return std::nullopt;
+  const Acceptors::Owner owner = endpoint->second.acceptors->owner(tuple);
+  if (owner.pid == static_cast<uint32_t>(getpid())) return std::nullopt;
+  return owner;
+}
+
+bool Shim::answer_unheld(Peer& peer, const Tuple& tuple) noexcept {
+  // Processes share the listener: the one that accepted it answers; until one has, the
+  // client asks again (a process here may sleep outside the shim). A remote client's
+  // request reaches the listener's maker (only it can read the listener's rdma_cm
+  // events), which sends it on to the owner's own rdma_cm port.
+  if (auto owner = other_owner(tuple)) {
+    if (owner->pid == 0) {
       // Not a fall-back: the client asks again (a local one on this connection).
       if (!send_answer(peer, negotiation::Answer{false, negotiation::Refusal::not_yet, 0, 0})) return false;
       peer.parked.reset();
       return !peer.cm_id;
     }
-    if (owner.pid != static_cast<uint32_t>(getpid())) {
-      if (peer.cm_id && owner.cm_port == 0)
-        return refuse(peer, negotiation::Refusal::unavailable, Fallback::not_supported);
-      send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner.pid, peer.cm_id ? owner.cm_port : uint16_t{0}});
-      return false;
-    }
+    if (peer.cm_id && owner->cm_port == 0)
+      return refuse(peer, negotiation::Refusal::unavailable, Fallback::not_supported);
+    send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner->pid, peer.cm_id ? owner->cm_port : uint16_t{0}});
+    return false;
   }
   // With SO_REUSEPORT the kernel may have given it to another listener's process; or
   // this process has not accepted it yet.
@@ -1460,15 +1460,14 @@ void Shim::switch_as_server(const Tuple& tuple, Committed& entry) noexcept {
 
 void Shim::record_outcome(uint64_t cookie, SwitchOutcome outcome) noexcept {
   const auto now = Clock::now();
-  // Kept well past the client's wait for the word (twice RXIO_SHIM_TIMEOUT_MS).
-  outcome.until = now + negotiate_timeout * 4;
   // The oldest go first: each is kept as long.
   while (!outcome_order.empty() && now > outcome_order.front().first) {
     switch_outcomes.erase(outcome_order.front().second);
     outcome_order.pop_front();
   }
   try {
-    outcome_order.emplace_back(outcome.until, cookie);
+    // Kept well past the client's wait for the word (twice RXIO_SHIM_TIMEOUT_MS).
+    outcome_order.emplace_back(now + negotiate_timeout * 4, cookie);
     switch_outcomes[cookie] = outcome;
   } catch (const std::bad_alloc&) {
     // Unrecorded: a client whose link fails before the server's word resets.

@@ -307,7 +307,6 @@ struct SwitchOutcome {
   Tuple tuple;
   bool switched = false;
   uint64_t sent = 0;  // switched: the TCP bytes it had sent, as its Switched said
-  std::chrono::steady_clock::time_point until{};
 };
 
 class Shim {
@@ -563,6 +562,9 @@ class Shim {
   // answer() for a connection not accepted here (yet): another process of a shared
   // listener may own it, or it is still in the kernel's queue.
   bool answer_unheld(Peer& peer, const Tuple& tuple) noexcept;
+  // The owner of `tuple`, for a listener processes share after fork, when that is not
+  // this process (pid 0: none recorded); nullopt for a listener of this process's own.
+  std::optional<Acceptors::Owner> other_owner(const Tuple& tuple) noexcept;
   // Counts and sends a refusal; false (the peer is done with).
   bool refuse(Peer& peer, negotiation::Refusal why, Fallback counted) noexcept;
   void match_cookies() noexcept;
