@@ -368,8 +368,9 @@ void Engine::Impl::reap_links() noexcept {
 const std::string& Engine::device_name() const { return impl_->device_name; }
 
 std::size_t Engine::qp_count() const {
-  return std::count_if(impl_->links.begin(), impl_->links.end(),
-                       [](const auto& link) { return link->port->backend() == Backend::verbs; });
+  return std::count_if(impl_->links.begin(), impl_->links.end(), [](const auto& link) {
+    return link->port->backend() == Backend::verbs && link->verbs().raw_qp;
+  });
 }
 uint16_t Engine::listen_port() const { return impl_->port; }
 

@@ -168,7 +168,7 @@ class Engine {
   void forget(const void* address, std::size_t length);
 
   EngineStats stats() const;
-  std::size_t qp_count() const;  // one per verbs link
+  std::size_t qp_count() const;  // one per verbs link that has not failed
   const std::string& device_name() const;  // the verbs device; empty without one
 
  private:

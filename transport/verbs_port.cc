@@ -39,6 +39,7 @@ int VerbsPort::post_send(const ibv_send_wr& wr) noexcept {
   ibv_send_wr one = wr;
   one.next = nullptr;
   ibv_send_wr* bad = nullptr;
+  if (!raw_qp) return EIO;  // shut
   return ibv_post_send(raw_qp, &one, &bad);
 }
 
@@ -46,6 +47,7 @@ int VerbsPort::post_recv(uint64_t wr_id) noexcept {
   ibv_recv_wr wr{};
   wr.wr_id = wr_id;
   ibv_recv_wr* bad = nullptr;
+  if (!raw_qp) return EIO;  // shut
   return ibv_post_recv(raw_qp, &wr, &bad);
 }
 
@@ -88,6 +90,13 @@ void VerbsPort::shut() noexcept {
   }
   if (channel) ::shutdown(channel->native_fd(), SHUT_RDWR);
   if (cm_id) rdma_disconnect(cm_id->get());
+  // Destroyed now, not with the engine: a QP in error can still hold a reference to
+  // the region a write was landing in (Soft-RoCE's responder does), and the kernel's
+  // deregistration of that region then waits on it, at process exit too. Completions
+  // already queued name the link, which the engine keeps.
+  raw_qp = nullptr;
+  cm_qp.reset();
+  qp.reset();
 }
 
 }  // namespace rxio::transport

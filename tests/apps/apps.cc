@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/klog.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -156,7 +157,7 @@ std::optional<int> Process::wait(std::chrono::milliseconds timeout) {
 
 // Appended to the output: where each of the program's threads waits, as the kernel
 // sees it (the stack needs root, which the guest has), to tell a program that ignored
-// SIGTERM from a teardown stuck in the kernel.
+// SIGTERM from a teardown stuck in the kernel; then the end of the kernel's log.
 void Process::record_where_it_waits() const {
   std::ofstream out(output_path_, std::ios::app);
   out << "\n[tests] pid " << pid_ << " still runs after SIGTERM:\n";
@@ -167,6 +168,14 @@ void Process::record_where_it_waits() const {
       std::string text(std::istreambuf_iterator<char>(file), {});
       out << "[tests] " << task.path().filename().string() << "/" << name << ": " << text << "\n";
     }
+  }
+  // The kernel's own complaints (a Soft-RoCE object still referenced, say) end the story.
+  constexpr int kReadAll = 3;  // SYSLOG_ACTION_READ_ALL, which no user header names
+  std::string log(1 << 16, '\0');
+  int length = ::klogctl(kReadAll, log.data(), static_cast<int>(log.size()));
+  if (length > 0) {
+    log.resize(static_cast<std::size_t>(length));
+    out << "[tests] the kernel's log, its end:\n" << log.substr(log.size() - std::min<std::size_t>(log.size(), 4096));
   }
 }
 
