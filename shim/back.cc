@@ -4,6 +4,7 @@
 // rxio; each reader skips what its program read already. Neither waits for the other
 // before writing, so nothing here blocks: the program's calls (and the shim's service)
 // carry it on as far as the TCP socket lets them.
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/epoll.h>
@@ -13,6 +14,7 @@
 #include <sys/mman.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -21,6 +23,7 @@
 #include <new>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/log.h"
@@ -561,14 +564,79 @@ void Shim::after_fork_in_child() noexcept {
   }
 }
 
-void Shim::before_exec() noexcept {
+ExecEnvironment::~ExecEnvironment() {
+  const int saved = errno;  // the failed exec's, for its caller
+  memfds_.clear();
+  errno = saved;
+}
+
+bool ExecEnvironment::reaches_a_shim() const noexcept {
+  Dl_info self{};
+  if (!dladdr(reinterpret_cast<const void*>(&note_inherited_read_ahead), &self) || !self.dli_fname) return false;
+  auto base = [](std::string_view path) { return path.substr(path.find_last_of('/') + 1); };
+  const std::string_view mine = base(self.dli_fname);
+  for (char* const* e = given_; e && *e; ++e) {
+    std::string_view entry = *e;
+    if (!entry.starts_with("LD_PRELOAD=")) continue;
+    entry.remove_prefix(11);
+    // ld.so splits the list at spaces and colons.
+    while (!entry.empty()) {
+      const std::size_t end = std::min(entry.find_first_of(" :"), entry.size());
+      if (end > 0 && base(entry.substr(0, end)) == mine) return true;
+      entry.remove_prefix(std::min(end + 1, entry.size()));
+    }
+  }
+  return false;
+}
+
+bool ExecEnvironment::carry(std::span<const int> fds, std::span<const std::byte> bytes) noexcept {
+  struct stat socket_stat{};
+  if (fds.empty() || ::fstat(fds[0], &socket_stat) != 0) return false;
+  InheritedAhead header;
+  header.device = socket_stat.st_dev;
+  header.inode = socket_stat.st_ino;
+  header.length = bytes.size();
+  for (int fd : fds.first(std::min<std::size_t>(fds.size(), InheritedAhead::kMaxFds))) header.fds[header.fd_count++] = fd;
+  // Not close-on-exec: the new image inherits it, as it does the socket.
+  UniqueFd memfd(::memfd_create("rxio-read-ahead", 0));
+  if (!memfd) return false;
+  auto write_whole = [&](const void* data, std::size_t size) {
+    for (auto* at = static_cast<const char*>(data); size > 0;) {
+      ssize_t n = real().write(memfd.get(), at, size);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return false;
+      at += n;
+      size -= std::size_t(n);
+    }
+    return true;
+  };
+  if (!write_whole(&header, sizeof header) || !write_whole(bytes.data(), bytes.size())) return false;
+  try {
+    memfds_.reserve(memfds_.size() + 1);
+    added_ += (added_.empty() ? std::string(kAheadVariable) + "=" : ",") + std::to_string(memfd.get());
+    std::vector<char*> envp;
+    for (char* const* e = given_; e && *e; ++e)
+      if (!std::string_view(*e).starts_with(std::string(kAheadVariable) + "=")) envp.push_back(*e);
+    envp.push_back(added_.data());
+    envp.push_back(nullptr);
+    envp_ = std::move(envp);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  memfds_.push_back(std::move(memfd));
+  return true;
+}
+
+void Shim::before_exec(ExecEnvironment& env) noexcept {
+  // Bytes read ahead of the program can be given to a new image that loads the shim.
+  const bool can_carry = env.reaches_a_shim();
   // Only the sockets the new image inherits: through an fd without close-on-exec.
   std::vector<std::pair<int, Socket*>> handed;
   for (Socket* s = moved_sockets; s; s = s->moved_next) {
     // Moved; on its way back (carried through first); or back on TCP with bytes read
-    // ahead of the program, which the new image could not be given. Not what a forked
-    // child holds of its parent's connection (the parent goes on with it): a return
-    // the parent had under way at the fork, a read-ahead that may be the parent's.
+    // ahead of the program. Not what a forked child holds of its parent's connection
+    // (the parent goes on with it): a return the parent had under way at the fork, a
+    // read-ahead that may be the parent's.
     const bool read_ahead = s->mode == Socket::Mode::tcp && s->has_ahead() && !forked_child;
     const bool returning_here = s->mode == Socket::Mode::returning && !s->inherited;
     if (s->mode != Socket::Mode::rxio && !returning_here && !read_ahead) continue;
@@ -584,15 +652,28 @@ void Shim::before_exec() noexcept {
     } catch (const std::bad_alloc&) {
       break;
     }
-    // Bytes taken from the kernel before the move that the program has not read: the
-    // new image could not be given them (below).
-    if (s->mode == Socket::Mode::rxio && !s->has_ahead()) start_hand_over(fd, *s, Return::exec);
+    // The bytes the program has not read of the read-ahead come before what the peer
+    // resumes with: without a way to give them to the new image, no hand-over.
+    if (s->mode == Socket::Mode::rxio && (can_carry || !s->has_ahead())) start_hand_over(fd, *s, Return::exec);
   }
-  // Until each peer answered: the new image then reads a plain TCP stream.
+  // Until each peer answered: the new image then reads a plain TCP stream, after the
+  // read-ahead it is given.
   carry_returns(handed, std::chrono::steady_clock::now() + negotiate_timeout);
   for (auto [fd, s] : handed) {
     if (s->mode == Socket::Mode::rxio || (s->mode == Socket::Mode::tcp && s->has_ahead())) {
-      reset_connection(fd, *s, "the program executed another with bytes read ahead of it");
+      if (!can_carry) {
+        reset_connection(fd, *s, "the program executed another, which does not load the shim, with bytes read ahead of it");
+        continue;
+      }
+      std::vector<int> fds;
+      try {
+        for (int other : s->fds)
+          if (socket_of(other) == s && real().fcntl(other, F_GETFD) == 0) fds.push_back(other);
+      } catch (const std::bad_alloc&) {
+      }
+      if (s->mode != Socket::Mode::tcp || fds.empty() ||
+          !env.carry(fds, std::span<const std::byte>(s->ahead).subspan(s->ahead_read)))
+        reset_connection(fd, *s, "the bytes read ahead of the program could not be handed to the program it executed");
     } else if (s->mode == Socket::Mode::returning) {
       // A child's copy stays as it is: its parent may go on with the connection.
       if (s->back.role == Returning::Role::adopted)

@@ -29,8 +29,9 @@ void replacing(int target) noexcept;         // before dup2/dup3 onto a socket o
 int socket_error(int fd, void* value, socklen_t* length) noexcept;  // SO_ERROR
 int bytes_readable(int fd, int* count) noexcept;                     // FIONREAD
 void created(int fd) noexcept;                                       // a new TCP socket
-// Before any exec: the moved sockets the new image inherits go back to TCP (back.cc).
-void exec_prepare() noexcept;
+// Before any exec: the moved sockets the new image inherits go back to TCP, and what
+// the program had not read of them goes to the new image in `env` (back.cc).
+void exec_prepare(ExecEnvironment& env) noexcept;
 
 // Readiness (readiness.cc). poll_any and select_any serve every call, and go straight
 // to the kernel when no fd in the set is the shim's.

@@ -10,15 +10,18 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <random>
 
 #include "base/config.h"
@@ -175,6 +178,112 @@ Backend backend_of(const transport::Connection& c) {
 }  // namespace
 
 std::atomic<Shim*> Shim::current_{nullptr};
+std::atomic<bool> Shim::read_ahead_inherited_{false};
+
+namespace {
+
+// RXIO_SHIM_AHEAD as this image started with it (constant-initialized: set before any
+// other static of the library is).
+constinit std::string inherited_memfds;
+
+[[gnu::constructor]] void note_at_load() { note_inherited_read_ahead(); }
+
+// One memfd of RXIO_SHIM_AHEAD: its socket becomes the shim's, on TCP, with the bytes
+// first. Says why when it cannot; `fd` is then the socket the bytes were for, or -1.
+const char* adopt_read_ahead(Shim& sh, int memfd, int& fd) noexcept {
+  fd = -1;
+  InheritedAhead header;
+  struct stat memfd_stat {};
+  if (::fstat(memfd, &memfd_stat) != 0 || memfd_stat.st_size < static_cast<off_t>(sizeof header) ||
+      ::pread(memfd, &header, sizeof header, 0) != static_cast<ssize_t>(sizeof header) ||
+      header.magic != InheritedAhead::kMagic || header.fd_count == 0 || header.fd_count > InheritedAhead::kMaxFds ||
+      header.length != static_cast<uint64_t>(memfd_stat.st_size) - sizeof header)
+    return "it is not a read-ahead the shim wrote";
+  struct stat socket_stat {};
+  const int first = header.fds[0];
+  if (::fstat(first, &socket_stat) != 0 || !S_ISSOCK(socket_stat.st_mode) || socket_stat.st_dev != header.device ||
+      socket_stat.st_ino != header.inode)
+    return "its socket is not at the fd it was";
+  fd = first;
+  try {
+    std::vector<std::byte> bytes(static_cast<std::size_t>(header.length));
+    if (::pread(memfd, bytes.data(), bytes.size(), sizeof header) != static_cast<ssize_t>(bytes.size()))
+      return "it could not be read";
+    sh.forget(first);
+    sh.track(first);
+    Socket& s = *sh.socket_of(first);
+    s.ahead = std::move(bytes);
+    s.ahead_left = s.ahead.size();
+    if (auto tuple = tuple_of(first, false)) s.tuple = *tuple;
+    // The image before moved it; this one keeps it on TCP, as any socket it inherits.
+    s.tried = true;
+    s.mode = Socket::Mode::tcp;
+    sh.list_moved(s);  // where a later exec looks for read-aheads to hand on
+    for (uint32_t i = 1; i < header.fd_count; ++i) {
+      struct stat other {};
+      const int dup = header.fds[i];
+      if (::fstat(dup, &other) == 0 && other.st_dev == socket_stat.st_dev && other.st_ino == socket_stat.st_ino) {
+        sh.forget(dup);
+        if (!sh.name(dup, s)) return "no memory for it";
+      }
+    }
+  } catch (const std::bad_alloc&) {
+    return "no memory for it";
+  }
+  log::info("shim: fd " + std::to_string(first) + ": took in " + std::to_string(header.length) +
+            " bytes read ahead of the program by the image before");
+  return nullptr;
+}
+
+}  // namespace
+
+void note_inherited_read_ahead() noexcept {
+  const char* named = std::getenv(kAheadVariable);
+  if (!named) return;
+  try {
+    inherited_memfds = named;
+  } catch (const std::bad_alloc&) {
+    return;
+  }
+  ::unsetenv(kAheadVariable);
+  Shim::read_ahead_inherited_.store(true, std::memory_order_relaxed);
+}
+
+Shim* Shim::take_inherited_read_ahead() noexcept {
+  static std::once_flag once;
+  // Other threads wait here until the sockets are the shim's.
+  std::call_once(once, [] {
+    Inside inside;
+    try {
+      Shim& sh = get();
+      std::lock_guard lock(sh.mutex);
+      for (std::size_t at = 0; at < inherited_memfds.size();) {
+        const std::size_t end = std::min(inherited_memfds.find(',', at), inherited_memfds.size());
+        int memfd = -1;
+        const char* text = inherited_memfds.data();
+        const auto parsed = std::from_chars(text + at, text + end, memfd);
+        at = end + 1;
+        if (parsed.ec != std::errc() || parsed.ptr != text + end || memfd < 0) continue;
+        int fd = -1;
+        if (const char* why = adopt_read_ahead(sh, memfd, fd)) {
+          // The program would read on past bytes it never got: the connection ends loudly.
+          log::warn("shim: the read-ahead in fd " + std::to_string(memfd) + " from the image before: " + why +
+                    (fd >= 0 ? "; the connection is reset rather than go on with bytes missing" : ""));
+          if (fd >= 0) {
+            sockaddr unspecified{};
+            unspecified.sa_family = AF_UNSPEC;
+            real().connect(fd, &unspecified, sizeof unspecified);
+          }
+        }
+        real().close(memfd);
+      }
+    } catch (const std::exception& e) {
+      log::warn(std::string("shim: taking in the read-ahead of the image before: ") + e.what());
+    }
+    read_ahead_inherited_.store(false, std::memory_order_relaxed);
+  });
+  return current_.load(std::memory_order_acquire);
+}
 
 Shim& Shim::get() {
   // Never destroyed: other threads may still be in a call at exit.
@@ -1562,12 +1671,12 @@ bool Shim::service(bool woken) noexcept {
 
 // ---- the calls interpose.cc hands over ---------------------------------------------
 
-void exec_prepare() noexcept {
+void exec_prepare(ExecEnvironment& env) noexcept {
   Shim& sh = Shim::get();
   if (getpid() != sh.state_pid) return;  // a vfork() child: the state is its parent's
   Inside inside;
   std::lock_guard lock(sh.mutex);
-  sh.before_exec();
+  sh.before_exec(env);
 }
 
 void created(int fd) noexcept {

@@ -303,27 +303,28 @@ RXIO_EXPORT int epoll_pwait(int epfd, epoll_event* events, int count, int timeou
                      : real().epoll_pwait(epfd, events, count, timeout, mask);
 }
 
-// exec: the moved sockets the new image inherits go back to TCP first. glibc's exec
-// functions call execve inside the library, past any interposer, so each is caught.
+// exec: the moved sockets the new image inherits go back to TCP first, and bytes read
+// ahead of the program go along in the environment. glibc's exec functions call execve
+// inside the library, past any interposer, so each is caught.
 RXIO_EXPORT int execve(const char* path, char* const argv[], char* const envp[]) noexcept {
-  if (any_owned()) exec_prepare();
-  return real().execve(path, argv, envp);
+  if (!any_owned()) return real().execve(path, argv, envp);
+  ExecEnvironment env(envp);
+  exec_prepare(env);
+  return real().execve(path, argv, env.envp());
 }
-RXIO_EXPORT int execv(const char* path, char* const argv[]) noexcept {
-  if (any_owned()) exec_prepare();
-  return real().execv(path, argv);
-}
-RXIO_EXPORT int execvp(const char* file, char* const argv[]) noexcept {
-  if (any_owned()) exec_prepare();
-  return real().execvp(file, argv);
-}
+RXIO_EXPORT int execv(const char* path, char* const argv[]) noexcept { return execve(path, argv, environ); }
 RXIO_EXPORT int execvpe(const char* file, char* const argv[], char* const envp[]) noexcept {
-  if (any_owned()) exec_prepare();
-  return real().execvpe(file, argv, envp);
+  if (!any_owned()) return real().execvpe(file, argv, envp);
+  ExecEnvironment env(envp);
+  exec_prepare(env);
+  return real().execvpe(file, argv, env.envp());
 }
+RXIO_EXPORT int execvp(const char* file, char* const argv[]) noexcept { return execvpe(file, argv, environ); }
 RXIO_EXPORT int fexecve(int fd, char* const argv[], char* const envp[]) noexcept {
-  if (any_owned()) exec_prepare();
-  return real().fexecve(fd, argv, envp);
+  if (!any_owned()) return real().fexecve(fd, argv, envp);
+  ExecEnvironment env(envp);
+  exec_prepare(env);
+  return real().fexecve(fd, argv, env.envp());
 }
 
 namespace {

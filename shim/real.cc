@@ -62,8 +62,6 @@ void resolve() noexcept {
   find(table.epoll_wait, "epoll_wait");
   find(table.epoll_pwait, "epoll_pwait");
   find(table.execve, "execve");
-  find(table.execv, "execv");
-  find(table.execvp, "execvp");
   find(table.execvpe, "execvpe");
   find(table.fexecve, "fexecve");
   resolved.store(true, std::memory_order_release);

@@ -50,8 +50,6 @@ struct Real {
   int (*epoll_wait)(int, epoll_event*, int, int);
   int (*epoll_pwait)(int, epoll_event*, int, int, const sigset_t*);
   int (*execve)(const char*, char* const[], char* const[]);
-  int (*execv)(const char*, char* const[]);
-  int (*execvp)(const char*, char* const[]);
   int (*execvpe)(const char*, char* const[], char* const[]);
   int (*fexecve)(int, char* const[], char* const[]);
 };

@@ -22,6 +22,7 @@
 #include <new>
 #include <optional>
 #include <span>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -145,6 +146,49 @@ struct Returning {
   Role role = Role::resumes;
   bool hands_over() const noexcept { return role == Role::hands_to_child || role == Role::hands_to_exec; }
 };
+
+// The environment an exec passes on: the program's, plus, where an inherited socket
+// had bytes read ahead of the program, RXIO_SHIM_AHEAD naming the memfds that carry
+// them to the new image's shim (docs/shim.md, "fork and exec"). The memfds close with
+// it: the exec failed, or the new image has its copies.
+class ExecEnvironment {
+ public:
+  explicit ExecEnvironment(char* const given[]) noexcept : given_(given) {}
+  ~ExecEnvironment();
+  ExecEnvironment(const ExecEnvironment&) = delete;
+  ExecEnvironment& operator=(const ExecEnvironment&) = delete;
+
+  char* const* envp() const noexcept { return envp_.empty() ? given_ : envp_.data(); }
+  // Whether the new image loads this shim (its LD_PRELOAD names it): only then can it
+  // be given bytes.
+  bool reaches_a_shim() const noexcept;
+  // Hands `bytes` read ahead of the program on the socket `fds` name to the new image.
+  // False when it cannot (no memory, no memfd): the caller resets the connection.
+  bool carry(std::span<const int> fds, std::span<const std::byte> bytes) noexcept;
+
+ private:
+  char* const* given_;
+  std::string added_;
+  std::vector<char*> envp_;
+  std::vector<UniqueFd> memfds_;
+};
+
+// What one memfd of RXIO_SHIM_AHEAD holds: this header, then `length` bytes, which
+// the program reads on the socket (named by its device and inode) before the kernel's.
+struct InheritedAhead {
+  static constexpr uint64_t kMagic = 0x31646165686f6978ull;  // "xioheads1"
+  static constexpr int kMaxFds = 16;
+  uint64_t magic = kMagic;
+  uint64_t device = 0, inode = 0;
+  uint64_t length = 0;
+  uint32_t fd_count = 0;
+  int32_t fds[kMaxFds] = {};
+};
+inline constexpr const char* kAheadVariable = "RXIO_SHIM_AHEAD";
+
+// At load, in the new image: notes what RXIO_SHIM_AHEAD names, taken in at the first
+// call into the shim (Shim::current()); the program's own children do not see it.
+void note_inherited_read_ahead() noexcept;
 
 // What the shim knows about one TCP socket of the program. Shared by dup()s of it.
 struct Socket {
@@ -312,8 +356,15 @@ struct SwitchOutcome {
 class Shim {
  public:
   static Shim& get();  // made on first use; lives until the process ends
-  // Null until a program's first TCP socket: until then every call goes straight through.
-  static Shim* current() noexcept { return current_.load(std::memory_order_acquire); }
+  // Null until a program's first TCP socket (or its first call into the shim, when it
+  // was executed with sockets' read-ahead to take in): until then every call goes
+  // straight through.
+  static Shim* current() noexcept {
+    Shim* sh = current_.load(std::memory_order_acquire);
+    if (sh || t_inside || !read_ahead_inherited_.load(std::memory_order_relaxed)) [[likely]]
+      return sh;
+    return take_inherited_read_ahead();
+  }
 
   ShimMutex mutex{*this};
   // fd -> socket; a plain load for fds the shim never saw.
@@ -433,8 +484,9 @@ class Shim {
   void watch_resume(Socket& s, int fd) noexcept;
   void unwatch_resume(Socket& s) noexcept;
   // Before exec: every moved socket the new image inherits goes back to TCP, with the
-  // peer's answer read, so that the new image finds a plain TCP stream.
-  void before_exec() noexcept;
+  // peer's answer read, so that the new image finds a plain TCP stream; what the program
+  // had not read of it goes along in `env`.
+  void before_exec(ExecEnvironment& env) noexcept;
   // fork(): in the parent, marks the moved sockets the child holds too; in the child,
   // makes them wait for the peer's answer to the parent's hand-over.
   void after_fork_in_parent() noexcept;
@@ -531,6 +583,10 @@ class Shim {
  private:
   Shim();
   static std::atomic<Shim*> current_;
+  // Set at load when RXIO_SHIM_AHEAD names memfds; cleared once they are taken in.
+  static std::atomic<bool> read_ahead_inherited_;
+  static Shim* take_inherited_read_ahead() noexcept;
+  friend void note_inherited_read_ahead() noexcept;
   void open_board() noexcept;
   transport::Engine* engine_ = nullptr;
   uint64_t handed_over_at_ = 0;  // Engine::handled() when sleepers were last woken

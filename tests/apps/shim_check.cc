@@ -3,7 +3,7 @@
 //
 //   rxio-shim-check serve PORT              serves connections, a thread each, until killed
 //   rxio-shim-check client PORT SCENARIO... runs scenarios against it; exit 0 when right
-//                                           ("exec" ends the list: the program it executes
+//                                           ("exec" or "exec-ahead" ends the list: the program it executes
 //                                           finishes the scenario and says how all went)
 //   rxio-shim-check serve-prefork PORT N [any]  the same from N forked workers that
 //                                           accept on one listener, while the parent sleeps
@@ -11,6 +11,7 @@
 //                                           does); "any": the listener's address is 0.0.0.0
 //   rxio-shim-check serve-fd FD             (run by the server's exec-child scenario)
 //   rxio-shim-check client-after-exec FD FAILURES   (run by the client's exec scenario)
+//   rxio-shim-check client-after-exec-ahead FD FAILURES   (by its exec-ahead scenario)
 // Both use 127.0.0.1, or the IPv4 address in RXIO_SHIM_CHECK_ADDRESS (an RDMA interface's,
 // for the rdma_cm path in the Soft-RoCE guest).
 //
@@ -65,6 +66,7 @@ enum Scenario : char {
   kEcho = 'e',         // echo until EOF
   kBurst = 'b',        // writes 3 x 100 bytes, 100 ms apart, then waits for EOF
   kBurstOnAsk = 'B',   // writes 100 bytes, then 100 more for each byte the client sends
+  kCountOnAsk = 'n',   // the same, each block numbered (count_block)
   kSilent = 's',       // sends nothing, waits for EOF
   kHalfClose = 'h',    // reads to EOF, then answers with the byte count and closes
   kCloseAtOnce = 'c',  // writes 8 MiB and closes at once
@@ -190,6 +192,13 @@ void serve_duplex(int fd, std::size_t bytes) {
   write_all(fd, &verdict, 1);
 }
 
+// kCountOnAsk's block `i`: its bytes tell its place in the stream.
+std::vector<unsigned char> count_block(uint8_t i) {
+  std::vector<unsigned char> block(kRoundBytes);
+  for (std::size_t j = 0; j < block.size(); ++j) block[j] = static_cast<unsigned char>((i * kRoundBytes + j) % 251);
+  return block;
+}
+
 // kInetd and kExecChild: a child goes on with the connection, the parent lets go of it.
 void hand_to_child(int fd, char scenario) {
   std::vector<unsigned char> message(kRoundBytes);
@@ -247,6 +256,13 @@ void serve_connection(int fd) {
       for (ssize_t n = 1; n > 0 && write_all(fd, buffer.data(), 100); n = ::read(fd, buffer.data() + 100, 1)) {
       }
       break;
+    case kCountOnAsk: {
+      uint8_t block = 0;
+      for (ssize_t n = 1; n > 0 && write_all(fd, count_block(block++).data(), kRoundBytes);
+           n = ::read(fd, buffer.data(), 1)) {
+      }
+      break;
+    }
     case kSilent:
       while (::read(fd, buffer.data(), buffer.size()) > 0) {
       }
@@ -830,6 +846,33 @@ int after_exec(int fd) {
   return failures;
 }
 
+// A move that takes in bytes the server wrote over TCP before it, which the program
+// has not read when it executes itself: the new image reads them first, then the rest
+// (client-after-exec-ahead).
+void exec_with_read_ahead() {
+  int fd = dial(kCountOnAsk);
+  // Block 0 waits in the kernel; the next call moves the connection, which takes it in.
+  pollfd ready{fd, POLLIN, 0};
+  CHECK(::poll(&ready, 1, 10000) == 1);
+  CHECK(write_all(fd, "1", 1));  // block 1 follows, over the move
+  std::fflush(stdout);
+  const std::string number = std::to_string(fd), so_far = std::to_string(failures);
+  ::execl("/proc/self/exe", "rxio-shim-check", "client-after-exec-ahead", number.c_str(), so_far.c_str(),
+          static_cast<char*>(nullptr));
+  CHECK(!"exec");
+}
+
+int after_exec_ahead(int fd) {
+  for (uint8_t i = 0; i < 3; ++i) {
+    std::vector<unsigned char> block(kRoundBytes);
+    CHECK(read_all(fd, block.data(), block.size()));
+    CHECK(block == count_block(i));
+    if (i == 1) CHECK(write_all(fd, "2", 1));
+  }
+  ::close(fd);
+  return failures;
+}
+
 // Echo round trips of up to 64 KiB, every byte checked, for `seconds`; `until_gone`:
 // a peer that goes away ends it well, with an error or the end of the stream (never a
 // wrong byte, never a hang).
@@ -876,6 +919,7 @@ const std::map<std::string, std::function<void()>> kScenarios = {
     {"inetd", inetd_child},
     {"exec-child", exec_child},
     {"exec", exec_mid_stream},
+    {"exec-ahead", exec_with_read_ahead},
     {"steady", [] { steady(4, false); }},
     {"steady-long", [] { steady(12, false); }},
     {"steady-until-gone", [] { steady(30, true); }},
@@ -892,11 +936,12 @@ int main(int argc, char** argv) {
     serve_duplex(std::atoi(argv[2]), kDuplexBytes);
     return 0;
   }
-  if (argc >= 4 && std::string(argv[1]) == "client-after-exec") {
+  if (argc >= 4 && (std::string(argv[1]) == "client-after-exec" || std::string(argv[1]) == "client-after-exec-ahead")) {
     const int before = std::atoi(argv[3]);
     failures = before;
-    after_exec(std::atoi(argv[2]));
-    std::printf("exec: %s\n", failures == before ? "ok" : "FAILED");
+    const bool ahead = std::string(argv[1]) == "client-after-exec-ahead";
+    (ahead ? after_exec_ahead : after_exec)(std::atoi(argv[2]));
+    std::printf("%s: %s\n", ahead ? "exec-ahead" : "exec", failures == before ? "ok" : "FAILED");
     return failures == 0 ? 0 : 1;
   }
   if (argc >= 4 && std::string(argv[1]) == "client") {

@@ -86,6 +86,23 @@ TEST_P(ShimCheck, BehavesAsTcp) {
   EXPECT_TRUE(server.stop()) << server.output();
 }
 
+// A client executes itself while its moved connection holds bytes the server wrote
+// over TCP before the move, which the program has not read: the move took them in
+// (the client moves at its second call, after they came). The new image is given them
+// and reads them first, then the rest of the stream, every byte in its place.
+TEST_P(ShimCheck, ExecHandsOnTheReadAhead) {
+  std::string port;
+  Process server = start_server(port);
+  ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+  Result result = run(client_command(port, "exec-ahead", "RXIO_LOG=info RXIO_SHIM_MOVE_AFTER=2"), 60s);
+  EXPECT_TRUE(result.exited_0) << result.output;
+  EXPECT_NE(result.output.find("exec-ahead: ok"), std::string::npos) << result.output;
+  if (GetParam() == Shimmed::both) {
+    EXPECT_NE(result.output.find("took in 100 bytes read ahead of the program"), std::string::npos) << result.output;
+  }
+  EXPECT_TRUE(server.stop()) << server.output();
+}
+
 // Three pre-forked workers accept on one listener while their parent sleeps outside
 // the socket calls (nginx's master does): whichever process a client's request reaches
 // sends it on to the worker that accepted the connection, and that worker moves it
