@@ -336,20 +336,6 @@ void Shim::start_return(int fd, Socket& s, Return reason) noexcept {
   r.resume = negotiation::encode(negotiation::Resume{r.next, r.end - r.next});
   if (why) reset_connection(fd, s, why);
 
-  // The kernel tells readiness again, for every fd (dup) that names the socket.
-  for (int ep : s.epolls) {
-    EpollSet* set = epoll_of(ep);
-    if (!set) continue;
-    for (auto& [watched, interest] : set->interests) {
-      // A one-shot that fired stays out until the program re-arms it (EPOLL_CTL_MOD):
-      // the kernel would take it for armed.
-      if (interest.in_kernel || interest.disarmed || socket_of(watched) != &s) continue;
-      epoll_event ev{};
-      ev.events = interest.events;
-      ev.data = interest.data;
-      if (real().epoll_ctl(ep, EPOLL_CTL_ADD, watched, &ev) == 0 || errno == EEXIST) interest.in_kernel = true;
-    }
-  }
   go_on_returning(fd, s);
   wake_sleepers();
 }
@@ -907,13 +893,35 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
     }
     s.mode = Socket::Mode::tcp;
     s.kept.clear();
+    give_interests_to_kernel(s);
     after_return(s);
     wake_sleepers();
     return;
   }
-  // Woken without the program: by the client's Resume while the server waits for it,
-  // and by room for kept bytes that wait.
-  watch_return(fd, s, (may_write ? 0u : uint32_t{EPOLLIN}) | (may_write && !r.out_done ? uint32_t{EPOLLOUT} : 0u));
+  // Carried on without the program: its epoll sets do not watch the socket until it
+  // is back (the peer's Resume is not the program's to read), so the wait set watches
+  // for the rest of what comes in, and for room for kept bytes that wait.
+  watch_return(fd, s, (r.in_done ? 0u : uint32_t{EPOLLIN}) | (may_write && !r.out_done ? uint32_t{EPOLLOUT} : 0u));
+}
+
+void Shim::give_interests_to_kernel(Socket& s) noexcept {
+  // Not while bytes read ahead wait, which the kernel cannot see (collect() in
+  // readiness.cc reports the socket until the program has read them).
+  if (s.has_ahead()) return;
+  // Every fd (dup) that names the socket.
+  for (int ep : s.epolls) {
+    EpollSet* set = epoll_of(ep);
+    if (!set) continue;
+    for (auto& [watched, interest] : set->interests) {
+      // A one-shot that fired stays out until the program re-arms it (EPOLL_CTL_MOD):
+      // the kernel would take it for armed.
+      if (interest.in_kernel || interest.disarmed || socket_of(watched) != &s) continue;
+      epoll_event ev{};
+      ev.events = interest.events;
+      ev.data = interest.data;
+      if (real().epoll_ctl(ep, EPOLL_CTL_ADD, watched, &ev) == 0 || errno == EEXIST) interest.in_kernel = true;
+    }
+  }
 }
 
 bool Shim::may_move_again(const Socket& s) const noexcept {

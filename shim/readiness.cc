@@ -10,8 +10,10 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <vector>
@@ -143,10 +145,16 @@ int poll_any(pollfd* fds, nfds_t count, int timeout_ms, const sigset_t* mask) no
       kernel.data()[i].revents = 0;
       fds[i].revents = 0;
       Socket* s = sh.socket_of(fds[i].fd);
+      if (s && s->mode == Socket::Mode::returning && !s->inherited) sh.go_on_returning(fds[i].fd, *s);
       if (s && s->mode == Socket::Mode::rxio) {
         kernel.data()[i].fd = -1;
         any_rxio = true;
         fds[i].revents = static_cast<short>(readiness(*s) & (fds[i].events | POLLERR | POLLHUP));
+        ready += fds[i].revents != 0;
+      } else if (s && s->kernel_blind()) {
+        // On its way back, which the wait set carries on: ready for its read-ahead only.
+        kernel.data()[i].fd = -1;
+        fds[i].revents = static_cast<short>(s->has_ahead() ? fds[i].events & (POLLIN | POLLRDNORM) : 0);
         ready += fds[i].revents != 0;
       } else if (fds[i].fd >= 0) {
         any_kernel = true;
@@ -248,7 +256,8 @@ int epoll_control(int epfd, int op, int fd, epoll_event* event) noexcept {
     sh.epoll_fds.push_back(epfd);
   }
   auto it = set->interests.find(fd);
-  const bool rxio = s->mode == Socket::Mode::rxio;
+  // Whose readiness the shim tells (collect()).
+  const bool rxio = s->kernel_blind() || s->has_ahead();
   // The kernel's checks, in its order, for the sockets it no longer sees.
   const bool known = it != set->interests.end();
   if (op == EPOLL_CTL_ADD || op == EPOLL_CTL_MOD || op == EPOLL_CTL_DEL) {
@@ -318,9 +327,9 @@ void epoll_closed(int epfd) noexcept {
 
 namespace {
 
-// The rxio sockets of `set` that are ready, as epoll reports them. With no `events`,
-// only counts them and changes nothing.
-int collect(Shim& sh, EpollSet& set, epoll_event* events, int max) noexcept {
+// The sockets of `set` whose readiness the shim tells that are ready, as epoll
+// reports them. With no `events`, only counts them and changes nothing.
+int collect(Shim& sh, EpollSet& set, int epfd, epoll_event* events, int max) noexcept {
   const bool look_only = events == nullptr;
   int n = 0;
   for (auto& [fd, interest] : set.interests) {
@@ -332,14 +341,25 @@ int collect(Shim& sh, EpollSet& set, epoll_event* events, int max) noexcept {
     if (s->mode == Socket::Mode::rxio && !interest.in_kernel) {
       ready = to_epoll(readiness(*s)) & (interest.events | EPOLLERR | EPOLLHUP);
     } else if (s->has_ahead() && (s->mode == Socket::Mode::tcp || s->mode == Socket::Mode::returning)) {
-      // Bytes a switch that did not happen took from the kernel, which no longer
-      // reports them.
+      // Bytes taken from the kernel (by a switch, or a return), which no longer reports
+      // them: the shim tells the socket's readiness until the program has read them,
+      // the kernel's part too, rather than have the kernel report it a second time.
+      if (interest.in_kernel && !look_only && real().epoll_ctl(epfd, EPOLL_CTL_DEL, fd, nullptr) == 0)
+        interest.in_kernel = false;
       ready = interest.events & EPOLLIN;
+      if (s->mode == Socket::Mode::tcp && (interest.events & ~uint32_t{EPOLLIN})) {
+        pollfd kernel{fd, static_cast<short>(interest.events & ~uint32_t{EPOLLIN | EPOLLET | EPOLLONESHOT}), 0};
+        if (real().poll(&kernel, 1, 0) == 1) ready |= to_epoll(kernel.revents) & (interest.events | EPOLLERR | EPOLLHUP);
+      }
     } else {
       continue;
     }
     if (interest.events & EPOLLET) {
-      uint64_t seen = s->connection ? s->connection->stream_events() : s->ahead.size();
+      // Behind a read-ahead, bytes that come into the kernel make an edge too (they
+      // cannot be read before it).
+      int queued = 0;
+      if (!s->connection && s->mode == Socket::Mode::tcp) real().ioctl(fd, FIONREAD, &queued);
+      const uint64_t seen = s->connection ? s->connection->stream_events() : s->ahead.size() + uint64_t(std::max(queued, 0));
       // An edge: a readiness bit that was not there, or bytes that came since.
       bool edge = ready && ((ready & ~interest.reported) || seen != interest.reported_at);
       if (look_only) {
@@ -389,7 +409,7 @@ void prepare_outer_wait(Shim& sh) noexcept {
   sh.progress();
   for (int ep : sh.epoll_fds) {
     EpollSet* set = sh.epoll_of(ep);
-    if (!set || collect(sh, *set, nullptr, 1 << 30) == 0) continue;
+    if (!set || collect(sh, *set, ep, nullptr, 1 << 30) == 0) continue;
     uint64_t one = 1;
     [[maybe_unused]] ssize_t w = real().write(set->pending.get(), &one, sizeof one);
   }
@@ -420,8 +440,8 @@ int epoll_wait_any(int epfd, epoll_event* events, int max, int timeout_ms, const
   for (;;) {
     sh.progress();
     bool any_rxio = false;
-    for (auto& [fd, interest] : set->interests) any_rxio |= !interest.in_kernel;
-    int n = collect(sh, *set, events, max);
+    for (auto& [fd, interest] : set->interests) any_rxio |= !interest.in_kernel && !interest.disarmed;
+    int n = collect(sh, *set, epfd, events, max);
     bool woke = false;
     if (n < max) {
       int got = real().epoll_wait(epfd, events + n, max - n, 0);

@@ -257,6 +257,13 @@ struct Socket {
   bool listed = false;
 
   bool has_ahead() const noexcept { return ahead_left.load(std::memory_order_relaxed) > 0; }
+  // Whose readiness the shim tells, not the kernel: carried by rxio, or on its way back
+  // here (the kernel's bytes may be the peer's Resume, or bytes the program has read).
+  // A return the parent had under way at a fork is the parent's to carry.
+  bool kernel_blind() const noexcept {
+    const Mode m = mode.load(std::memory_order_relaxed);
+    return m == Mode::rxio || (m == Mode::returning && !inherited);
+  }
   // Back to a fresh socket, for the next fd: Socket objects are reused, never freed,
   // so that the fast path may read one it found in the table without the mutex.
   void reset() noexcept;
@@ -302,7 +309,7 @@ struct EpollSet {
   struct Interest {
     uint32_t events = 0;
     epoll_data_t data{};
-    bool in_kernel = true;         // the kernel watches it (every mode but rxio)
+    bool in_kernel = true;         // the kernel watches it (on TCP, and back there)
     bool disarmed = false;         // EPOLLONESHOT fired
     uint64_t reported_at = ~0ull;  // edge-triggered: stream_events() when last reported
     uint32_t reported = 0;         // edge-triggered: the events then
@@ -499,6 +506,10 @@ class Shim {
   // rather than as a link that failed.
   void at_exit() noexcept;
   void go_on_returning(int fd, Socket& s) noexcept;
+  // Back on TCP, with nothing read ahead left: the program's epoll sets watch the
+  // socket in the kernel again (a one-shot that fired meanwhile once the program
+  // re-arms it).
+  void give_interests_to_kernel(Socket& s) noexcept;
   // A return is through: the socket stays on TCP, or may move again (a link failed
   // under it, and the same two processes go on).
   void after_return(Socket& s) noexcept;

@@ -28,8 +28,8 @@ class ShimCheck : public AppTest {
     return "env " + settings + " " + client_prefix() + quote(env("RXIO_SHIM_CHECK")) + " client " + port + " " +
            scenarios;
   }
-  // Every scenario against `server`, each said to be ok.
-  void run_scenarios(const std::string& port) {
+  // Every scenario against `server`, each said to be ok; `settings` for the client.
+  void run_scenarios(const std::string& port, const std::string& settings = "") {
     // "exec" ends the list: the program it executes finishes it.
     const std::vector<std::string> scenarios = {"echo",         "fork",    "epoll",   "select", "flags",
                                                 "half-close",   "close-in-flight",  "refused",
@@ -38,7 +38,7 @@ class ShimCheck : public AppTest {
                                                 "exec-child",   "exec"};
     std::string names;
     for (const auto& s : scenarios) names += " " + s;
-    Result result = run(client_command(port, names), 120s);
+    Result result = run(client_command(port, names, settings), 120s);
     EXPECT_TRUE(result.exited_0) << result.output;
     for (const auto& s : scenarios) EXPECT_NE(result.output.find(s + ": ok"), std::string::npos) << result.output;
   }
@@ -192,9 +192,8 @@ TEST_P(ShimDefaults, MovesOnlyConnectionsThatLast) {
 // TCP, and the programs finish with every byte right: 8 MiB each way on one
 // connection, then 1 MiB each way on each of 32 connections of one link at once. The
 // fault comes at the 300th slot a link writes: with the data, after the moves (a link
-// that fails between a client's Confirm and the server's Switched resets the
-// connection instead: docs/shim.md). The connections stay on TCP after (moving again
-// has a test of its own).
+// that fails inside a switch has a test of its own). The connections stay on TCP
+// after (moving again has a test of its own too).
 class ShimReturns : public ShimCheck {
  protected:
   void run_with_fault(const std::string& server_env, const std::string& client_env) {
@@ -222,6 +221,22 @@ class ShimReturns : public ShimCheck {
 // Links that fail inside switches, against one server: had it switched, the connection
 // goes back to TCP at once; had it not, it stays there.
 TEST_P(ShimReturns, LinkFailsInsideTheSwitch) { many_with_links_failing_in_switches("serve", ""); }
+
+// Every scenario while links fail within a few slots (the server's at their third,
+// then the client's at their fourth), the connections moving again onto new links that
+// fail in turn: each behaves as over TCP, poll, select and epoll (level, edge,
+// one-shot) included, while its connection goes back.
+TEST_P(ShimReturns, EveryScenarioWhileLinksFail) {
+  for (const auto& [server_env, client_env] :
+       {std::pair<std::string, std::string>{"RXIO_FAULT_LINK_AFTER=3", ""}, {"", "RXIO_FAULT_LINK_AFTER=4"}}) {
+    SCOPED_TRACE("server: " + server_env + ", client: " + client_env);
+    std::string port;
+    Process server = start_server(port, "serve", "", server_env);
+    ASSERT_TRUE(wait_listening(server, std::stoi(port)));
+    run_scenarios(port, client_env);
+    EXPECT_TRUE(server.stop()) << server.output();
+  }
+}
 
 TEST_P(ShimReturns, ServerLinkFailsMidStream) { run_with_fault("RXIO_FAULT_LINK_AFTER=300", "RXIO_FAULT_LINK_AFTER=0"); }
 
