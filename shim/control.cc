@@ -924,47 +924,30 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
     int asked = 0;
     UniqueFd unix_fd;
     for (;;) {
-      if (!unix_fd) {
-        unix_fd.reset(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-        if (!unix_fd) return fall_back(fd, Fallback::no_backend);
-        socklen_t length = 0;
-        sockaddr_un where = abstract_address(tuple->server.port, length, target);
-        if (real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0) {
-          if (errno == EAGAIN) return fall_back(fd, Fallback::timeout);  // its backlog is full
-          if (target) return fall_back(fd, Fallback::peer_refused);     // the process named went
+      std::array<std::byte, 64> buffer;
+      ++s.holds;
+      const UnixReply reply = ask_over_unix(unix_fd, tuple->server.port, target, negotiation::encode(request).span(),
+                                            fd, s, buffer, deadline, lock);
+      release(&s);
+      using Outcome = UnixReply::Outcome;
+      switch (reply.outcome) {
+        case Outcome::gone: return;
+        case Outcome::no_socket: return fall_back(fd, Fallback::no_backend);
+        case Outcome::backlog: return fall_back(fd, Fallback::timeout);
+        case Outcome::no_endpoint:
+          if (target) return fall_back(fd, Fallback::peer_refused);  // the process named went
           no_shim[key] = Clock::now() + kNoShimMemory;
           return fall_back(fd, Fallback::no_peer_shim);
-        }
-        ucred cred{};
-        socklen_t cred_length = sizeof cred;
-        if (real().getsockopt(unix_fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 ||
-            cred.pid == getpid())
-          // Our own listener: its engine cannot answer while this thread waits in it.
-          return fall_back(fd, Fallback::not_supported);
+        case Outcome::ours: return fall_back(fd, Fallback::not_supported);
+        case Outcome::unsent: return fall_back(fd, Fallback::peer_refused);
+        default: break;
       }
-      if (!send_all(unix_fd.get(), negotiation::encode(request).span(), fd))
-        return fall_back(fd, Fallback::peer_refused);
       ++asked;
-      // The answer, waited for without the mutex so that this process's other threads go on.
-      std::array<std::byte, 64> buffer;
-      ssize_t n = -1;
-      auto spin_until = Clock::now() + poll_time;
-      ++s.holds;
-      for (;;) {
-        n = receive_message(unix_fd.get(), buffer, nullptr);
-        if (n >= 0 || n == -2 || errno != EAGAIN) break;
-        auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
-        if (left <= 0) break;
-        pollfd p{unix_fd.get(), POLLIN, 0};
-        lock.unlock();
-        real().poll(&p, 1, Clock::now() < spin_until ? 0 : static_cast<int>(left));
-        lock.lock();
-      }
-      bool gone = s.gone;
-      release(&s);
-      if (gone) return;
-      if (n >= 0) answer = negotiation::decode_answer(std::span(buffer.data(), std::size_t(n)));
-      why = n == -2 || n >= 0 ? Fallback::bad_message : errno == EAGAIN ? Fallback::timeout : Fallback::peer_refused;
+      if (reply.outcome == Outcome::replied) answer = negotiation::decode_answer(std::span(buffer).first(reply.length));
+      why = reply.outcome == Outcome::replied || reply.outcome == Outcome::ended || reply.outcome == Outcome::too_long
+                ? Fallback::bad_message
+            : reply.outcome == Outcome::timeout ? Fallback::timeout
+                                                : Fallback::peer_refused;
       if (answer && answer->redirect && target == 0) {
         target = answer->redirect;
         answer.reset();
@@ -973,7 +956,7 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
       }
       // The connection ended without an answer: ask again, on a new one. (After the
       // server forked, an answer has been seen to go missing now and then.)
-      const bool unanswered = n == 0 && Clock::now() < deadline && asked < 64;
+      const bool unanswered = reply.outcome == Outcome::ended && Clock::now() < deadline && asked < 64;
       if (unanswered) unix_fd.reset();
       if (unanswered || not_yet(answer)) {
         // No process has accepted it yet: a moment, then ask again.
@@ -1117,36 +1100,56 @@ std::optional<negotiation::Notice> Shim::ask_where_the_switch_stands(int fd, Soc
                                                                       negotiation::decode_notice);
   }
   // The listener's endpoint (or the process that answered the request, after a
-  // redirect), on a new connection: it reads the TCP socket's ends from the socket
-  // itself, as for a request. Another process of a listener shared after fork sends
-  // the Query on to the one that holds the connection, once.
+  // redirect), on a new connection, as for a request. Another process of a listener
+  // shared after fork sends the Query on to the one that holds the connection, once.
   for (int hops = 0; hops < 2; ++hops) {
-    UniqueFd unix_fd(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-    socklen_t length = 0;
-    sockaddr_un where = abstract_address(query.tuple.server.port, length, target);
-    if (!unix_fd || real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0 ||
-        !send_all(unix_fd.get(), negotiation::encode(query).span(), fd))
-      return std::nullopt;
+    UniqueFd unix_fd;
     std::array<std::byte, 64> buffer;
-    ssize_t n = -1;
-    for (;;) {
-      n = receive_message(unix_fd.get(), buffer, nullptr);
-      if (n >= 0) break;
-      auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
-      if (n == -2 || errno != EAGAIN || left <= 0 || s.gone) return std::nullopt;
-      // Without the mutex, so that this process's other threads go on.
-      pollfd p{unix_fd.get(), POLLIN, 0};
-      lock.unlock();
-      real().poll(&p, 1, static_cast<int>(left));
-      lock.lock();
-    }
-    const auto reply = std::span<const std::byte>(buffer.data(), std::size_t(n));
-    if (auto notice = negotiation::decode_notice(reply)) return notice;
-    auto redirect = negotiation::decode_answer(reply);
+    const UnixReply reply = ask_over_unix(unix_fd, query.tuple.server.port, target, negotiation::encode(query).span(),
+                                          fd, s, buffer, deadline, lock);
+    if (reply.outcome != UnixReply::Outcome::replied) return std::nullopt;
+    const auto bytes = std::span<const std::byte>(buffer).first(reply.length);
+    if (auto notice = negotiation::decode_notice(bytes)) return notice;
+    auto redirect = negotiation::decode_answer(bytes);
     if (!redirect || !redirect->redirect || target) return std::nullopt;
     target = redirect->redirect;
   }
   return std::nullopt;
+}
+
+Shim::UnixReply Shim::ask_over_unix(UniqueFd& unix_fd, uint16_t port, uint32_t target,
+                                    std::span<const std::byte> message, int fd, Socket& s, std::span<std::byte> reply,
+                                    Clock::time_point deadline, std::unique_lock<ShimMutex>& lock) noexcept {
+  using Outcome = UnixReply::Outcome;
+  if (!unix_fd) {
+    unix_fd.reset(real().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (!unix_fd) return {Outcome::no_socket};
+    socklen_t length = 0;
+    sockaddr_un where = abstract_address(port, length, target);
+    if (real().connect(unix_fd.get(), reinterpret_cast<sockaddr*>(&where), length) != 0)
+      return {errno == EAGAIN ? Outcome::backlog : Outcome::no_endpoint};
+    ucred cred{};
+    socklen_t cred_length = sizeof cred;
+    if (real().getsockopt(unix_fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &cred_length) != 0 || cred.pid == getpid())
+      return {Outcome::ours};
+  }
+  if (!send_all(unix_fd.get(), message, fd)) return {Outcome::unsent};
+  // Without the mutex, so that this process's other threads go on.
+  const auto spin_until = Clock::now() + poll_time;
+  for (;;) {
+    const ssize_t n = receive_message(unix_fd.get(), reply, nullptr);
+    if (n > 0) return {Outcome::replied, std::size_t(n)};
+    if (n == 0) return {Outcome::ended};
+    if (n == -2) return {Outcome::too_long};
+    if (errno != EAGAIN) return {Outcome::failed};
+    const auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+    if (left <= 0) return {Outcome::timeout};
+    pollfd p{unix_fd.get(), POLLIN, 0};
+    lock.unlock();
+    real().poll(&p, 1, Clock::now() < spin_until ? 0 : static_cast<int>(left));
+    lock.lock();
+    if (s.gone) return {Outcome::gone};
+  }
 }
 
 // ---- the server side ---------------------------------------------------------------

@@ -551,6 +551,30 @@ class Shim {
   // A client's connection that is due to move: negotiates and switches, or leaves it
   // on TCP with the reason counted.
   void move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) noexcept;
+  // One ask of a local server's shim, at the negotiation endpoint of `port` (process
+  // `target`'s own, if not 0), on `unix_fd`, connected first when it is not: sends
+  // `message` with the TCP socket `fd` (the server reads the connection's ends from it)
+  // and waits for the reply without the mutex until `deadline`. `s` is held
+  // (Socket::holds) by the caller.
+  struct UnixReply {
+    enum class Outcome : uint8_t {
+      replied,     // `length` bytes in the reply buffer
+      ended,       // the server's side closed without a reply
+      no_socket,   // no unix socket to be had
+      backlog,     // the endpoint's backlog is full
+      no_endpoint, // nothing listens there (the process named went)
+      ours,        // this process's own endpoint, which cannot answer while it waits
+      unsent,      // the message did not go
+      too_long,    // a reply longer than any message
+      timeout,
+      failed,      // the connection failed
+      gone,        // the program closed the socket meanwhile
+    } outcome;
+    std::size_t length = 0;
+  };
+  UnixReply ask_over_unix(UniqueFd& unix_fd, uint16_t port, uint32_t target, std::span<const std::byte> message, int fd,
+                          Socket& s, std::span<std::byte> reply, std::chrono::steady_clock::time_point deadline,
+                          std::unique_lock<ShimMutex>& lock) noexcept;
   // The server's word on a switch (Switched or Abort), asked for with a Query where the
   // engine connection failed before it came; nullopt when the server cannot say. `s`
   // is held (Socket::holds) by the caller: a local Query waits without the mutex (an
