@@ -727,7 +727,8 @@ void forked_children_close_their_copies() {
 }
 
 // A socket that two fds name when it moves, watched by epoll through the second: both
-// keep working, and epoll reports the moved socket's bytes.
+// keep working, and epoll reports the moved socket's bytes; then one is closed, and the
+// other goes on.
 void dup_then_move() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in address = server_address(g_port);
@@ -756,8 +757,19 @@ void dup_then_move() {
     }
     CHECK(in == out);
   }
+  // One fd closed, the other goes on (where links fail every few slots, this close can
+  // come while the connection goes back to TCP).
   ::close(ep);
   ::close(copy);
+  for (int i = 20; i < 30; ++i) {
+    auto out = random_bytes(100 + 37 * static_cast<std::size_t>(i), 50 + static_cast<uint64_t>(i));
+    CHECK(write_all(fd, out.data(), out.size()));
+    std::vector<unsigned char> in(out.size());
+    pollfd ready{fd, POLLIN, 0};
+    CHECK(::poll(&ready, 1, 5000) == 1);
+    CHECK(read_all(fd, in.data(), in.size()));
+    CHECK(in == out);
+  }
   ::close(fd);
 }
 
