@@ -833,17 +833,21 @@ void served_by_a_child(char scenario) {
 void inetd_child() { served_by_a_child(kInetd); }
 void exec_child() { served_by_a_child(kExecChild); }
 
+// Executes this program as `mode` on the connection `fd`, with the failures so far.
+void exec_self_on(int fd, const char* mode) {
+  std::fflush(stdout);
+  const std::string number = std::to_string(fd), so_far = std::to_string(failures);
+  ::execl("/proc/self/exe", "rxio-shim-check", mode, number.c_str(), so_far.c_str(), static_cast<char*>(nullptr));
+  CHECK(!"exec");
+}
+
 // Half of a duplex connection each way here, the move among it, then the program
 // executes itself, and the new image does the rest (client-after-exec).
 void exec_mid_stream() {
   int fd = dial(kDuplex);
   CHECK(write_stream(fd, kClientSeed, kDuplexBytes / 2));
   CHECK(read_stream(fd, kServerSeed, kDuplexBytes / 2));
-  std::fflush(stdout);
-  const std::string number = std::to_string(fd), so_far = std::to_string(failures);
-  ::execl("/proc/self/exe", "rxio-shim-check", "client-after-exec", number.c_str(), so_far.c_str(),
-          static_cast<char*>(nullptr));
-  CHECK(!"exec");
+  exec_self_on(fd, "client-after-exec");
 }
 
 int after_exec(int fd) {
@@ -867,11 +871,7 @@ void exec_with_read_ahead() {
   pollfd ready{fd, POLLIN, 0};
   CHECK(::poll(&ready, 1, 10000) == 1);
   CHECK(write_all(fd, "1", 1));  // block 1 follows, over the move
-  std::fflush(stdout);
-  const std::string number = std::to_string(fd), so_far = std::to_string(failures);
-  ::execl("/proc/self/exe", "rxio-shim-check", "client-after-exec-ahead", number.c_str(), so_far.c_str(),
-          static_cast<char*>(nullptr));
-  CHECK(!"exec");
+  exec_self_on(fd, "client-after-exec-ahead");
 }
 
 int after_exec_ahead(int fd) {
