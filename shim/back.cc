@@ -5,6 +5,7 @@
 // before writing, so nothing here blocks: the program's calls (and the shim's service)
 // carry it on as far as the TCP socket lets them.
 #include <dlfcn.h>
+#include <elf.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/epoll.h>
@@ -197,6 +198,16 @@ const char* read_in(int fd, Socket& s) noexcept {
   return nullptr;
 }
 
+}  // namespace
+
+void disconnect(int fd) noexcept {
+  sockaddr unspecified{};
+  unspecified.sa_family = AF_UNSPEC;
+  real().connect(fd, &unspecified, sizeof unspecified);
+}
+
+namespace {
+
 // Ends a connection that cannot go on without bytes missing or twice: the kernel's
 // disconnect resets it, and the program's calls fail with ECONNRESET.
 void reset_connection(int fd, Socket& s, const char* why) noexcept {
@@ -204,9 +215,7 @@ void reset_connection(int fd, Socket& s, const char* why) noexcept {
             s.tuple.server.to_string() + "): " + why +
             "; the connection is reset rather than go on with bytes missing or twice");
   s.broken = true;
-  sockaddr unspecified{};
-  unspecified.sa_family = AF_UNSPEC;
-  real().connect(fd, &unspecified, sizeof unspecified);
+  disconnect(fd);
   s.back.in_done = s.back.out_done = true;
 }
 
@@ -556,7 +565,69 @@ ExecEnvironment::~ExecEnvironment() {
   errno = saved;
 }
 
+namespace {
+
+// Whether ld.so starts the image open at `fd` and honours LD_PRELOAD there: a dynamic
+// ELF (one with an interpreter) or a script (whose interpreter is, as a rule), and not
+// setuid or setgid (secure execution loads no preload from a path).
+template <typename Header, typename ProgramHeader>
+bool has_interpreter(int fd, const Header& header) noexcept {
+  if (header.e_phentsize != sizeof(ProgramHeader)) return false;
+  for (unsigned i = 0; i < header.e_phnum; ++i) {
+    ProgramHeader program{};
+    if (::pread(fd, &program, sizeof program, static_cast<off_t>(header.e_phoff + i * sizeof program)) !=
+        static_cast<ssize_t>(sizeof program))
+      return false;
+    if (program.p_type == PT_INTERP) return true;
+  }
+  return false;
+}
+
+bool honours_preload(int fd) noexcept {
+  struct stat st {};
+  if (fd < 0 || ::fstat(fd, &st) != 0 || (st.st_mode & (S_ISUID | S_ISGID))) return false;
+  Elf64_Ehdr header{};
+  const ssize_t n = ::pread(fd, &header, sizeof header, 0);
+  if (n >= 2 && header.e_ident[0] == '#' && header.e_ident[1] == '!') return true;
+  if (n < static_cast<ssize_t>(sizeof(Elf32_Ehdr)) || std::memcmp(header.e_ident, ELFMAG, SELFMAG) != 0) return false;
+  if (header.e_ident[EI_CLASS] == ELFCLASS64)
+    return n == static_cast<ssize_t>(sizeof header) && has_interpreter<Elf64_Ehdr, Elf64_Phdr>(fd, header);
+  Elf32_Ehdr narrow{};
+  std::memcpy(&narrow, &header, sizeof narrow);
+  return header.e_ident[EI_CLASS] == ELFCLASS32 && has_interpreter<Elf32_Ehdr, Elf32_Phdr>(fd, narrow);
+}
+
+}  // namespace
+
+bool image_honours_preload(int fd) noexcept { return honours_preload(fd); }
+
+bool image_honours_preload(const char* file, bool search_path) noexcept {
+  auto at = [](const std::string& path) {
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    return honours_preload(fd.get());
+  };
+  try {
+    if (!file || !*file) return false;
+    if (!search_path || std::strchr(file, '/')) return at(file);
+    // As execvp looks: each PATH entry in turn (an empty one is the current directory).
+    const char* path = std::getenv("PATH");
+    std::string_view dirs = path ? path : "/bin:/usr/bin";
+    for (;;) {
+      const std::size_t end = std::min(dirs.find(':'), dirs.size());
+      std::string candidate(dirs.substr(0, end));
+      candidate += candidate.empty() ? "" : "/";
+      candidate += file;
+      if (::access(candidate.c_str(), X_OK) == 0) return at(candidate);
+      if (end == dirs.size()) return false;
+      dirs.remove_prefix(end + 1);
+    }
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+}
+
 bool ExecEnvironment::reaches_a_shim() const noexcept {
+  if (!image_honours_preload_) return false;
   Dl_info self{};
   if (!dladdr(reinterpret_cast<const void*>(&note_inherited_read_ahead), &self) || !self.dli_fname) return false;
   auto base = [](std::string_view path) { return path.substr(path.find_last_of('/') + 1); };
@@ -584,7 +655,7 @@ bool ExecEnvironment::carry(std::span<const int> fds, std::span<const std::byte>
   header.length = bytes.size();
   for (int fd : fds.first(std::min<std::size_t>(fds.size(), InheritedAhead::kMaxFds))) header.fds[header.fd_count++] = fd;
   // Not close-on-exec: the new image inherits it, as it does the socket.
-  UniqueFd memfd(::memfd_create("rxio-read-ahead", 0));
+  UniqueFd memfd(::memfd_create(kAheadMemfdName, 0));
   if (!memfd) return false;
   auto write_whole = [&](const void* data, std::size_t size) {
     for (auto* at = static_cast<const char*>(data); size > 0;) {

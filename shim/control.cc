@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <string_view>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -182,11 +183,20 @@ std::atomic<bool> Shim::read_ahead_inherited_{false};
 
 namespace {
 
-// RXIO_SHIM_AHEAD as this image started with it (constant-initialized: set before any
-// other static of the library is).
-constinit std::string inherited_memfds;
+// RXIO_SHIM_AHEAD as this image started with it; never freed (a call at exit may still
+// look), and a plain pointer so that no initializer of the library's runs over it.
+const std::string* inherited_memfds = nullptr;
 
 [[gnu::constructor]] void note_at_load() { note_inherited_read_ahead(); }
+
+// Whether `memfd` is one an exec's shim made for this image: a stale or foreign
+// RXIO_SHIM_AHEAD must not have the shim read, or close, the program's own fds.
+bool is_read_ahead_memfd(int memfd) noexcept {
+  char target[64] = {};
+  const std::string link = "/proc/self/fd/" + std::to_string(memfd);
+  const ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+  return n > 0 && std::string_view(target, std::size_t(n)).starts_with(std::string("/memfd:") + kAheadMemfdName);
+}
 
 // One memfd of RXIO_SHIM_AHEAD: its socket becomes the shim's, on TCP, with the bytes
 // first. Says why when it cannot; `fd` is then the socket the bytes were for, or -1.
@@ -199,38 +209,39 @@ const char* adopt_read_ahead(Shim& sh, int memfd, int& fd) noexcept {
       header.magic != InheritedAhead::kMagic || header.fd_count == 0 || header.fd_count > InheritedAhead::kMaxFds ||
       header.length != static_cast<uint64_t>(memfd_stat.st_size) - sizeof header)
     return "it is not a read-ahead the shim wrote";
-  struct stat socket_stat {};
-  const int first = header.fds[0];
-  if (::fstat(first, &socket_stat) != 0 || !S_ISSOCK(socket_stat.st_mode) || socket_stat.st_dev != header.device ||
-      socket_stat.st_ino != header.inode)
-    return "its socket is not at the fd it was";
-  fd = first;
+  // The fds that still name the socket (device and inode as at the exec).
+  auto names_the_socket = [&](int candidate) {
+    struct stat st {};
+    return ::fstat(candidate, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_dev == header.device &&
+           st.st_ino == header.inode;
+  };
+  const auto named = std::span(header.fds).first(header.fd_count);
+  auto first = std::find_if(named.begin(), named.end(), names_the_socket);
+  if (first == named.end()) return "no fd names its socket any more";
+  fd = *first;
   try {
     std::vector<std::byte> bytes(static_cast<std::size_t>(header.length));
     if (::pread(memfd, bytes.data(), bytes.size(), sizeof header) != static_cast<ssize_t>(bytes.size()))
       return "it could not be read";
-    sh.forget(first);
-    sh.track(first);
-    Socket& s = *sh.socket_of(first);
+    sh.forget(fd);
+    sh.track(fd);
+    Socket& s = *sh.socket_of(fd);
     s.ahead = std::move(bytes);
     s.ahead_left = s.ahead.size();
-    if (auto tuple = tuple_of(first, false)) s.tuple = *tuple;
+    if (auto tuple = tuple_of(fd, false)) s.tuple = *tuple;
     // The image before moved it; this one keeps it on TCP, as any socket it inherits.
     s.tried = true;
     s.mode = Socket::Mode::tcp;
     sh.list_moved(s);  // where a later exec looks for read-aheads to hand on
-    for (uint32_t i = 1; i < header.fd_count; ++i) {
-      struct stat other {};
-      const int dup = header.fds[i];
-      if (::fstat(dup, &other) == 0 && other.st_dev == socket_stat.st_dev && other.st_ino == socket_stat.st_ino) {
-        sh.forget(dup);
-        if (!sh.name(dup, s)) return "no memory for it";
-      }
+    for (auto other = first + 1; other != named.end(); ++other) {
+      if (!names_the_socket(*other)) continue;
+      sh.forget(*other);
+      if (!sh.name(*other, s)) return "no memory for it";
     }
   } catch (const std::bad_alloc&) {
     return "no memory for it";
   }
-  log::info("shim: fd " + std::to_string(first) + ": took in " + std::to_string(header.length) +
+  log::info("shim: fd " + std::to_string(fd) + ": took in " + std::to_string(header.length) +
             " bytes read ahead of the program by the image before");
   return nullptr;
 }
@@ -240,47 +251,45 @@ const char* adopt_read_ahead(Shim& sh, int memfd, int& fd) noexcept {
 void note_inherited_read_ahead() noexcept {
   const char* named = std::getenv(kAheadVariable);
   if (!named) return;
-  try {
-    inherited_memfds = named;
-  } catch (const std::bad_alloc&) {
-    return;
-  }
+  inherited_memfds = new (std::nothrow) std::string(named);
   ::unsetenv(kAheadVariable);
-  Shim::read_ahead_inherited_.store(true, std::memory_order_relaxed);
+  if (inherited_memfds) Shim::read_ahead_inherited_.store(true, std::memory_order_release);
 }
 
 Shim* Shim::take_inherited_read_ahead() noexcept {
   static std::once_flag once;
-  // Other threads wait here until the sockets are the shim's.
+  // Other threads (their current() sees the flag until the end) wait here until the
+  // sockets are the shim's.
   std::call_once(once, [] {
     Inside inside;
+    Shim* sh = nullptr;
     try {
-      Shim& sh = get();
-      std::lock_guard lock(sh.mutex);
-      for (std::size_t at = 0; at < inherited_memfds.size();) {
-        const std::size_t end = std::min(inherited_memfds.find(',', at), inherited_memfds.size());
-        int memfd = -1;
-        const char* text = inherited_memfds.data();
-        const auto parsed = std::from_chars(text + at, text + end, memfd);
-        at = end + 1;
-        if (parsed.ec != std::errc() || parsed.ptr != text + end || memfd < 0) continue;
-        int fd = -1;
-        if (const char* why = adopt_read_ahead(sh, memfd, fd)) {
-          // The program would read on past bytes it never got: the connection ends loudly.
-          log::warn("shim: the read-ahead in fd " + std::to_string(memfd) + " from the image before: " + why +
-                    (fd >= 0 ? "; the connection is reset rather than go on with bytes missing" : ""));
-          if (fd >= 0) {
-            sockaddr unspecified{};
-            unspecified.sa_family = AF_UNSPEC;
-            real().connect(fd, &unspecified, sizeof unspecified);
-          }
-        }
-        real().close(memfd);
-      }
+      sh = &get();
     } catch (const std::exception& e) {
       log::warn(std::string("shim: taking in the read-ahead of the image before: ") + e.what());
     }
-    read_ahead_inherited_.store(false, std::memory_order_relaxed);
+    const std::string& list = *inherited_memfds;
+    for (std::size_t at = 0; at < list.size();) {
+      const std::size_t end = std::min(list.find(',', at), list.size());
+      int memfd = -1;
+      const auto parsed = std::from_chars(list.data() + at, list.data() + end, memfd);
+      at = end + 1;
+      if (parsed.ec != std::errc() || parsed.ptr != list.data() + end || !is_read_ahead_memfd(memfd)) continue;
+      int fd = -1;
+      const char* why = "no shim to take it in";
+      if (sh) {
+        std::lock_guard lock(sh->mutex);
+        why = adopt_read_ahead(*sh, memfd, fd);
+      }
+      if (why) {
+        // The program would read on past bytes it never got: the connection ends loudly.
+        log::warn("shim: the read-ahead in fd " + std::to_string(memfd) + " from the image before: " + why +
+                  (fd >= 0 ? "; the connection is reset rather than go on with bytes missing" : ""));
+        if (fd >= 0) disconnect(fd);
+      }
+      real().close(memfd);
+    }
+    read_ahead_inherited_.store(false, std::memory_order_release);
   });
   return current_.load(std::memory_order_acquire);
 }
@@ -288,10 +297,14 @@ Shim* Shim::take_inherited_read_ahead() noexcept {
 Shim& Shim::get() {
   // Never destroyed: other threads may still be in a call at exit.
   static Shim* shim = [] {
+    Inside inside;  // its own calls go straight through (nor take the read-ahead in)
     auto* made = new Shim();
     current_.store(made, std::memory_order_release);
     return made;
   }();
+  // A program executed with read-ahead to take in that makes a socket first.
+  if (read_ahead_inherited_.load(std::memory_order_acquire) && !t_inside) [[unlikely]]
+    take_inherited_read_ahead();
   return *shim;
 }
 
@@ -1082,9 +1095,7 @@ void Shim::move_as_client(int fd, Socket& s, std::unique_lock<ShimMutex>& lock) 
   // Anything else leaves this side unsure of where the server writes: rather than lose
   // bytes unseen, the connection ends (the kernel's disconnect resets it).
   log::warn("shim: fd " + std::to_string(fd) + ": the server's shim did not finish the switch; the connection is reset");
-  sockaddr unspecified{};
-  unspecified.sa_family = AF_UNSPEC;
-  real().connect(fd, &unspecified, sizeof unspecified);
+  disconnect(fd);
   give_up(have < word.size() ? Fallback::timeout : Fallback::bad_message);
 }
 

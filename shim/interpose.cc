@@ -308,21 +308,21 @@ RXIO_EXPORT int epoll_pwait(int epfd, epoll_event* events, int count, int timeou
 // inside the library, past any interposer, so each is caught.
 RXIO_EXPORT int execve(const char* path, char* const argv[], char* const envp[]) noexcept {
   if (!any_owned()) return real().execve(path, argv, envp);
-  ExecEnvironment env(envp);
+  ExecEnvironment env(envp, image_honours_preload(path, false));
   exec_prepare(env);
   return real().execve(path, argv, env.envp());
 }
 RXIO_EXPORT int execv(const char* path, char* const argv[]) noexcept { return execve(path, argv, environ); }
 RXIO_EXPORT int execvpe(const char* file, char* const argv[], char* const envp[]) noexcept {
   if (!any_owned()) return real().execvpe(file, argv, envp);
-  ExecEnvironment env(envp);
+  ExecEnvironment env(envp, image_honours_preload(file, true));
   exec_prepare(env);
   return real().execvpe(file, argv, env.envp());
 }
 RXIO_EXPORT int execvp(const char* file, char* const argv[]) noexcept { return execvpe(file, argv, environ); }
 RXIO_EXPORT int fexecve(int fd, char* const argv[], char* const envp[]) noexcept {
   if (!any_owned()) return real().fexecve(fd, argv, envp);
-  ExecEnvironment env(envp);
+  ExecEnvironment env(envp, image_honours_preload(fd));
   exec_prepare(env);
   return real().fexecve(fd, argv, env.envp());
 }

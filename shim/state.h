@@ -153,14 +153,17 @@ struct Returning {
 // it: the exec failed, or the new image has its copies.
 class ExecEnvironment {
  public:
-  explicit ExecEnvironment(char* const given[]) noexcept : given_(given) {}
+  // `image_honours_preload`: whether the image executed loads LD_PRELOAD
+  // (image_honours_preload()).
+  ExecEnvironment(char* const given[], bool image_honours_preload) noexcept
+      : given_(given), image_honours_preload_(image_honours_preload) {}
   ~ExecEnvironment();
   ExecEnvironment(const ExecEnvironment&) = delete;
   ExecEnvironment& operator=(const ExecEnvironment&) = delete;
 
   char* const* envp() const noexcept { return envp_.empty() ? given_ : envp_.data(); }
-  // Whether the new image loads this shim (its LD_PRELOAD names it): only then can it
-  // be given bytes.
+  // Whether the new image loads this shim (it honours LD_PRELOAD, which names the
+  // shim): only then can it be given bytes.
   bool reaches_a_shim() const noexcept;
   // Hands `bytes` read ahead of the program on the socket `fds` name to the new image.
   // False when it cannot (no memory, no memfd): the caller resets the connection.
@@ -168,15 +171,22 @@ class ExecEnvironment {
 
  private:
   char* const* given_;
+  bool image_honours_preload_;
   std::string added_;
   std::vector<char*> envp_;
   std::vector<UniqueFd> memfds_;
 };
 
+// Whether ld.so starts the image, and honours LD_PRELOAD there: dynamic, or a script;
+// not setuid or setgid. By the file (found on PATH as execvp does when `search_path`
+// and it has no slash) or by an fd open on it (fexecve).
+bool image_honours_preload(const char* file, bool search_path) noexcept;
+bool image_honours_preload(int fd) noexcept;
+
 // What one memfd of RXIO_SHIM_AHEAD holds: this header, then `length` bytes, which
 // the program reads on the socket (named by its device and inode) before the kernel's.
 struct InheritedAhead {
-  static constexpr uint64_t kMagic = 0x31646165686f6978ull;  // "xioheads1"
+  static constexpr uint64_t kMagic = 0x31646165686f6978ull;  // "xiohead1"
   static constexpr int kMaxFds = 16;
   uint64_t magic = kMagic;
   uint64_t device = 0, inode = 0;
@@ -185,9 +195,15 @@ struct InheritedAhead {
   int32_t fds[kMaxFds] = {};
 };
 inline constexpr const char* kAheadVariable = "RXIO_SHIM_AHEAD";
+inline constexpr const char* kAheadMemfdName = "rxio-read-ahead";
 
-// At load, in the new image: notes what RXIO_SHIM_AHEAD names, taken in at the first
-// call into the shim (Shim::current()); the program's own children do not see it.
+// Resets the TCP connection: the kernel's disconnect sends a reset, and the program's
+// calls fail with ECONNRESET (back.cc).
+void disconnect(int fd) noexcept;
+
+// At load, in the new image: notes what RXIO_SHIM_AHEAD names, and takes it out of the
+// environment; the memfds are taken in at the first call into the shim, before any
+// call of the program's reaches its sockets (Shim::current(), Shim::get()).
 void note_inherited_read_ahead() noexcept;
 
 // What the shim knows about one TCP socket of the program. Shared by dup()s of it.
@@ -367,10 +383,9 @@ class Shim {
   // was executed with sockets' read-ahead to take in): until then every call goes
   // straight through.
   static Shim* current() noexcept {
-    Shim* sh = current_.load(std::memory_order_acquire);
-    if (sh || t_inside || !read_ahead_inherited_.load(std::memory_order_relaxed)) [[likely]]
-      return sh;
-    return take_inherited_read_ahead();
+    if (read_ahead_inherited_.load(std::memory_order_acquire) && !t_inside) [[unlikely]]
+      return take_inherited_read_ahead();
+    return current_.load(std::memory_order_acquire);
   }
 
   ShimMutex mutex{*this};
