@@ -219,6 +219,12 @@ void reset_connection(int fd, Socket& s, const char* why) noexcept {
   s.back.in_done = s.back.out_done = true;
 }
 
+// Whether the peer closed its TCP socket (or shut its writing down there).
+bool tcp_ended_by_peer(int fd) noexcept {
+  pollfd p{fd, POLLRDHUP, 0};
+  return real().poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
+}
+
 // Bytes the kernel has not had acknowledged yet on a TCP socket.
 int unacknowledged(int fd) noexcept {
   int queued = 0;
@@ -896,13 +902,17 @@ void Shim::serve_lingering() noexcept {
       while (std::size_t n = c.stream_read(sink)) s->rxio_read += n;
       if (c.stream_closed() && notice_resume(fd, *s)) {
         // The peer handed its socket over before it closed: its answer goes out.
+      } else if (c.failed() && !(c.stream_closed() && tcp_ended_by_peer(fd))) {
+        // Whether the peer had all of this side's bytes, the failed link cannot say: a
+        // peer that shut only its side down may still be reading (its TCP socket
+        // lives). They go again over TCP, from where it read.
+        start_return(fd, *s, Return::link_failed);
       } else if (c.stream_closed()) {
-        // Both sides closed: the conversation is over, whatever becomes of the link.
+        // Both sides closed: the conversation is over (over a link that works, or with
+        // the peer's TCP socket closed too: it reads nothing more).
         closing.push_back(&c);  // released from there
         s->connection = nullptr;
         done = true;
-      } else if (c.failed()) {
-        start_return(fd, *s, Return::link_failed);
       }
     } else if (s->mode == Socket::Mode::returning) {
       go_on_returning(fd, *s);
@@ -942,6 +952,8 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
   if (s.mode != Socket::Mode::returning || s.back.role == Returning::Role::hands_to_child) return;
   Returning& r = s.back;
   if (const char* why = read_in(fd, s)) reset_connection(fd, s, why);
+  // What the kernel holds from here on is the program's.
+  if (r.in_done) give_interests_to_kernel(s);
   // The server writes once the client's Resume is in: until the client has written
   // it, the client may still be taking in the server's last TCP bytes from before the
   // switch, and would take a Resume for more of them. A hand-over is written at once:
@@ -964,21 +976,17 @@ void Shim::go_on_returning(int fd, Socket& s) noexcept {
     }
     s.mode = Socket::Mode::tcp;
     s.kept.clear();
-    give_interests_to_kernel(s);
     after_return(s);
     wake_sleepers();
     return;
   }
-  // Carried on without the program: its epoll sets do not watch the socket until it
-  // is back (the peer's Resume is not the program's to read), so the wait set watches
-  // for the rest of what comes in, and for room for kept bytes that wait.
+  // Carried on without the program: its epoll sets do not watch the socket until the
+  // peer's part is in (its Resume is not the program's to read), so the wait set
+  // watches for the rest of what comes in, and for room for kept bytes that wait.
   watch_return(fd, s, (r.in_done ? 0u : uint32_t{EPOLLIN}) | (may_write && !r.out_done ? uint32_t{EPOLLOUT} : 0u));
 }
 
 void Shim::give_interests_to_kernel(Socket& s) noexcept {
-  // Not while bytes read ahead wait, which the kernel cannot see (collect() in
-  // readiness.cc reports the socket until the program has read them).
-  if (s.has_ahead()) return;
   // Every fd (dup) that names the socket.
   for (int ep : s.epolls) {
     EpollSet* set = epoll_of(ep);

@@ -1396,7 +1396,12 @@ bool Shim::answer_query(Peer& peer, const negotiation::Request& query) noexcept 
   if (outcome == switch_outcomes.end() || outcome->second.tuple != query.tuple) {
     // A local Query reaches whichever process of a listener shared after fork serves
     // its endpoint: sent on to the one that accepted the connection.
-    if (auto owner = peer.cm_id ? std::nullopt : other_owner(query.tuple); owner && owner->pid != 0) {
+    auto owner = peer.cm_id ? std::nullopt : other_owner(query.tuple);
+    // A forked child knows none of its parent's moves: one it has no record of (the
+    // connection came before the fork) is its parent's to answer for.
+    if (!peer.cm_id && forked_child && (!owner || owner->pid == 0))
+      owner = Acceptors::Owner{static_cast<uint32_t>(getppid()), 0};
+    if (owner && owner->pid != 0) {
       send_answer(peer, negotiation::Answer{false, {}, 0, 0, owner->pid, 0});
       return false;
     }

@@ -10,7 +10,6 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -158,7 +157,7 @@ int poll_any(pollfd* fds, nfds_t count, int timeout_ms, const sigset_t* mask) no
         ready += fds[i].revents != 0;
       } else if (fds[i].fd >= 0) {
         any_kernel = true;
-        // Bytes a switch that did not happen took from the kernel.
+        // Bytes the shim took from the kernel ahead of the program (a switch, a return).
         if (s && s->has_ahead() && (fds[i].events & POLLIN)) {
           fds[i].revents = POLLIN | (fds[i].events & POLLRDNORM);
           ++ready;
@@ -256,8 +255,7 @@ int epoll_control(int epfd, int op, int fd, epoll_event* event) noexcept {
     sh.epoll_fds.push_back(epfd);
   }
   auto it = set->interests.find(fd);
-  // Whose readiness the shim tells (collect()).
-  const bool rxio = s->kernel_blind() || s->has_ahead();
+  const bool rxio = s->kernel_blind();
   // The kernel's checks, in its order, for the sockets it no longer sees.
   const bool known = it != set->interests.end();
   if (op == EPOLL_CTL_ADD || op == EPOLL_CTL_MOD || op == EPOLL_CTL_DEL) {
@@ -341,25 +339,22 @@ int collect(Shim& sh, EpollSet& set, int epfd, epoll_event* events, int max) noe
     if (s->mode == Socket::Mode::rxio && !interest.in_kernel) {
       ready = to_epoll(readiness(*s)) & (interest.events | EPOLLERR | EPOLLHUP);
     } else if (s->has_ahead() && (s->mode == Socket::Mode::tcp || s->mode == Socket::Mode::returning)) {
-      // Bytes taken from the kernel (by a switch, or a return), which no longer reports
-      // them: the shim tells the socket's readiness until the program has read them,
-      // the kernel's part too, rather than have the kernel report it a second time.
-      if (interest.in_kernel && !look_only && real().epoll_ctl(epfd, EPOLL_CTL_DEL, fd, nullptr) == 0)
-        interest.in_kernel = false;
+      // Bytes taken from the kernel (by a switch, a return, or the image before an
+      // exec), which it no longer reports; its own events for the socket are merged
+      // with this one (epoll_wait_any).
       ready = interest.events & EPOLLIN;
-      if (s->mode == Socket::Mode::tcp && (interest.events & ~uint32_t{EPOLLIN})) {
-        pollfd kernel{fd, static_cast<short>(interest.events & ~uint32_t{EPOLLIN | EPOLLET | EPOLLONESHOT}), 0};
-        if (real().poll(&kernel, 1, 0) == 1) ready |= to_epoll(kernel.revents) & (interest.events | EPOLLERR | EPOLLHUP);
+      // A one-shot that fires here must not fire in the kernel too.
+      if (ready && interest.in_kernel && (interest.events & EPOLLONESHOT) && !look_only) {
+        epoll_event off{};
+        off.events = EPOLLONESHOT;
+        off.data = interest.data;
+        real().epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &off);
       }
     } else {
       continue;
     }
     if (interest.events & EPOLLET) {
-      // Behind a read-ahead, bytes that come into the kernel make an edge too (they
-      // cannot be read before it).
-      int queued = 0;
-      if (!s->connection && s->mode == Socket::Mode::tcp) real().ioctl(fd, FIONREAD, &queued);
-      const uint64_t seen = s->connection ? s->connection->stream_events() : s->ahead.size() + uint64_t(std::max(queued, 0));
+      const uint64_t seen = s->connection ? s->connection->stream_events() : s->ahead.size();
       // An edge: a readiness bit that was not there, or bytes that came since.
       bool edge = ready && ((ready & ~interest.reported) || seen != interest.reported_at);
       if (look_only) {
@@ -382,6 +377,20 @@ int collect(Shim& sh, EpollSet& set, int epfd, epoll_event* events, int max) noe
     ++n;
   }
   return n;
+}
+
+// The kernel's events for sockets collect() reported already (for their read-ahead),
+// merged into those: `events` holds `collected` of collect()'s, then `got` of the
+// kernel's. Epoll data the program gave two fds alike cannot be told apart, and counts
+// as one. How many are left.
+int merge_kernel(epoll_event* events, int collected, int got) noexcept {
+  int kept = collected;
+  for (int k = collected; k < collected + got; ++k) {
+    auto same = std::find_if(events, events + collected, [&](const epoll_event& e) { return e.data.u64 == events[k].data.u64; });
+    if (same != events + collected) same->events |= events[k].events;
+    else events[kept++] = events[k];
+  }
+  return kept;
 }
 
 // Keeps the kernel's events for the program; the wait set's own entry is serviced
@@ -445,7 +454,7 @@ int epoll_wait_any(int epfd, epoll_event* events, int max, int timeout_ms, const
     bool woke = false;
     if (n < max) {
       int got = real().epoll_wait(epfd, events + n, max - n, 0);
-      if (got > 0) n += take_kernel(sh, events + n, got, woke);
+      if (got > 0) n = merge_kernel(events, n, take_kernel(sh, events + n, got, woke));
     }
     if (n > 0) return n;
     // Woken for nothing of this set's: sleep again below (arming drains what woke it),

@@ -274,11 +274,12 @@ struct Socket {
 
   bool has_ahead() const noexcept { return ahead_left.load(std::memory_order_relaxed) > 0; }
   // Whose readiness the shim tells, not the kernel: carried by rxio, or on its way back
-  // here (the kernel's bytes may be the peer's Resume, or bytes the program has read).
-  // A return the parent had under way at a fork is the parent's to carry.
+  // here until the peer's part is in (the kernel's bytes may be the peer's Resume, or
+  // bytes the program has read). A return the parent had under way at a fork is the
+  // parent's to carry.
   bool kernel_blind() const noexcept {
     const Mode m = mode.load(std::memory_order_relaxed);
-    return m == Mode::rxio || (m == Mode::returning && !inherited);
+    return m == Mode::rxio || (m == Mode::returning && !inherited && !back.in_done);
   }
   // Back to a fresh socket, for the next fd: Socket objects are reused, never freed,
   // so that the fast path may read one it found in the table without the mutex.
@@ -325,7 +326,7 @@ struct EpollSet {
   struct Interest {
     uint32_t events = 0;
     epoll_data_t data{};
-    bool in_kernel = true;         // the kernel watches it (on TCP, and back there)
+    bool in_kernel = true;         // the kernel watches it (on TCP; back there once the peer's part is in)
     bool disarmed = false;         // EPOLLONESHOT fired
     uint64_t reported_at = ~0ull;  // edge-triggered: stream_events() when last reported
     uint32_t reported = 0;         // edge-triggered: the events then
@@ -521,7 +522,7 @@ class Shim {
   // rather than as a link that failed.
   void at_exit() noexcept;
   void go_on_returning(int fd, Socket& s) noexcept;
-  // Back on TCP, with nothing read ahead left: the program's epoll sets watch the
+  // Back on TCP, the peer's part of the return in: the program's epoll sets watch the
   // socket in the kernel again (a one-shot that fired meanwhile once the program
   // re-arms it).
   void give_interests_to_kernel(Socket& s) noexcept;

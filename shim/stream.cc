@@ -251,8 +251,6 @@ ssize_t receive(int fd, msghdr* msg, int flags) noexcept {
     if (parents_connection(*s)) return done_or(got, ECONNRESET);
     if (s->has_ahead()) {
       got += from_ahead(*s, iov, count, got, flags & MSG_PEEK);
-      // The last of it read: the kernel tells the socket's readiness again.
-      if (!s->has_ahead() && s->mode.load() == Socket::Mode::tcp) sh.give_interests_to_kernel(*s);
       if (got == wanted || !(flags & MSG_WAITALL) || (flags & MSG_PEEK)) return static_cast<ssize_t>(got);
     }
     switch (s->mode.load()) {
