@@ -674,14 +674,19 @@ bool ExecEnvironment::carry(std::span<const int> fds, std::span<const std::byte>
     return true;
   };
   if (!write_whole(&header, sizeof header) || !write_whole(bytes.data(), bytes.size())) return false;
+  // Made aside, and taken only once all of it is: a failure leaves the environment
+  // as it was.
   try {
-    memfds_.reserve(memfds_.size() + 1);
-    added_ += (added_.empty() ? std::string(kAheadVariable) + "=" : ",") + std::to_string(memfd.get());
+    const std::string name = std::string(kAheadVariable) + "=";
+    std::string added = (added_.empty() ? name : added_ + ",") + std::to_string(memfd.get());
     std::vector<char*> envp;
     for (char* const* e = given_; e && *e; ++e)
-      if (!std::string_view(*e).starts_with(std::string(kAheadVariable) + "=")) envp.push_back(*e);
-    envp.push_back(added_.data());
+      if (!std::string_view(*e).starts_with(name)) envp.push_back(*e);
+    envp.push_back(nullptr);  // added's place, once it has one
     envp.push_back(nullptr);
+    memfds_.reserve(memfds_.size() + 1);
+    added_ = std::move(added);
+    envp[envp.size() - 2] = added_.data();
     envp_ = std::move(envp);
   } catch (const std::bad_alloc&) {
     return false;
@@ -693,6 +698,12 @@ bool ExecEnvironment::carry(std::span<const int> fds, std::span<const std::byte>
 void Shim::before_exec(ExecEnvironment& env) noexcept {
   // Bytes read ahead of the program can be given to a new image that loads the shim.
   const bool can_carry = env.reaches_a_shim();
+  // An fd of `s` without close-on-exec: the new image has the socket through it.
+  auto inherited_by_exec = [this](int fd, const Socket& s) {
+    if (socket_of(fd) != &s) return false;
+    const int flags = real().fcntl(fd, F_GETFD);
+    return flags >= 0 && !(flags & FD_CLOEXEC);
+  };
   // Only the sockets the new image inherits: through an fd without close-on-exec.
   std::vector<std::pair<int, Socket*>> handed;
   for (Socket* s = moved_sockets; s; s = s->moved_next) {
@@ -703,11 +714,7 @@ void Shim::before_exec(ExecEnvironment& env) noexcept {
     const bool read_ahead = s->mode == Socket::Mode::tcp && s->has_ahead() && !forked_child;
     const bool returning_here = s->mode == Socket::Mode::returning && !s->inherited;
     if (s->mode != Socket::Mode::rxio && !returning_here && !read_ahead) continue;
-    auto inherited = std::find_if(s->fds.begin(), s->fds.end(), [this, s](int fd) {
-      if (socket_of(fd) != s) return false;
-      const int flags = real().fcntl(fd, F_GETFD);
-      return flags >= 0 && !(flags & FD_CLOEXEC);
-    });
+    auto inherited = std::find_if(s->fds.begin(), s->fds.end(), [&](int fd) { return inherited_by_exec(fd, *s); });
     if (inherited == s->fds.end()) continue;
     const int fd = *inherited;
     try {
@@ -731,10 +738,10 @@ void Shim::before_exec(ExecEnvironment& env) noexcept {
       std::vector<int> fds;
       try {
         for (int other : s->fds)
-          if (socket_of(other) == s && real().fcntl(other, F_GETFD) == 0) fds.push_back(other);
+          if (inherited_by_exec(other, *s)) fds.push_back(other);
       } catch (const std::bad_alloc&) {
       }
-      if (s->mode != Socket::Mode::tcp || fds.empty() ||
+      if (s->mode != Socket::Mode::tcp ||
           !env.carry(fds, std::span<const std::byte>(s->ahead).subspan(s->ahead_read)))
         reset_connection(fd, *s, "the bytes read ahead of the program could not be handed to the program it executed");
     } else if (s->mode == Socket::Mode::returning) {
