@@ -343,13 +343,6 @@ int collect(Shim& sh, EpollSet& set, int epfd, epoll_event* events, int max) noe
       // exec), which it no longer reports; its own events for the socket are merged
       // with this one (epoll_wait_any).
       ready = interest.events & EPOLLIN;
-      // A one-shot that fires here must not fire in the kernel too.
-      if (ready && interest.in_kernel && (interest.events & EPOLLONESHOT) && !look_only) {
-        epoll_event off{};
-        off.events = EPOLLONESHOT;
-        off.data = interest.data;
-        real().epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &off);
-      }
     } else {
       continue;
     }
@@ -371,7 +364,16 @@ int collect(Shim& sh, EpollSet& set, int epfd, epoll_event* events, int max) noe
       ++n;
       continue;
     }
-    if (interest.events & EPOLLONESHOT) interest.disarmed = true;
+    if (interest.events & EPOLLONESHOT) {
+      interest.disarmed = true;
+      // One the kernel watches too (bytes behind a read-ahead) must not fire there as well.
+      if (interest.in_kernel) {
+        epoll_event off{};
+        off.events = EPOLLONESHOT;
+        off.data = interest.data;
+        real().epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &off);
+      }
+    }
     events[n].events = ready;
     events[n].data = interest.data;
     ++n;
