@@ -219,12 +219,6 @@ void reset_connection(int fd, Socket& s, const char* why) noexcept {
   s.back.in_done = s.back.out_done = true;
 }
 
-// Whether the peer closed its TCP socket (or shut its writing down there).
-bool tcp_ended_by_peer(int fd) noexcept {
-  pollfd p{fd, POLLRDHUP, 0};
-  return real().poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
-}
-
 // Bytes the kernel has not had acknowledged yet on a TCP socket.
 int unacknowledged(int fd) noexcept {
   int queued = 0;
@@ -909,14 +903,25 @@ void Shim::serve_lingering() noexcept {
       while (std::size_t n = c.stream_read(sink)) s->rxio_read += n;
       if (c.stream_closed() && notice_resume(fd, *s)) {
         // The peer handed its socket over before it closed: its answer goes out.
-      } else if (c.failed() && !(c.stream_closed() && tcp_ended_by_peer(fd))) {
-        // Whether the peer had all of this side's bytes, the failed link cannot say: a
-        // peer that shut only its side down may still be reading (its TCP socket
-        // lives). They go again over TCP, from where it read.
+      } else if (c.failed() && c.stream_closed()) {
+        // The peer had shut its side down before the link failed. If its program only
+        // shut down and still reads, its shim goes back, and its Resume comes over TCP
+        // (taken above): this side's bytes go again from where it read. If its process
+        // went, its TCP stream ends, and nothing is wanted. Until one of the two, the
+        // wait set watches for it.
+        char byte;
+        const ssize_t n = real().recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+          closing.push_back(&c);  // released from there
+          s->connection = nullptr;
+          done = true;
+        } else if (s->resume_fd != fd) {
+          watch_resume(*s, fd);
+        }
+      } else if (c.failed()) {
         start_return(fd, *s, Return::link_failed);
       } else if (c.stream_closed()) {
-        // Both sides closed: the conversation is over (over a link that works, or with
-        // the peer's TCP socket closed too: it reads nothing more).
+        // Both sides closed over a link that works: the conversation is over.
         closing.push_back(&c);  // released from there
         s->connection = nullptr;
         done = true;
